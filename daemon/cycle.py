@@ -1,0 +1,137 @@
+"""One iteration as a state machine over the stages, recorded in the lineage DB.
+
+Every transition is a row update, so a daemon restarted mid-cycle finds the running iteration
+and resumes at its first unfinished stage; finished stages are never run again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Settings
+from daemon.db import lineage
+from daemon.db.engine import transaction
+from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus, utcnow
+from workers.stages import STAGE_ORDER
+
+log = structlog.get_logger(__name__)
+
+MAX_STAGE_ATTEMPTS = 3
+
+ProgressFn = Callable[[str, str], None]
+
+
+class StageDispatcher(Protocol):
+    def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]: ...
+
+
+class CycleError(Exception):
+    """A cycle could not finish; the message says which stage and why."""
+
+
+@dataclass
+class CycleReport:
+    iteration_id: int
+    decision: str | None
+    wall_seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+    @property
+    def orchestration_seconds(self) -> float:
+        return max(0.0, self.wall_seconds - sum(self.stage_seconds.values()))
+
+
+def _running_iteration(session: Session) -> Iteration | None:
+    return session.scalars(
+        select(Iteration).where(Iteration.status == IterationStatus.running).order_by(Iteration.id).limit(1)
+    ).one_or_none()
+
+
+def start_or_resume_iteration(sessions: sessionmaker[Session], settings: Settings) -> tuple[int, bool]:
+    """Return (iteration id, resumed?): the unfinished iteration if any, else a new one."""
+    with transaction(sessions) as session:
+        running = _running_iteration(session)
+        if running is not None:
+            return running.id, True
+        champion = lineage.current_champion(session, for_update=True)
+        if champion is None:
+            raise CycleError("no champion checkpoint: run `kaizen init` first")
+        iteration = Iteration(
+            parent_checkpoint_id=champion.id, status=IterationStatus.running, config_snapshot=settings.snapshot()
+        )
+        session.add(iteration)
+        session.flush()
+        session.add_all(StageRun(iteration_id=iteration.id, stage=s, status=StageStatus.pending, attempts=0, result={}) for s in STAGE_ORDER)
+        return iteration.id, False
+
+
+def _stage_rows(session: Session, iteration_id: int) -> dict[str, StageRun]:
+    rows = session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id))
+    return {row.stage: row for row in rows}
+
+
+def _mark_queued(sessions: sessionmaker[Session], iteration_id: int, stage: str) -> None:
+    with transaction(sessions) as session:
+        row = _stage_rows(session, iteration_id)[stage]
+        row.queued_at = utcnow()
+
+
+def _finish_iteration(sessions: sessionmaker[Session], iteration_id: int, status: IterationStatus, error: str | None = None) -> str | None:
+    with transaction(sessions) as session:
+        iteration = session.get(Iteration, iteration_id)
+        assert iteration is not None
+        iteration.status = status
+        iteration.error = error
+        iteration.finished_at = utcnow()
+        return iteration.decision
+
+
+def run_cycle(
+    sessions: sessionmaker[Session], settings: Settings, dispatcher: StageDispatcher, progress: ProgressFn | None = None
+) -> CycleReport:
+    started = time.perf_counter()
+    iteration_id, resumed = start_or_resume_iteration(sessions, settings)
+    bound = log.bind(iteration_id=iteration_id)
+    with sessions() as session:
+        rows = _stage_rows(session, iteration_id)
+    pending = [s for s in STAGE_ORDER if rows[s].status != StageStatus.succeeded]
+    resumed_from = pending[0] if resumed and pending else None
+    bound.info("cycle.started", resumed=resumed, resume_at=resumed_from)
+    for stage in STAGE_ORDER:
+        if stage not in pending:
+            if progress:
+                progress(stage, "skipped")
+            continue
+        if progress:
+            progress(stage, "running")
+        _mark_queued(sessions, iteration_id, stage)
+        try:
+            dispatcher.run_stage(iteration_id, stage)
+        except Exception as exc:
+            _give_up_if_exhausted(sessions, iteration_id, stage, exc)
+            raise CycleError(f"iteration {iteration_id}: stage {stage} failed: {exc}") from exc
+        if progress:
+            progress(stage, "done")
+    decision = _finish_iteration(sessions, iteration_id, IterationStatus.completed)
+    with sessions() as session:
+        stage_seconds = {s: r.compute_seconds or 0.0 for s, r in _stage_rows(session, iteration_id).items() if s in pending}
+    report = CycleReport(iteration_id, decision, time.perf_counter() - started, stage_seconds, resumed_from)
+    bound.info("cycle.finished", decision=decision, seconds=round(report.wall_seconds, 2), orchestration_seconds=round(report.orchestration_seconds, 3))
+    return report
+
+
+def _give_up_if_exhausted(sessions: sessionmaker[Session], iteration_id: int, stage: str, exc: Exception) -> None:
+    """A stage that keeps failing parks its iteration instead of looping forever."""
+    with sessions() as session:
+        attempts = _stage_rows(session, iteration_id)[stage].attempts
+    if attempts >= MAX_STAGE_ATTEMPTS:
+        _finish_iteration(sessions, iteration_id, IterationStatus.failed, f"{stage} failed {attempts} times: {exc}")
+        log.error("cycle.parked", iteration_id=iteration_id, stage=stage, attempts=attempts)

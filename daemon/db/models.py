@@ -1,0 +1,197 @@
+"""The lineage schema: the source of truth for every checkpoint, cycle, datum and decision."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints let Alembic's batch mode rebuild SQLite tables deterministically.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class CheckpointStatus(str, enum.Enum):
+    candidate = "candidate"
+    champion = "champion"
+    retired = "retired"
+    rejected = "rejected"
+
+
+class IterationStatus(str, enum.Enum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+
+
+class StageStatus(str, enum.Enum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, validate_strings=True)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    base_model: Mapped[str] = mapped_column(String(512))
+    path: Mapped[str] = mapped_column(String(1024))
+    adapter_path: Mapped[str | None] = mapped_column(String(1024))
+    status: Mapped[CheckpointStatus] = mapped_column(_enum(CheckpointStatus), index=True)
+    created_iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iterations.id", use_alter=True))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChampionPointer(Base):
+    """A single row (id=1): which checkpoint is served and improved. Changed in one transaction."""
+
+    __tablename__ = "champion"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Iteration(Base):
+    __tablename__ = "iterations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    parent_checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    candidate_checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    status: Mapped[IterationStatus] = mapped_column(_enum(IterationStatus), index=True)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    config_snapshot: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class StageRun(Base):
+    """One stage of one iteration; its result is stored with its outputs in one transaction."""
+
+    __tablename__ = "stage_runs"
+    __table_args__ = (UniqueConstraint("iteration_id", "stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"))
+    stage: Mapped[str] = mapped_column(String(32))
+    status: Mapped[StageStatus] = mapped_column(_enum(StageStatus))
+    attempts: Mapped[int] = mapped_column(default=0)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    compute_seconds: Mapped[float | None] = mapped_column(Float)
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (Index("ix_prompts_iteration_role", "iteration_id", "role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"))
+    text: Mapped[str] = mapped_column(Text)
+    # train: generated for this cycle's pairs; heldout: used only by the gate.
+    role: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+
+
+class Response(Base):
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_iteration_prompt", "iteration_id", "prompt_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    # policy: a plain sample; rlcd_positive / rlcd_negative: answered under a principle.
+    kind: Mapped[str] = mapped_column(String(16))
+    principle: Mapped[str | None] = mapped_column(String(64))
+    sample_index: Mapped[int] = mapped_column(default=0)
+    text: Mapped[str] = mapped_column(Text)
+    num_tokens: Mapped[int] = mapped_column(default=0)
+
+
+class Judgment(Base):
+    __tablename__ = "judgments"
+    __table_args__ = (Index("ix_judgments_iteration", "iteration_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"))
+    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), index=True)
+    sample_index: Mapped[int] = mapped_column(default=0)
+    raw_output: Mapped[str] = mapped_column(Text)
+    score: Mapped[float | None] = mapped_column(Float)
+    parse_error: Mapped[str | None] = mapped_column(String(256))
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    chosen_response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    rejected_response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    score_gap: Mapped[float | None] = mapped_column(Float)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"), unique=True)
+    candidate_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    champion_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"))
+    promote: Mapped[bool]
+    wins: Mapped[int] = mapped_column(default=0)
+    losses: Mapped[int] = mapped_column(default=0)
+    ties: Mapped[int] = mapped_column(default=0)
+    unparseable: Mapped[int] = mapped_column(default=0)
+    win_rate: Mapped[float | None] = mapped_column(Float)
+    win_rate_lower_bound: Mapped[float | None] = mapped_column(Float)
+    length_ratio: Mapped[float | None] = mapped_column(Float)
+    parse_failure_rate: Mapped[float | None] = mapped_column(Float)
+    reasons: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    comparisons: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Event(Base):
+    """Promotions, rollbacks, rejections and manual actions: who, when, why."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    previous_checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
+    iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iterations.id"))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -1,0 +1,117 @@
+"""How the daemon gets a stage run: in its own process, or by a Celery worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Settings
+from daemon.db.models import StageRun, StageStatus
+from workers.stage_runner import StageContext, execute_stage
+
+log = structlog.get_logger(__name__)
+
+
+class EagerDispatcher:
+    """Runs stages in the calling process: the simplest embedded mode, and the tests' default."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+
+    def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
+        from workers.stages import STAGES
+
+        ctx = StageContext(settings=self.settings, sessions=self.sessions, iteration_id=iteration_id)
+        return execute_stage(ctx, stage, STAGES[stage])
+
+
+class CeleryDispatcher:
+    """Sends a stage to the workers and waits on the lineage DB, which is the source of truth."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_seconds: float = 0.2) -> None:
+        from workers.celery_app import make_celery
+
+        self.settings = settings
+        self.sessions = sessions
+        self.poll_seconds = poll_seconds
+        self.app = make_celery(settings)
+
+    def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
+        from workers.celery_app import TASK_NAME, queue_for
+
+        attempts_before = self._row(iteration_id, stage).attempts
+        self.app.send_task(TASK_NAME, args=[iteration_id, stage], queue=queue_for(stage))
+        deadline = time.monotonic() + self.settings.worker.stage_timeout_seconds
+        while time.monotonic() < deadline:
+            row = self._row(iteration_id, stage)
+            if row.status == StageStatus.succeeded:
+                return dict(row.result)
+            if row.status == StageStatus.failed and row.attempts > attempts_before:
+                raise RuntimeError(row.error or "stage failed in the worker")
+            time.sleep(self.poll_seconds)
+        raise TimeoutError(f"stage {stage} did not finish within worker.stage_timeout_seconds")
+
+    def _row(self, iteration_id: int, stage: str) -> StageRun:
+        with self.sessions() as session:
+            return session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage)).one()
+
+
+class LocalWorker:
+    """A Celery worker subprocess the daemon owns in the embedded `local` mode."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config_path = self.settings.resolved_data_dir / "worker-config.yaml"
+        config_path.write_text(yaml.safe_dump(self.settings.snapshot()))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAIZEN_")}
+        env["KAIZEN_CONFIG"] = str(config_path)
+        log_path = self.settings.resolved_data_dir / "worker.log"
+        self.process = subprocess.Popen(
+            worker_command(queues=["gpu", "cpu"], concurrency=1),
+            env=env,
+            stdout=open(log_path, "ab"),  # noqa: SIM115 - owned by the child for its lifetime
+            stderr=subprocess.STDOUT,
+        )
+        log.info("worker.started", pid=self.process.pid, log=str(log_path))
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+
+def worker_command(queues: list[str], concurrency: int = 1, loglevel: str = "warning") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "worker",
+        "--queues", ",".join(queues), "--concurrency", str(concurrency), "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle", "--hostname", f"kaizen-{os.getpid()}@%h",
+    ]
+
+
+def make_dispatcher(settings: Settings, sessions: sessionmaker[Session]) -> EagerDispatcher | CeleryDispatcher:
+    if settings.worker.mode == "eager":
+        return EagerDispatcher(settings, sessions)
+    return CeleryDispatcher(settings, sessions)
+
+
+def data_dir_ready(settings: Settings) -> Path:
+    path = settings.resolved_data_dir
+    path.mkdir(parents=True, exist_ok=True)
+    return path

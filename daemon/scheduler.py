@@ -1,0 +1,75 @@
+"""The daemon: APScheduler fires cycles; each cycle runs its stages through a dispatcher."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.config import Settings
+from daemon.cycle import CycleError, StageDispatcher, run_cycle
+
+log = structlog.get_logger(__name__)
+
+CYCLE_JOB_ID = "kaizen-cycle"
+
+
+class Daemon:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], dispatcher: StageDispatcher, max_cycles: int | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.max_cycles = max_cycles if max_cycles is not None else settings.schedule.max_cycles
+        self.completed = 0
+        self.failures = 0
+        self.scheduler = BlockingScheduler(timezone="UTC")
+        self._lock = threading.Lock()
+
+    def _trigger(self):  # type: ignore[no-untyped-def]
+        schedule = self.settings.schedule
+        if schedule.cron:
+            return CronTrigger.from_crontab(schedule.cron, timezone="UTC")
+        return IntervalTrigger(seconds=schedule.interval_seconds)
+
+    def _tick(self) -> None:
+        if self.max_cycles is not None and self.completed >= self.max_cycles:
+            return
+        try:
+            report = run_cycle(self.sessions, self.settings, self.dispatcher)
+        except CycleError as exc:
+            self.failures += 1
+            log.error("cycle.failed", error=str(exc), consecutive_failures=self.failures)
+            return
+        self.failures = 0
+        with self._lock:
+            self.completed += 1
+            done = self.max_cycles is not None and self.completed >= self.max_cycles
+        if done:
+            log.info("daemon.max_cycles_reached", cycles=self.completed)
+            self.scheduler.shutdown(wait=False)
+
+    def _on_job_event(self, event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            log.warning("scheduler.job_missed", scheduled=str(event.scheduled_run_time))
+        else:
+            log.error("scheduler.job_error", error=repr(event.exception))
+
+    def run(self) -> None:
+        from datetime import datetime, timezone
+
+        self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        # The first run is now: a restarted daemon resumes an interrupted cycle at once.
+        self.scheduler.add_job(
+            self._tick, self._trigger(), id=CYCLE_JOB_ID, max_instances=1, coalesce=True,
+            misfire_grace_time=3600, next_run_time=datetime.now(timezone.utc),
+        )
+        log.info("daemon.started", max_cycles=self.max_cycles)
+        try:
+            self.scheduler.start()
+        except (KeyboardInterrupt, SystemExit):
+            log.info("daemon.stopping")

@@ -1,0 +1,97 @@
+"""The built-in tiny model: a few-layer Llama with a byte-level BPE tokenizer trained locally.
+
+No hub access is possible on the machines kaizen is tested on, so the default run and the
+tests use a model the project builds itself. It is loaded afterwards exactly like any other
+checkpoint (``from_pretrained`` on its directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+# A ChatML-like template: simple, unambiguous role markers that the tokenizer keeps whole.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+_CORPUS = """
+Write a short poem about the sea. Explain how photosynthesis works in simple terms.
+Give three tips for learning a new language. Summarize the plot of a detective story.
+Describe the water cycle. What is the difference between a list and a tuple in Python?
+Please act as an impartial judge and evaluate the response. Score: 1 2 3 4 5 points.
+The response is relevant, covers the question, is useful, clear and shows expertise.
+Answer the question helpfully and honestly. Be concise, accurate and polite.
+Here is an answer: the result is computed step by step, then checked once more.
+"""
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    corpus = [line for line in _CORPUS.splitlines() if line.strip()] + list(extra_corpus or [])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(corpus, vocab_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        additional_special_tokens=ROLE_TOKENS,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    extra_corpus: list[str] | None = None,
+) -> Path:
+    """Write a randomly initialised tiny causal LM plus its tokenizer to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(extra_corpus)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
