@@ -28,6 +28,10 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch "move and copy" and table drops must not cascade or fail on populated tables;
+            # the pragma only takes effect outside a transaction, hence the raw DBAPI call.
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
         # Batch mode: SQLite can only ALTER tables by "move and copy".
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_settings
+
+
+def test_defaults_give_the_embedded_mode(tmp_path: Path) -> None:
+    settings = load_settings()
+    assert settings.resolved_database_url.startswith("sqlite:///")
+    assert settings.resolved_broker_url.startswith("sqla+sqlite:///")
+    assert settings.model.path == "tiny"
+    assert settings.worker.mode == "local"
+
+
+def test_file_and_environment_are_merged_env_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text("respond:\n  num_samples: 6\npairs:\n  strategy: rlcd\n")
+    monkeypatch.setenv("KAIZEN_RESPOND__NUM_SAMPLES", "3")
+    settings = load_settings(config)
+    assert settings.respond.num_samples == 3
+    assert settings.pairs.strategy == "rlcd"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("pairs:\n  strategy: best\n", "pairs.strategy: got 'best', allowed values: 'self_reward', 'rlcd' or 'both'"),
+        ("respond:\n  num_sample: 4\n", "respond.num_sample: unknown key"),
+        ("judge:\n  num_samples: 0\n", "judge.num_samples: Input should be greater than or equal to 1"),
+        ("schedule:\n  cron: 'every day'\n", "schedule: Value error, invalid crontab"),
+        ("respond: [1, 2\n", "invalid YAML"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("gate:\n  z: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"kaizen: invalid configuration in {config}: gate.z: Input should be greater than 0"]
+    assert "Traceback" not in proc.stderr
