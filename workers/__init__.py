@@ -6,3 +6,5 @@ import os
 # (seconds per call on an offline machine). kaizen loads local checkpoints; set
 # HF_HUB_OFFLINE=0 to let `model.path` name a hub id that should be downloaded.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Per-load progress bars would flood worker logs; kaizen reports progress itself.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -269,7 +269,7 @@ def dpo_update(ctx: StageContext) -> StageOutput:
     if len(rows) < t.min_pairs:
         return StageOutput({"skipped": f"{len(rows)} pairs, fewer than training.min_pairs={t.min_pairs}", "pairs": len(rows)})
     examples = [
-        PreferenceExample(prompt_messages=[{"role": "user", "content": prompt}], chosen=texts[c], rejected=texts[r])
+        PreferenceExample(prompt=prompt, chosen=texts[c], rejected=texts[r])
         for prompt, c, r in rows
     ]
     checkpoint_id = lineage.candidate_checkpoint_id(ctx.iteration_id)

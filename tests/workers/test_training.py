@@ -1,0 +1,181 @@
+"""DPO update (TRL DPOTrainer + LoRA) on the tiny model: it learns the preference and commits atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers import training
+from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint
+from workers.tiny_model import build_tiny_model
+from workers.training import DPOSettings, PreferenceExample, dpo_update, preference_margin
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Describe the water cycle.",
+    "Give three tips for learning a new language.",
+    "Explain how photosynthesis works in simple terms.",
+    "Summarize the plot of a detective story.",
+    "What is the difference between a list and a tuple in Python?",
+    "Answer the question helpfully and honestly.",
+    "Be concise, accurate and polite.",
+]
+CHOSEN = "Here is an answer: the result is computed step by step, then checked once more."
+REJECTED = "Score: 1 2 3 4 5 points."
+EXAMPLES = [PreferenceExample(p, CHOSEN, REJECTED) for p in PROMPTS]
+STEPS = 32
+SETTINGS = DPOSettings(learning_rate=1e-3, max_steps=STEPS, batch_size=2, seed=0)
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("base") / "model")
+
+
+@pytest.fixture(scope="module")
+def run(base_dir, tmp_path_factory):
+    """One DPO update of the base, with a spy on the DPOTrainer that TRL builds."""
+    seen: dict = {}
+    logs: list[dict] = []
+    base_files = _digests(base_dir)
+    margin_before = preference_margin(str(base_dir), EXAMPLES)
+
+    import trl
+    from peft import PeftModel
+
+    class SpyTrainer(trl.DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["ref_model"] = self.ref_model
+            seen["policy_is_peft"] = isinstance(self.model, PeftModel)
+            seen["trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trl, "DPOTrainer", SpyTrainer)  # dpo_update imports it from trl at call time
+    try:
+        out = tmp_path_factory.mktemp("cycle") / "candidate"
+        result = dpo_update(str(base_dir), EXAMPLES, out, SETTINGS, log_callback=logs.append)
+    finally:
+        mp.undo()
+    return {
+        "result": result,
+        "out": out,
+        "seen": seen,
+        "logs": logs,
+        "base_files": base_files,
+        "margin_before": margin_before,
+    }
+
+
+def test_dpo_raises_the_preference_margin(run):
+    result = run["result"]
+    margin_after = preference_margin(result.checkpoint_path, EXAMPLES)
+    # ~ -19 nats before; 32 steps at lr 1e-3 move it by ~8 nats. Require a clear gain.
+    assert margin_after > run["margin_before"] + 3.0, (run["margin_before"], margin_after)
+
+
+def test_checkpoint_is_complete_merged_and_has_the_adapter(run, base_dir):
+    result = run["result"]
+    assert result.checkpoint_path == str(run["out"])
+    manifest = verify_checkpoint(result.checkpoint_path)
+    listed = {f.path for f in manifest.files}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= listed
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= listed
+    assert Path(result.adapter_path) == run["out"] / "adapter"
+    assert not [p for p in listed if p.endswith((".bin", ".pt"))]
+    assert not [p for p in run["out"].parent.iterdir() if p.name.startswith(".tmp-")]
+
+    meta = manifest.metadata
+    assert meta["parent"] == str(base_dir)
+    assert meta["reference"] == "adapter_disabled_parent"
+    assert meta["settings"]["max_steps"] == STEPS and meta["settings"]["learning_rate"] == 1e-3
+    assert meta["metrics"] == result.metrics
+
+    # The merged model is a plain model (no LoRA layers) and equals base + adapter applied by PEFT.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(result.checkpoint_path, dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, result.adapter_path).eval()
+    ids = torch.tensor([[3, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4)
+
+
+def test_base_model_files_untouched(run, base_dir):
+    assert _digests(base_dir) == run["base_files"]
+
+
+def test_reference_is_the_adapter_disabled_base(run):
+    seen = run["seen"]
+    # No second model: TRL keeps ref_model=None and disables the adapter for the reference pass.
+    assert seen["ref_model"] is None
+    assert seen["policy_is_peft"]
+    assert seen["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in seen["trainable"])
+    # LoRA B starts at zero, so on the first batch policy == reference exactly: every implicit reward is 0.
+    first = next(e for e in run["result"].log_history if "rewards/chosen" in e)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
+
+
+def test_metrics_and_logs(run):
+    result = run["result"]
+    steps = [e for e in result.log_history if "rewards/margins" in e]
+    assert len(steps) == STEPS  # logging_steps=1
+    assert len(run["logs"]) >= STEPS and run["logs"][0]["step"] == 1
+    m = result.metrics
+    for key in ("loss", "train_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert math.isfinite(m[key]), key
+    assert m["steps"] == STEPS
+    assert m["loss"] < math.log(2)
+    assert m["final_rewards/margins"] > 0 and m["final_rewards/accuracies"] > 0.5
+    assert m["rewards/chosen"] > m["rewards/rejected"]
+    assert result.train_seconds > 0
+
+
+def test_rerun_returns_the_committed_checkpoint(run, base_dir, tmp_path):
+    again = dpo_update(str(base_dir), EXAMPLES, run["out"], SETTINGS)
+    assert again.reused and again.checkpoint_path == run["result"].checkpoint_path
+    assert again.metrics == run["result"].metrics
+    with pytest.raises(CheckpointError, match="different checkpoint"):
+        dpo_update(str(tmp_path / "another-parent"), EXAMPLES, run["out"], SETTINGS)
+
+
+def test_explicit_reference_model_and_failed_reload_check(base_dir, tmp_path, monkeypatch):
+    # A different model as KL anchor: the policy starts away from it, so first-step rewards are not 0.
+    anchor = build_tiny_model(tmp_path / "anchor", seed=1)
+    quick = DPOSettings(max_steps=1, batch_size=2)
+    result = dpo_update(str(base_dir), EXAMPLES[:2], tmp_path / "anchored", quick, reference_model_path=str(anchor))
+    assert read_manifest(result.checkpoint_path).metadata["reference"] == str(anchor)
+    first = next(e for e in result.log_history if "rewards/chosen" in e)
+    assert first["rewards/chosen"] != 0.0
+
+    # If the reloaded model does not reproduce the in-memory one, nothing is committed.
+    real_probe = training._probe_logits
+    calls = []
+
+    def drifting_probe(model, tokenizer):
+        calls.append(1)
+        logits = real_probe(model, tokenizer)
+        return logits + (1e-2 if len(calls) == 2 else 0.0)
+
+    monkeypatch.setattr(training, "_probe_logits", drifting_probe)
+    out = tmp_path / "bad"
+    with pytest.raises(CheckpointError, match="does not reproduce"):
+        dpo_update(str(base_dir), EXAMPLES[:2], out, quick)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
