@@ -18,7 +18,9 @@ from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kaizen: a model that improves itself, cycle after cycle.")
-console = Console()
+# Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and squash the tables.
+console = Console(width=None if sys.stdout.isatty() else 160)
+STAGE_COLUMNS = {"generate_prompts": "gen", "respond": "respond", "judge": "judge", "build_pairs": "pairs", "dpo_update": "dpo", "evaluate_gate": "gate"}
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default: ./kaizen.yaml if present)")]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="where the lineage DB, models and artifacts live")]
@@ -79,12 +81,15 @@ def run(
     worker = LocalWorker(settings) if settings.worker.mode == "local" else None
     if worker:
         worker.start()
+    daemon = Daemon(settings, sessions, make_dispatcher(settings, sessions, worker), max_cycles=cycles)
     try:
-        Daemon(settings, sessions, make_dispatcher(settings, sessions), max_cycles=cycles).run()
+        daemon.run()
     finally:
         if worker:
             worker.stop()
     _print_lineage(settings)
+    if daemon.gave_up:
+        raise _fail(f"the daemon stopped: {daemon.gave_up}")
 
 
 @app.command()
@@ -170,14 +175,14 @@ def _print_lineage(settings: Settings) -> None:
         nodes[ckpt["id"]] = parent.add(label)
     console.print(tree)
     table = Table(title="iterations")
-    for column in ("iter", "status", "parent→candidate", *STAGE_ORDER, "pairs (sr/rlcd)", "win rate [lb]", "decision"):
+    for column in ("iter", "status", "parent→candidate", *(f"{STAGE_COLUMNS[s]} s" for s in STAGE_ORDER), "pairs (sr/rlcd)", "W/L/T win \\[lower]", "decision"):
         table.add_column(column)
     for it in view["iterations"]:
         stages = it["stages"]
         timings = [f"{stages[s]['seconds']:.1f}s" if s in stages and stages[s]["seconds"] is not None else stages.get(s, {}).get("status", "-") for s in STAGE_ORDER]
         pairs = it["pairs"]
         gate = it["gate"]
-        win = f"{gate['win_rate']:.2f} [{gate['win_rate_lower_bound']:.2f}]" if gate and gate["win_rate"] is not None else "-"
+        win = _gate_cell(gate)
         table.add_row(
             str(it["iteration"]), it["status"], f"{it['parent']}→{it['candidate'] or '-'}", *timings,
             f"{pairs['pairs']} ({pairs['self_reward_pairs']}/{pairs['rlcd_pairs']})" if pairs["pairs"] is not None else "-",
@@ -185,6 +190,15 @@ def _print_lineage(settings: Settings) -> None:
         )
     console.print(table)
     console.print(f"champion: [bold]{view['champion']}[/]")
+
+
+def _gate_cell(gate: dict[str, Any] | None) -> str:
+    if not gate or gate["win_rate"] is None:
+        return "-"
+    verdicts = gate["wins"] + gate["losses"] + gate["ties"]
+    if verdicts == 0:
+        return f"no verdicts ({gate['unparseable']} unparseable)"
+    return f"{gate['wins']}/{gate['losses']}/{gate['ties']} {gate['win_rate']:.2f} \\[{gate['win_rate_lower_bound']:.2f}]"
 
 
 @app.command()

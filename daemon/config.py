@@ -89,6 +89,9 @@ class ScheduleSettings(Section):
     interval_seconds: float | None = Field(5.0, gt=0.0)
     cron: str | None = None
     max_cycles: int | None = Field(None, ge=1, description="stop the daemon after this many cycles")
+    # A cycle that fails this many times in a row (a dead worker, an unreachable broker) stops the
+    # daemon with an error instead of retrying forever; null retries forever.
+    max_consecutive_failures: int | None = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _one_trigger(self) -> ScheduleSettings:
@@ -155,7 +158,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.worker.broker_url or f"sqla+sqlite:///{self.resolved_data_dir / 'broker.db'}"
+        from workers.broker import embedded_broker_url
+
+        return self.worker.broker_url or embedded_broker_url(str(self.resolved_data_dir / "broker.db"))
 
     @property
     def artifacts_dir(self) -> Path:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,18 @@ class EagerDispatcher:
 class CeleryDispatcher:
     """Sends a stage to the workers and waits on the lineage DB, which is the source of truth."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_seconds: float = 0.2) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], poll_seconds: float = 0.05,
+        worker_health: Callable[[], str | None] | None = None,
+    ) -> None:
         from workers.celery_app import make_celery
 
         self.settings = settings
         self.sessions = sessions
         self.poll_seconds = poll_seconds
+        # Returns why the worker this daemon owns is gone, if it is: a wait on a dead worker
+        # would otherwise last the whole stage timeout.
+        self.worker_health = worker_health
         self.app = make_celery(settings)
 
     def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
@@ -58,6 +65,9 @@ class CeleryDispatcher:
                 return dict(row.result)
             if row.status == StageStatus.failed and row.attempts > attempts_before:
                 raise RuntimeError(row.error or "stage failed in the worker")
+            problem = self.worker_health() if self.worker_health else None
+            if problem:
+                raise RuntimeError(problem)
             time.sleep(self.poll_seconds)
         raise TimeoutError(f"stage {stage} did not finish within worker.stage_timeout_seconds")
 
@@ -87,6 +97,17 @@ class LocalWorker:
         )
         log.info("worker.started", pid=self.process.pid, log=str(log_path))
 
+    def health(self) -> str | None:
+        """None while the worker runs; else why it stopped. A dead worker is restarted, so the
+        next cycle attempt resumes the interrupted stage on a fresh one."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        log_path = self.settings.resolved_data_dir / "worker.log"
+        log.error("worker.died", exit_code=code, log=str(log_path))
+        self.start()
+        return f"the local worker exited with code {code} (see {log_path}); it has been restarted"
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -105,10 +126,12 @@ def worker_command(queues: list[str], concurrency: int = 1, loglevel: str = "war
     ]
 
 
-def make_dispatcher(settings: Settings, sessions: sessionmaker[Session]) -> EagerDispatcher | CeleryDispatcher:
+def make_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session], worker: LocalWorker | None = None
+) -> EagerDispatcher | CeleryDispatcher:
     if settings.worker.mode == "eager":
         return EagerDispatcher(settings, sessions)
-    return CeleryDispatcher(settings, sessions)
+    return CeleryDispatcher(settings, sessions, worker_health=worker.health if worker else None)
 
 
 def data_dir_ready(settings: Settings) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import structlog
@@ -27,6 +28,7 @@ class Daemon:
         self.max_cycles = max_cycles if max_cycles is not None else settings.schedule.max_cycles
         self.completed = 0
         self.failures = 0
+        self.gave_up: str | None = None
         self.scheduler = BlockingScheduler(timezone="UTC")
         self._lock = threading.Lock()
 
@@ -44,6 +46,11 @@ class Daemon:
         except CycleError as exc:
             self.failures += 1
             log.error("cycle.failed", error=str(exc), consecutive_failures=self.failures)
+            limit = self.settings.schedule.max_consecutive_failures
+            if limit is not None and self.failures >= limit:
+                self.gave_up = f"{self.failures} cycles failed in a row; last error: {exc}"
+                log.error("daemon.giving_up", reason=self.gave_up)
+                self.scheduler.shutdown(wait=False)
             return
         self.failures = 0
         with self._lock:
@@ -61,6 +68,10 @@ class Daemon:
 
     def run(self) -> None:
         from datetime import datetime, timezone
+
+        # A tick that finds the previous cycle still running is the normal case when cycles outlast
+        # the interval; APScheduler would warn about it on every tick.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
         self.scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
         # The first run is now: a restarted daemon resumes an interrupted cycle at once.

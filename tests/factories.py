@@ -5,10 +5,10 @@ from pathlib import Path
 from daemon.config import Settings, load_settings
 
 
-def small_cycle_settings(data_dir: Path, model_path: Path, **overrides) -> Settings:
-    """A cycle small enough to run in seconds on 2 CPU cores."""
+def small_cycle_config(data_dir: Path, model_path: Path, **overrides) -> dict:
+    """A cycle small enough to run in seconds on 2 CPU cores, as a plain (YAML-ready) dict."""
     config = {
-        "data_dir": data_dir,
+        "data_dir": str(data_dir),
         "model": {"path": str(model_path)},
         "worker": {"mode": "eager"},
         "generation": {"max_new_tokens": 12, "batch_size": 32},
@@ -23,4 +23,8 @@ def small_cycle_settings(data_dir: Path, model_path: Path, **overrides) -> Setti
             config.setdefault(key, {}).update(value)
         else:
             config[key] = value
-    return load_settings(None, **config)
+    return config
+
+
+def small_cycle_settings(data_dir: Path, model_path: Path, **overrides) -> Settings:
+    return load_settings(None, **small_cycle_config(data_dir, model_path, **overrides))

@@ -14,6 +14,7 @@ from celery.signals import worker_process_init
 
 from daemon.config import Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
+from workers.broker import EMBEDDED_TRANSPORT
 from workers.stage_runner import StageContext, execute_stage
 from workers.stages import STAGE_QUEUES, STAGES
 
@@ -30,14 +31,23 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_default_queue="cpu",
         task_routes={TASK_NAME: {"queue": "gpu"}},
-        # Redis hands an unacked message to another worker after visibility_timeout: it must exceed
-        # the longest stage or an hours-long DPO run would be started twice.
-        broker_transport_options={"visibility_timeout": int(settings.worker.stage_timeout_seconds * 1.5), "polling_interval": 0.2},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
     app.task(name=TASK_NAME, bind=True)(_run_stage_task)
     return app
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.resolved_broker_url.startswith(("sqla+", f"{EMBEDDED_TRANSPORT}+")):
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(), which
+        # rejects unknown keywords; it has no visibility timeout (a message is deleted on fetch).
+        # Daemon and worker share the SQLite file: wait on its lock instead of failing at once.
+        return {"connect_args": {"timeout": 30}}
+    # Redis hands an unacked message to another worker after visibility_timeout: it must exceed
+    # the longest stage or an hours-long DPO run would be started twice.
+    return {"visibility_timeout": int(settings.worker.stage_timeout_seconds * 1.5), "polling_interval": 0.2}
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from daemon.config import ConfigError, load_settings
 def test_defaults_give_the_embedded_mode(tmp_path: Path) -> None:
     settings = load_settings()
     assert settings.resolved_database_url.startswith("sqlite:///")
-    assert settings.resolved_broker_url.startswith("sqla+sqlite:///")
+    assert settings.resolved_broker_url.startswith("kaizen-sqlite+sqlite:///")
     assert settings.model.path == "tiny"
     assert settings.worker.mode == "local"
 
