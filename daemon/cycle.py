@@ -19,7 +19,7 @@ from daemon.config import Settings
 from daemon.db import lineage
 from daemon.db.engine import transaction
 from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus, utcnow
-from workers.stages import STAGE_ORDER
+from workers.stages import STAGE_ORDER, stages_for
 
 log = structlog.get_logger(__name__)
 
@@ -56,12 +56,18 @@ def _running_iteration(session: Session) -> Iteration | None:
 
 
 def start_or_resume_iteration(sessions: sessionmaker[Session], settings: Settings) -> tuple[int, bool]:
-    """Return (iteration id, resumed?): the unfinished iteration if any, else a new one."""
+    """Return (iteration id, resumed?): the unfinished iteration if any, else a new one.
+
+    The champion row is locked *before* looking for a running iteration: two processes starting
+    a cycle at once (a daemon that lost its leader lock, `kaizen cycle` beside a daemon) are
+    serialised on that lock, and the second one sees the first one's iteration and resumes it
+    instead of starting another. (SQLite serialises the whole transaction with BEGIN IMMEDIATE.)
+    """
     with transaction(sessions) as session:
+        champion = lineage.current_champion(session, for_update=True)
         running = _running_iteration(session)
         if running is not None:
             return running.id, True
-        champion = lineage.current_champion(session, for_update=True)
         if champion is None:
             raise CycleError("no champion checkpoint: run `kaizen init` first")
         iteration = Iteration(
@@ -69,7 +75,7 @@ def start_or_resume_iteration(sessions: sessionmaker[Session], settings: Setting
         )
         session.add(iteration)
         session.flush()
-        session.add_all(StageRun(iteration_id=iteration.id, stage=s, status=StageStatus.pending, attempts=0, result={}) for s in STAGE_ORDER)
+        session.add_all(StageRun(iteration_id=iteration.id, stage=s, status=StageStatus.pending, attempts=0, result={}) for s in stages_for(settings))
         return iteration.id, False
 
 
@@ -102,10 +108,11 @@ def run_cycle(
     bound = log.bind(iteration_id=iteration_id)
     with sessions() as session:
         rows = _stage_rows(session, iteration_id)
-    pending = [s for s in STAGE_ORDER if rows[s].status != StageStatus.succeeded]
+    order = [s for s in STAGE_ORDER if s in rows]  # the stages this iteration was started with
+    pending = [s for s in order if rows[s].status != StageStatus.succeeded]
     resumed_from = pending[0] if resumed and pending else None
     bound.info("cycle.started", resumed=resumed, resume_at=resumed_from)
-    for stage in STAGE_ORDER:
+    for stage in order:
         if stage not in pending:
             if progress:
                 progress(stage, "skipped")

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.db.models import StageRun, StageStatus
-from workers.stage_runner import StageContext, execute_stage
+from workers.stage_runner import StageContext, execute_stage, lease_is_live, stage_input_hash
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +36,43 @@ class EagerDispatcher:
         return execute_stage(ctx, stage, STAGES[stage])
 
 
+class BrokerUnavailable(RuntimeError):
+    """The broker refused every publish for worker.publish_retry_seconds."""
+
+
+class RedispatchTimer:
+    """When to send a stage again that no worker holds: after ``first`` seconds, then 2x, 4x ... up
+    to ``cap``. Resets once a worker is seen holding the stage, so a later crash is answered fast."""
+
+    def __init__(self, first: float, cap: float = 600.0) -> None:
+        self.first = first
+        self.cap = max(cap, first)
+        self.interval = first
+        self.last_sent = time.monotonic()
+
+    def sent(self) -> None:
+        self.last_sent = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_sent >= self.interval
+
+    def backed_off(self) -> None:
+        self.interval = min(self.interval * 2, self.cap)
+
+    def worker_seen(self) -> None:
+        self.interval = self.first
+
+
 class CeleryDispatcher:
-    """Sends a stage to the workers and waits on the lineage DB, which is the source of truth."""
+    """Sends a stage to the workers and waits on the lineage DB, which is the source of truth.
+
+    Delivery is at least once, and a message can also be lost (a Redis restart without
+    persistence drops queued and unacked messages). So while it waits, the daemon watches the
+    stage row and sends the stage again when no live worker holds it: still unclaimed after
+    ``worker.redispatch_seconds`` (doubling), or claimed by a worker whose lease expired (killed,
+    machine lost). Duplicates are harmless: the stage runner returns the stored result, or
+    leaves the stage to the live lease holder.
+    """
 
     def __init__(
         self, settings: Settings, sessions: sessionmaker[Session], poll_seconds: float = 0.05,
@@ -52,12 +87,15 @@ class CeleryDispatcher:
         # would otherwise last the whole stage timeout.
         self.worker_health = worker_health
         self.app = make_celery(settings)
+        self.redispatches = 0
 
     def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
-        from workers.celery_app import TASK_NAME, queue_for
-
+        bound = log.bind(iteration_id=iteration_id, stage=stage)
+        with self.sessions() as session:
+            input_hash = stage_input_hash(session, iteration_id, stage)
         attempts_before = self._row(iteration_id, stage).attempts
-        self.app.send_task(TASK_NAME, args=[iteration_id, stage], queue=queue_for(stage))
+        self._publish(iteration_id, stage, input_hash)
+        timer = RedispatchTimer(self.settings.worker.redispatch_seconds)
         deadline = time.monotonic() + self.settings.worker.stage_timeout_seconds
         while time.monotonic() < deadline:
             row = self._row(iteration_id, stage)
@@ -68,12 +106,55 @@ class CeleryDispatcher:
             problem = self.worker_health() if self.worker_health else None
             if problem:
                 raise RuntimeError(problem)
+            if lease_is_live(row):
+                timer.worker_seen()
+            elif timer.due():
+                bound.warning("stage.redispatch", reason=_unheld_reason(row), waited_seconds=round(time.monotonic() - timer.last_sent, 1))
+                self._publish(iteration_id, stage, input_hash)
+                self.redispatches += 1
+                timer.sent()
+                timer.backed_off()
             time.sleep(self.poll_seconds)
         raise TimeoutError(f"stage {stage} did not finish within worker.stage_timeout_seconds")
+
+    def _publish(self, iteration_id: int, stage: str, input_hash: str) -> None:
+        """Send the stage; retry while the broker is unreachable (e.g. restarting), then give up."""
+        from kombu.exceptions import OperationalError
+
+        from workers.celery_app import TASK_NAME, queue_for
+
+        deadline = time.monotonic() + self.settings.worker.publish_retry_seconds
+        delay = 0.25
+        while True:
+            try:
+                self.app.send_task(TASK_NAME, args=[iteration_id, stage, input_hash], queue=queue_for(stage))
+                return
+            except (OperationalError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"cannot publish stage {stage} to the broker {_redacted(self.settings.resolved_broker_url)}: {exc}. "
+                        "Is it running and reachable? (worker.broker_url)"
+                    ) from exc
+                log.warning("broker.unreachable", stage=stage, error=str(exc), retry_in=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _row(self, iteration_id: int, stage: str) -> StageRun:
         with self.sessions() as session:
             return session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage)).one()
+
+
+def _unheld_reason(row: StageRun) -> str:
+    if row.status == StageStatus.running:
+        return f"the lease of {row.worker_id} expired at {row.lease_expires_at} (worker gone?)"
+    return f"no worker has claimed it (status {row.status.value}); the message may have been lost"
+
+
+def _redacted(url: str) -> str:
+    """The broker URL without its password, for error messages."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(url)
 
 
 class LocalWorker:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.cycle import CycleError, StageDispatcher, run_cycle
+from daemon.leader import LeaderElection
 
 log = structlog.get_logger(__name__)
 
@@ -21,10 +22,16 @@ CYCLE_JOB_ID = "kaizen-cycle"
 
 
 class Daemon:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], dispatcher: StageDispatcher, max_cycles: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], dispatcher: StageDispatcher, max_cycles: int | None = None,
+        leader: LeaderElection | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.dispatcher = dispatcher
+        # Set when several daemons may share the lineage DB (`kaizen run`): checked before every
+        # cycle, so a daemon that lost its leader lock stops instead of racing the new leader.
+        self.leader = leader
         self.max_cycles = max_cycles if max_cycles is not None else settings.schedule.max_cycles
         self.completed = 0
         self.failures = 0
@@ -38,8 +45,38 @@ class Daemon:
             return CronTrigger.from_crontab(schedule.cron, timezone="UTC")
         return IntervalTrigger(seconds=schedule.interval_seconds)
 
+    def _paused(self) -> bool:
+        """`kaizen pause` holds every cycle, a new one and an interrupted one alike, until resume.
+
+        An interrupted iteration stays `running` in the DB and is resumed after `kaizen resume`.
+        """
+        from daemon.db.lineage import pause_state
+
+        with self.sessions() as session:
+            state = pause_state(session)
+        if state.paused != getattr(self, "_was_paused", False):
+            self._was_paused = state.paused
+            if state.paused:
+                log.info("daemon.paused", by=state.changed_by, reason=state.reason)
+            else:
+                log.info("daemon.resumed")
+        return state.paused
+
+    def _still_leader(self) -> bool:
+        if self.leader is None or self.leader.still_leader():
+            return True
+        self.gave_up = "lost the leader lock (lineage DB connection dropped?); another daemon may lead now. Restart to rejoin as standby"
+        log.error("daemon.giving_up", reason=self.gave_up)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        return False
+
     def _tick(self) -> None:
         if self.max_cycles is not None and self.completed >= self.max_cycles:
+            return
+        if not self._still_leader():
+            return
+        if self._paused():
             return
         try:
             report = run_cycle(self.sessions, self.settings, self.dispatcher)

@@ -7,6 +7,12 @@ from a statement the judge itself makes; nothing is imputed, clamped or guessed;
 conflict, an out-of-range value or a value copied from the judged text yields no score.
 A missing score costs one sample; a wrong score trains the model on noise or, worse,
 rewards an answer for writing "Score: 5" into itself.
+
+Two judging modes use the same rubric prompt (``JUDGE_MODES``): ``text`` lets the judge write
+its justification and parses the score from it; ``logprob`` starts the judge's reply with the
+cue "Score:" and reads the judge's probability of each score 1-5 as the next token, scored as
+the expected value. The second cannot fail to parse and does not depend on a small model
+following the output format, only on what it ranks likelier.
 """
 
 from __future__ import annotations
@@ -28,6 +34,19 @@ _DELIMITER_TAGS = (QUESTION_TAG, RESPONSE_TAG, RESPONSE_A_TAG, RESPONSE_B_TAG)
 VERDICT_A = "A"
 VERDICT_B = "B"
 VERDICT_TIE = "tie"
+
+JUDGE_MODE_TEXT = "text"
+JUDGE_MODE_LOGPROB = "logprob"
+JUDGE_MODES = (JUDGE_MODE_TEXT, JUDGE_MODE_LOGPROB)
+
+# The final-line cues the prompts below ask for, and what may follow them. In logprob mode the
+# judge's reply is started with the cue and only these continuations are compared.
+SCORE_CUE = "Score:"
+SCORE_VALUES = (1.0, 2.0, 3.0, 4.0, 5.0)
+SCORE_CONTINUATIONS = tuple(f" {value:g}" for value in SCORE_VALUES)
+VERDICT_CUE = "Winner:"
+VERDICTS = (VERDICT_A, VERDICT_B, VERDICT_TIE)
+VERDICT_CONTINUATIONS = tuple(f" {verdict}" for verdict in VERDICTS)
 
 _JUDGE_TEMPLATE = """\
 Review the user's question and the corresponding response using the additive 5-point \
@@ -311,3 +330,38 @@ def parse_pairwise_verdict(judge_output: str, judged_responses: Sequence[str] = 
     if len(verdicts) != 1:
         return None
     return verdicts[0]
+
+
+# --- Log-probability judging ----------------------------------------------------------
+
+
+def expected_score(distribution: Sequence[float]) -> float:
+    """The expected score under the judge's probabilities of scores 1..5 (renormalised).
+
+    Always within [1, 5]: it is a weighted mean of the score values.
+    """
+    if len(distribution) != len(SCORE_VALUES):
+        raise ValueError(f"need one probability per score {SCORE_VALUES}, got {len(distribution)}")
+    total = sum(distribution)
+    if total <= 0 or any(p < 0 for p in distribution):
+        raise ValueError(f"not a probability distribution: {list(distribution)}")
+    return sum(p * value for p, value in zip(distribution, SCORE_VALUES, strict=True)) / total
+
+
+def verdict_from_distribution(distribution: Sequence[float]) -> str:
+    """The likeliest of "A", "B" and "tie" under the judge's probabilities (in VERDICTS order).
+
+    When A and B are exactly as likely the verdict is a tie: no preference was expressed.
+    """
+    if len(distribution) != len(VERDICTS):
+        raise ValueError(f"need one probability per verdict {VERDICTS}, got {len(distribution)}")
+    p_a, p_b, p_tie = distribution
+    if p_tie >= max(p_a, p_b) or p_a == p_b:
+        return VERDICT_TIE
+    return VERDICT_A if p_a > p_b else VERDICT_B
+
+
+def describe_distribution(labels: Sequence[str], distribution: Sequence[float], summary: str) -> str:
+    """A readable record of a logprob judgment for the lineage, e.g. "P(1)=0.10 ... -> 3.20"."""
+    probabilities = " ".join(f"P({label.strip()})={p:.3f}" for label, p in zip(labels, distribution, strict=True))
+    return f"logprob judge: {probabilities} -> {summary}"

@@ -2,6 +2,25 @@
 
 The message is only a trigger; the lineage DB holds the stage's state and result, so a
 redelivered message finds the stage done and returns the stored result (see stage_runner).
+
+Worker settings for hours-long GPU stages, and why:
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: the message is acknowledged only after the
+  stage ran; a pool process killed mid-stage (OOM, ``kill -9``) makes the worker requeue it.
+* ``worker_prefetch_multiplier = 1``: a worker reserves one stage at a time, so a second GPU
+  worker can take the next one instead of it waiting behind a six-hour DPO run.
+* Redis ``visibility_timeout`` = 1.5 x ``worker.stage_timeout_seconds``: Redis hands an unacked
+  message to another worker once it is this old. It must outlast the longest stage, or a healthy
+  DPO run would be started a second time while it is still training (the lease in the lineage
+  DB would turn that second start into a wait, but it would occupy a GPU worker for nothing).
+  A worker that died is noticed much sooner through its expired lease: the daemon re-sends the
+  stage (daemon/dispatch.py), so recovery does not wait for the visibility timeout.
+* ``worker_cancel_long_running_tasks_on_connection_loss = False``: a Redis restart must not
+  abort hours of training; the stage commits to the lineage DB, and a lost ack only means the
+  message may come again, which the stored result answers.
+* One model-holding process per GPU: this module and the worker's parent process never import
+  torch (the stages are imported inside the task, in the pool process), so no CUDA context can
+  exist before the fork. Run one ``kaizen worker -Q gpu --concurrency 1`` per GPU.
 """
 
 from __future__ import annotations
@@ -9,16 +28,19 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import structlog
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from daemon.config import Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
+from daemon.logs import configure_logging
 from workers.broker import EMBEDDED_TRANSPORT
-from workers.stage_runner import StageContext, execute_stage
-from workers.stages import STAGE_QUEUES, STAGES
+from workers.stage_runner import StageContext, StageDeliveryDropped, execute_stage
 
 TASK_NAME = "kaizen.run_stage"
+
+log = structlog.get_logger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -33,6 +55,9 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={TASK_NAME: {"queue": "gpu"}},
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
+        # Keep reconnecting to a restarted broker for as long as it takes.
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
     )
     app.task(name=TASK_NAME, bind=True)(_run_stage_task)
@@ -46,7 +71,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         # Daemon and worker share the SQLite file: wait on its lock instead of failing at once.
         return {"connect_args": {"timeout": 30}}
     # Redis hands an unacked message to another worker after visibility_timeout: it must exceed
-    # the longest stage or an hours-long DPO run would be started twice.
+    # the longest stage or an hours-long DPO run would be started twice (see the module docstring).
     return {"visibility_timeout": int(settings.worker.stage_timeout_seconds * 1.5), "polling_interval": 0.2}
 
 
@@ -55,19 +80,38 @@ def _worker_sessions(database_url: str):  # type: ignore[no-untyped-def]
     return make_session_factory(make_engine(database_url))
 
 
+@worker_init.connect
+def _configure_worker_logging(**_: Any) -> None:
+    # In the worker's main process only (the daemon imports this module too); forked pool
+    # processes inherit it.
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
 @worker_process_init.connect
 def _fresh_engine_after_fork(**_: Any) -> None:
     # A connection pool must never cross a fork.
     _worker_sessions.cache_clear()
 
 
-def _run_stage_task(task: Any, iteration_id: int, stage: str) -> dict[str, Any]:
+def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | None = None) -> dict[str, Any]:
+    from workers.stages import STAGES  # here, in the pool process: the parent never loads torch
+
     settings = load_settings()
     ctx = StageContext(settings=settings, sessions=_worker_sessions(settings.resolved_database_url), iteration_id=iteration_id)
-    return execute_stage(ctx, stage, STAGES[stage])
+    delivery = task.request.delivery_info or {}
+    try:
+        return execute_stage(ctx, stage, STAGES[stage], expected_input_hash=input_hash)
+    except StageDeliveryDropped as exc:
+        # Acknowledged without computing: the lineage DB already has (or will get) this stage.
+        log.warning("stage.delivery_dropped", iteration_id=iteration_id, stage=stage, reason=str(exc),
+                    redelivered=bool(delivery.get("redelivered")))
+        return {"dropped": str(exc)}
 
 
 def queue_for(stage: str) -> str:
+    from workers.stages import STAGE_QUEUES  # called by the daemon, which has the stages loaded
+
     return STAGE_QUEUES[stage]
 
 

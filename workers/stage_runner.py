@@ -1,20 +1,43 @@
 """Runs one stage of one iteration exactly once in effect, whatever the delivery count.
 
-A stage computes outside any transaction, then writes its outputs and its ``succeeded`` row in a
-single transaction. A stage found ``succeeded`` returns its stored result and computes nothing,
-so a redelivered or re-run task is a no-op.
+Celery over Redis delivers a task *at least* once: a worker killed mid-task leaves its message
+unacked and it comes back; the daemon re-sends a stage whose message the broker lost. The
+lineage DB turns that into exactly-once effects:
+
+* **Key.** A stage result is keyed by (iteration, stage, input hash). The input hash digests
+  what the stage reads: the iteration's parent checkpoint and config snapshot, and the result
+  and input hash of every upstream stage. A delivery whose inputs differ from the stored
+  result's refuses to return it (:class:`StageInputMismatch`).
+* **Stored result.** A stage found ``succeeded`` returns its stored result and computes nothing.
+* **Lease.** Computing starts with a claim in one transaction (row lock): status ``running``,
+  a fresh ``worker_id`` and ``lease_expires_at``. A heartbeat thread renews the lease every
+  ``worker.lease_seconds / 3`` while the stage computes. A second delivery that finds a live
+  lease waits up to one lease period for the stage to finish (then returns the stored result)
+  or for the lease to expire (the holder died: it takes over and computes again); if the holder
+  is still alive after that, it leaves the stage to it (:class:`StageHeldElsewhere`).
+* **Fenced commit.** A stage computes outside any transaction, then writes its outputs and its
+  ``succeeded`` row in one transaction that first checks the row is still claimed by this
+  worker: a worker whose lease was taken over discards its work (:class:`LeaseLost`), so two
+  deliveries never both write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import socket
+import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
@@ -24,6 +47,30 @@ from daemon.db.models import Iteration, StageRun, StageStatus, utcnow
 log = structlog.get_logger(__name__)
 
 Writer = Callable[[Session], dict[str, Any]]
+
+
+class StageDeliveryDropped(Exception):
+    """This delivery of a stage must not compute it; the message can be acknowledged."""
+
+
+class StageHeldElsewhere(StageDeliveryDropped):
+    """Another live worker holds the stage's lease and is computing it."""
+
+
+class LeaseLost(StageDeliveryDropped):
+    """This worker's lease was taken over while it computed; its outputs were discarded."""
+
+
+class StageNotReady(StageDeliveryDropped):
+    """An upstream stage has not succeeded yet: a stale or out-of-order message."""
+
+
+class StaleStageMessage(StageDeliveryDropped):
+    """The message was sent for other inputs than the lineage DB now holds."""
+
+
+class StageInputMismatch(RuntimeError):
+    """A stored result was computed from other inputs than the stage has now."""
 
 
 @dataclass
@@ -50,6 +97,76 @@ class StageContext:
 StageFn = Callable[[StageContext], StageOutput]
 
 
+def new_worker_id() -> str:
+    """Unique per delivery: host and pid say who, the suffix tells two deliveries in one process apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    # SQLite hands timezone-aware columns back naive; they were stored in UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def lease_is_live(row: StageRun, now: datetime | None = None) -> bool:
+    expires = as_utc(row.lease_expires_at)
+    return row.status == StageStatus.running and row.worker_id is not None and expires is not None and expires > (now or utcnow())
+
+
+# --------------------------------------------------------------------------- input hash
+
+
+def digest_inputs(inputs: dict[str, Any]) -> str:
+    """SHA-256 of a canonical JSON rendering: equal inputs give equal hashes on every machine."""
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
+    """The hash of everything ``stage`` of ``iteration_id`` reads; raises StageNotReady if an
+    upstream stage has not succeeded."""
+    from workers.stages import OPTIONAL_STAGES, STAGE_ORDER  # imported here: the Celery parent must not load torch
+
+    iteration = session.get(Iteration, iteration_id)
+    if iteration is None:
+        raise LookupError(f"iteration {iteration_id} does not exist")
+    if stage not in STAGE_ORDER:
+        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_ORDER)}")
+    rows = {
+        r.stage: r
+        for r in session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage.in_(STAGE_ORDER[: STAGE_ORDER.index(stage)])))
+    }
+    # An optional stage the iteration was started without has no row: it is not upstream.
+    upstream_names = [name for name in STAGE_ORDER[: STAGE_ORDER.index(stage)] if name in rows or name not in OPTIONAL_STAGES]
+    upstream = []
+    for name in upstream_names:
+        row = rows.get(name)
+        if row is None or row.status != StageStatus.succeeded:
+            raise StageNotReady(f"iteration {iteration_id}: {stage} needs {name}, which has not succeeded yet")
+        upstream.append({"stage": name, "input_hash": row.input_hash, "result": row.result})
+    return digest_inputs(
+        {
+            "iteration": iteration_id,
+            "stage": stage,
+            "parent_checkpoint": iteration.parent_checkpoint_id,
+            "config": iteration.config_snapshot,
+            "upstream": upstream,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- claim, lease, commit
+
+
+@dataclass(frozen=True)
+class Claim:
+    state: Literal["done", "mine", "held"]
+    result: dict[str, Any] | None = None
+    holder: str | None = None
+    lease_expires_at: datetime | None = None
+
+
 def _stage_row(session: Session, iteration_id: int, stage: str) -> StageRun:
     row = session.scalars(
         select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage).with_for_update()
@@ -61,56 +178,178 @@ def _stage_row(session: Session, iteration_id: int, stage: str) -> StageRun:
     return row
 
 
-def _claim(ctx: StageContext, stage: str) -> dict[str, Any] | None:
-    """Mark the stage running, or return its stored result if it already succeeded."""
+def _claim(ctx: StageContext, stage: str, worker_id: str, expected_input_hash: str | None) -> Claim:
+    """Return the stored result, take the stage (a new or expired lease), or report its holder."""
+    lease = timedelta(seconds=ctx.settings.worker.lease_seconds)
     with transaction(ctx.sessions) as session:
         row = _stage_row(session, ctx.iteration_id, stage)
+        input_hash = stage_input_hash(session, ctx.iteration_id, stage)
+        if expected_input_hash is not None and expected_input_hash != input_hash:
+            raise StaleStageMessage(
+                f"iteration {ctx.iteration_id} {stage}: the message was sent for inputs {expected_input_hash[:12]}, "
+                f"the lineage DB now holds {input_hash[:12]} (was the DB reset while messages were queued?)"
+            )
         if row.status == StageStatus.succeeded:
-            return dict(row.result)
+            if row.input_hash is not None and row.input_hash != input_hash:
+                raise StageInputMismatch(
+                    f"iteration {ctx.iteration_id} {stage}: the stored result was computed from inputs "
+                    f"{row.input_hash[:12]} but the stage's inputs are now {input_hash[:12]}; an upstream row was "
+                    "changed by hand? Start a new iteration instead of editing a finished one."
+                )
+            return Claim("done", result=dict(row.result))
+        now = utcnow()
+        if lease_is_live(row, now):
+            return Claim("held", holder=row.worker_id, lease_expires_at=as_utc(row.lease_expires_at))
+        if row.status == StageStatus.running:
+            log.warning("stage.taking_over", iteration_id=ctx.iteration_id, stage=stage, previous_worker=row.worker_id,
+                        lease_expired_at=str(row.lease_expires_at))
         row.status = StageStatus.running
         row.attempts += 1
-        row.started_at = utcnow()
+        row.started_at = now
+        row.finished_at = None
         row.error = None
-        return None
+        row.input_hash = input_hash
+        row.worker_id = worker_id
+        row.heartbeat_at = now
+        row.lease_expires_at = now + lease
+        return Claim("mine")
 
 
-def _commit(ctx: StageContext, stage: str, output: StageOutput, compute_seconds: float) -> dict[str, Any]:
+class _LeaseKeeper:
+    """Renews this worker's lease on a stage while it computes, from a background thread.
+
+    torch releases the GIL in its kernels, so the renewal runs during hours of training. A
+    renewal that finds the row claimed by someone else stops: the commit will be refused anyway.
+    """
+
+    def __init__(self, ctx: StageContext, stage: str, worker_id: str) -> None:
+        self.ctx = ctx
+        self.stage = stage
+        self.worker_id = worker_id
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{stage}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        lease_seconds = self.ctx.settings.worker.lease_seconds
+        while not self._stop.wait(lease_seconds / 3):
+            try:
+                renewed = self._renew(lease_seconds)
+            except Exception as exc:  # the DB may be briefly unreachable: try again next period
+                log.warning("stage.lease_renewal_failed", stage=self.stage, error=str(exc))
+                continue
+            if not renewed:
+                self.lost = True
+                log.error("stage.lease_lost", iteration_id=self.ctx.iteration_id, stage=self.stage, worker_id=self.worker_id)
+                return
+
+    def _renew(self, lease_seconds: float) -> bool:
+        now = utcnow()
+        with transaction(self.ctx.sessions) as session:
+            outcome = session.execute(
+                update(StageRun)
+                .where(
+                    StageRun.iteration_id == self.ctx.iteration_id,
+                    StageRun.stage == self.stage,
+                    StageRun.worker_id == self.worker_id,
+                    StageRun.status == StageStatus.running,
+                )
+                .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+            )
+            return bool(outcome.rowcount)
+
+
+def _commit(ctx: StageContext, stage: str, worker_id: str, output: StageOutput, compute_seconds: float) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
         row = _stage_row(session, ctx.iteration_id, stage)
         if row.status == StageStatus.succeeded:
             # A concurrent delivery finished first; its outputs stand and ours are discarded.
             return dict(row.result)
+        if row.worker_id != worker_id:
+            raise LeaseLost(
+                f"iteration {ctx.iteration_id} {stage}: the lease passed to {row.worker_id} while {worker_id} computed; "
+                "this result is discarded"
+            )
         extra = output.write(session)
         row.result = {**output.result, **extra}
         row.status = StageStatus.succeeded
         row.compute_seconds = compute_seconds
         row.finished_at = utcnow()
+        row.lease_expires_at = None
         return dict(row.result)
 
 
-def _record_failure(ctx: StageContext, stage: str, exc: BaseException) -> None:
+def _record_failure(ctx: StageContext, stage: str, worker_id: str, exc: BaseException) -> None:
     with transaction(ctx.sessions) as session:
         row = _stage_row(session, ctx.iteration_id, stage)
-        if row.status != StageStatus.succeeded:
+        if row.status != StageStatus.succeeded and row.worker_id == worker_id:
             row.status = StageStatus.failed
             row.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             row.finished_at = utcnow()
+            row.lease_expires_at = None
 
 
-def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn) -> dict[str, Any]:
-    bound = log.bind(iteration_id=ctx.iteration_id, stage=stage)
-    stored = _claim(ctx, stage)
-    if stored is not None:
+def _claim_or_wait(ctx: StageContext, stage: str, worker_id: str, expected_input_hash: str | None) -> Claim:
+    """Claim the stage; if a live lease holds it, wait up to one lease period for it to finish or expire."""
+    claim = _claim(ctx, stage, worker_id, expected_input_hash)
+    if claim.state != "held":
+        return claim
+    lease_seconds = ctx.settings.worker.lease_seconds
+    log.info("stage.held_elsewhere", iteration_id=ctx.iteration_id, stage=stage, holder=claim.holder, waiting_seconds=lease_seconds)
+    deadline = time.monotonic() + lease_seconds * 1.2
+    poll = min(1.0, max(0.05, lease_seconds / 20))
+    while time.monotonic() < deadline:
+        time.sleep(poll)
+        claim = _claim(ctx, stage, worker_id, expected_input_hash)
+        if claim.state != "held":
+            return claim
+    raise StageHeldElsewhere(
+        f"iteration {ctx.iteration_id} {stage} is being computed by {claim.holder} (lease renewed until "
+        f"{claim.lease_expires_at}); this delivery leaves it to that worker"
+    )
+
+
+def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn, *, expected_input_hash: str | None = None) -> dict[str, Any]:
+    """Run ``stage`` of ``ctx.iteration_id`` unless it already ran; return its (stored) result.
+
+    Raises :class:`StageDeliveryDropped` subclasses when this delivery must not compute (another
+    live worker holds the stage, the lease was lost, the message is stale); any exception of the
+    stage itself is recorded on the row and re-raised.
+    """
+    worker_id = new_worker_id()
+    bound = log.bind(iteration_id=ctx.iteration_id, stage=stage, worker_id=worker_id)
+    claim = _claim_or_wait(ctx, stage, worker_id, expected_input_hash)
+    if claim.state == "done":
         bound.info("stage.already_done")
-        return stored
+        assert claim.result is not None
+        return claim.result
     bound.info("stage.started")
     started = time.perf_counter()
+    with _LeaseKeeper(ctx, stage, worker_id) as keeper:
+        try:
+            output = stage_fn(ctx)
+        except Exception as exc:
+            bound.error("stage.failed", error=str(exc))
+            _record_failure(ctx, stage, worker_id, exc)
+            raise
+    if keeper.lost:
+        bound.warning("stage.committing_after_lease_loss")  # the fenced commit decides
     try:
-        output = stage_fn(ctx)
-        result = _commit(ctx, stage, output, time.perf_counter() - started)
+        result = _commit(ctx, stage, worker_id, output, time.perf_counter() - started)
+    except LeaseLost:
+        bound.warning("stage.result_discarded", reason="lease taken over")
+        raise
     except Exception as exc:
         bound.error("stage.failed", error=str(exc))
-        _record_failure(ctx, stage, exc)
+        _record_failure(ctx, stage, worker_id, exc)
         raise
     bound.info("stage.succeeded", seconds=round(time.perf_counter() - started, 3), **_scalars(result))
     return result

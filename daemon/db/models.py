@@ -6,7 +6,8 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, event
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Named constraints let Alembic's batch mode rebuild SQLite tables deterministically.
@@ -26,6 +27,20 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+NUL_REPLACEMENT = "\ufffd"
+
+
+@event.listens_for(Base, "before_insert", propagate=True)
+@event.listens_for(Base, "before_update", propagate=True)
+def _replace_nul_characters(_mapper: Any, _connection: Any, target: Base) -> None:
+    """PostgreSQL text cannot hold NUL; a model's raw output can (byte-level tokenizers). Store
+    U+FFFD in its place, on every database, so the lineage reads the same on SQLite and PostgreSQL."""
+    for attr in sa_inspect(target).mapper.column_attrs:
+        value = getattr(target, attr.key, None)
+        if isinstance(value, str) and "\x00" in value:
+            setattr(target, attr.key, value.replace("\x00", NUL_REPLACEMENT))
 
 
 class CheckpointStatus(str, enum.Enum):
@@ -107,6 +122,13 @@ class StageRun(Base):
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Exactly-once over at-least-once delivery (workers/stage_runner.py): the result is keyed by
+    # (iteration, stage, input_hash), and a claim is a lease: the worker that holds it renews
+    # lease_expires_at while it computes; a delivery that finds the lease expired takes over.
+    input_hash: Mapped[str | None] = mapped_column(String(64))
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
 
 
 class Prompt(Base):
@@ -138,7 +160,8 @@ class Response(Base):
 
 class Judgment(Base):
     __tablename__ = "judgments"
-    __table_args__ = (Index("ix_judgments_iteration", "iteration_id"),)
+    # (iteration, score) covers the per-iteration score histograms of the dashboard (revision 0002).
+    __table_args__ = (Index("ix_judgments_iteration_score", "iteration_id", "score"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     iteration_id: Mapped[int] = mapped_column(ForeignKey("iterations.id"))
@@ -195,3 +218,41 @@ class Event(Base):
     actor: Mapped[str] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class DaemonControl(Base):
+    """A single row (id=1): operator switches the daemon obeys. No row means not paused.
+
+    Kept in the lineage DB, not in the daemon's memory, so `kaizen pause` works from any machine
+    that reaches the DB and survives a daemon restart.
+    """
+
+    __tablename__ = "daemon_control"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    paused: Mapped[bool] = mapped_column(default=False)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ChampionStackEntry(Base):
+    """The champions a rollback can return to, bottom first; the top row is the current champion.
+
+    A promotion pushes; a rollback to X drops the rows above X's top-most entry. Kept as rows
+    (not replayed from events) so the rollback target is one indexed lookup on any lineage size.
+    """
+
+    __tablename__ = "champion_stack"
+
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id"))
+
+
+# Indexes for the dashboard's and /metrics' queries (measured by ops/bench/dashboard.py), declared
+# here so the tables above stay as the first migration made them. Each covers its query: the
+# database answers from the index without reading the wide rows (config snapshots, stage results).
+Index("ix_iterations_status_decision", Iteration.status, Iteration.decision)
+Index("ix_checkpoints_created_at", Checkpoint.created_at)
+Index("ix_stage_runs_status_stage", StageRun.status, StageRun.stage, StageRun.compute_seconds)

@@ -13,7 +13,7 @@ def test_defaults_give_the_embedded_mode(tmp_path: Path) -> None:
     settings = load_settings()
     assert settings.resolved_database_url.startswith("sqlite:///")
     assert settings.resolved_broker_url.startswith("kaizen-sqlite+sqlite:///")
-    assert settings.model.path == "tiny"
+    assert settings.model.path == "smollm2"
     assert settings.worker.mode == "local"
 
 

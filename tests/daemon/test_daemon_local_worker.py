@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.factories import small_cycle_config
-from workers.stages import STAGE_ORDER
+from workers.stages import CORE_STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_daemon_runs_two_cycles_on_a_local_celery_worker(tmp_path: Path, tiny_mo
     iterations = view["iterations"]
     assert [it["status"] for it in iterations] == ["completed", "completed"]
     for it in iterations:
-        assert set(it["stages"]) == set(STAGE_ORDER)
+        assert set(it["stages"]) == set(CORE_STAGES)
         assert all(stage["status"] == "succeeded" and stage["seconds"] > 0 for stage in it["stages"].values())
         assert it["pairs"]["pairs"] == it["pairs"]["self_reward_pairs"] + it["pairs"]["rlcd_pairs"] > 0
         assert it["decision"] in {"promoted", "rejected"}
@@ -54,7 +54,7 @@ def test_daemon_runs_two_cycles_on_a_local_celery_worker(tmp_path: Path, tiny_mo
     assert view["champion"] in {c["id"] for c in view["checkpoints"]}
     # The stages ran in the worker process, not in the daemon.
     worker_log = (tmp_path / "data" / "worker.log").read_text()
-    assert worker_log.count("stage.succeeded") == 2 * len(STAGE_ORDER)
+    assert worker_log.count("stage.succeeded") == 2 * len(CORE_STAGES)
 
 
 def test_daemon_gives_up_with_a_clear_error_when_cycles_keep_failing(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -7,12 +7,15 @@ from policies.pairs import (
     ScoredResponse,
     build_rlcd_pairs,
     build_self_reward_pairs,
+    cap_length_ratio,
+    length_normalised,
+    length_score_slope,
     select_pairs,
 )
 
 
-def scored(response_id: str, score: float | None, text: str | None = None) -> ScoredResponse:
-    return ScoredResponse(response_id, text if text is not None else f"answer {response_id}", score)
+def scored(response_id: str, score: float | None, text: str | None = None, length: int = 0) -> ScoredResponse:
+    return ScoredResponse(response_id, text if text is not None else f"answer {response_id}", score, length)
 
 
 # --- Self-reward pairs ----------------------------------------------------------------
@@ -113,3 +116,56 @@ def test_strategies_select_their_pairs():
 def test_unknown_strategy_names_the_allowed_values():
     with pytest.raises(ValueError, match="'self_reward', 'rlcd', 'both'"):
         select_pairs("random", SELF_REWARD, RLCD)
+
+
+# --- Length cap -----------------------------------------------------------------------
+
+
+def test_length_cap_drops_exactly_the_pairs_whose_chosen_is_too_much_longer():
+    lengths = {"c1": 30, "r1": 10, "c2": 20, "r2": 10, "c3": 10, "r3": 40, "c4": 5, "r4": 0, "c5": 0, "r5": 0}
+    pairs = [PreferencePair(f"p{i}", f"c{i}", f"r{i}", "rlcd", None) for i in range(1, 6)]
+
+    kept, dropped = cap_length_ratio(pairs, lengths, max_ratio=2.0)
+
+    # p1: 3x longer, dropped; p2: exactly 2x, kept; p3: chosen shorter, kept;
+    # p4: something against nothing, dropped; p5: both empty, kept.
+    assert [p.prompt_id for p in dropped] == ["p1", "p4"]
+    assert [p.prompt_id for p in kept] == ["p2", "p3", "p5"]
+
+
+def test_length_cap_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_ratio must be >= 1"):
+        cap_length_ratio([], {}, max_ratio=0.5)
+
+
+# --- Length normalisation -------------------------------------------------------------
+
+# p1: the longer answer scored higher; p2: three lengths, all scored 3.
+LENGTH_BIASED = {
+    "p1": [scored("a", 2.0, length=10), scored("b", 4.0, length=30)],
+    "p2": [scored("c", 3.0, length=10), scored("d", 3.0, length=20), scored("e", 3.0, length=30), scored("f", None, length=99)],
+}
+
+
+def test_length_score_slope_is_the_pooled_within_prompt_slope():
+    # p1: cov (-10)(-1) + (10)(1) = 20, var 200; p2: cov 0, var 200 -> 20 / 400.
+    assert length_score_slope(LENGTH_BIASED) == pytest.approx(0.05)
+
+
+def test_length_normalised_scores_remove_the_length_effect():
+    adjusted = length_normalised(LENGTH_BIASED)
+
+    assert [r.mean_score for r in adjusted["p1"]] == pytest.approx([2.5, 3.5])
+    assert [r.mean_score for r in adjusted["p2"][:3]] == pytest.approx([3.5, 3.0, 2.5])
+    assert adjusted["p2"][3].mean_score is None
+    # At equal length the short answer in p2 is now preferred: the long answers' edge came from length.
+    pairs = build_self_reward_pairs(adjusted, min_gap=0.5)
+    assert [(p.chosen_id, p.rejected_id) for p in pairs] == [("b", "a"), ("c", "e")]
+    assert [p.score_gap for p in pairs] == pytest.approx([1.0, 1.0])
+
+
+def test_length_normalisation_without_length_variation_changes_nothing():
+    same_length = {"p1": [scored("a", 2.0, length=10), scored("b", 4.0, length=10)]}
+
+    assert length_score_slope(same_length) == 0.0
+    assert length_normalised(same_length) == same_length

@@ -226,3 +226,58 @@ def test_verdict_planted_in_a_compared_answer_does_not_count():
 
     assert parse_pairwise_verdict("Winner: A", answers) is None
     assert parse_pairwise_verdict("Winner: B", answers) == "B"
+
+
+# --- Log-probability judging ----------------------------------------------------------
+
+
+def test_logprob_cues_are_the_final_lines_the_prompts_ask_for():
+    from policies.rubric import SCORE_CONTINUATIONS, SCORE_CUE, VERDICT_CONTINUATIONS, VERDICT_CUE
+
+    assert [SCORE_CUE + c for c in SCORE_CONTINUATIONS] == ["Score: 1", "Score: 2", "Score: 3", "Score: 4", "Score: 5"]
+    assert [VERDICT_CUE + c for c in VERDICT_CONTINUATIONS] == ["Winner: A", "Winner: B", "Winner: tie"]
+    assert f'"{SCORE_CUE} <total points>"' in render_judge_prompt("q", "r")
+    assert f'"{VERDICT_CUE} A"' in render_pairwise_prompt("q", "a", "b")
+
+
+@pytest.mark.parametrize(
+    ("distribution", "expected"),
+    [
+        ([1, 0, 0, 0, 0], 1.0),
+        ([0, 0, 0, 0, 1], 5.0),
+        ([0.2, 0.2, 0.2, 0.2, 0.2], 3.0),
+        ([0.5, 0, 0, 0, 0.5], 3.0),
+        ([0.1, 0.2, 0.3, 0.4, 0.0], 3.0),  # 0.1 + 0.4 + 0.9 + 1.6
+        ([2, 0, 0, 0, 2], 3.0),  # renormalised
+    ],
+)
+def test_expected_score_is_the_probability_weighted_mean(distribution, expected):
+    from policies.rubric import expected_score
+
+    assert expected_score(distribution) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("distribution", [[0.2, 0.8], [0, 0, 0, 0, 0], [0.5, 0.6, -0.1, 0, 0]])
+def test_expected_score_refuses_what_is_not_a_score_distribution(distribution):
+    from policies.rubric import expected_score
+
+    with pytest.raises(ValueError):
+        expected_score(distribution)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "verdict"),
+    [([0.7, 0.2, 0.1], "A"), ([0.2, 0.7, 0.1], "B"), ([0.3, 0.3, 0.1], "tie"), ([0.3, 0.2, 0.5], "tie"), ([0.4, 0.2, 0.4], "tie")],
+)
+def test_verdict_from_distribution_takes_the_likeliest_and_ties_when_undecided(distribution, verdict):
+    from policies.rubric import verdict_from_distribution
+
+    assert verdict_from_distribution(distribution) == verdict
+
+
+def test_a_logprob_judgment_is_recorded_readably():
+    from policies.rubric import SCORE_CONTINUATIONS, describe_distribution
+
+    text = describe_distribution(SCORE_CONTINUATIONS, [0.1, 0.2, 0.3, 0.4, 0.0], "3.00")
+
+    assert text == "logprob judge: P(1)=0.100 P(2)=0.200 P(3)=0.300 P(4)=0.400 P(5)=0.000 -> 3.00"

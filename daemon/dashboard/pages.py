@@ -1,0 +1,108 @@
+"""Template contexts: the view data of daemon.views turned into what the pages show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from markupsafe import Markup
+from sqlalchemy.orm import Session
+
+from daemon import views
+from daemon.config import Settings
+from daemon.dashboard.charts import Series, bar_chart, line_chart, stacked_bar_chart
+from daemon.dashboard.graph import REJECTED, render_lineage_svg
+from daemon.db.models import Event
+from workers.stages import STAGE_ORDER
+
+STAGE_LABELS = {
+    "generate_prompts": "prompts", "respond": "respond", "judge": "judge", "build_pairs": "pairs",
+    "steerlm_sft": "SteerLM SFT", "genarm_train": "GenARM RM", "dpo_update": "DPO", "evaluate_gate": "gate",
+}
+
+
+def _iteration_charts(iterations: list[dict[str, Any]], settings: Settings) -> dict[str, Markup]:
+    labels = [str(it["iteration"]) for it in iterations]
+    gates = [it["gate"] or {} for it in iterations]
+    threshold = settings.gate.min_win_rate_lower_bound
+    histogram_keys = [*map(str, views.SCORE_BUCKETS), views.UNPARSEABLE]
+    return {
+        "win_rate": line_chart(
+            "Gate win rate (whisker: Wilson lower bound)", labels, [Series("win rate", [g.get("win_rate") for g in gates])],
+            chart_id="chart-win-rate", lower=[g.get("win_rate_lower_bound") for g in gates],
+            reference=(threshold, f"gate threshold: lower bound must exceed {threshold}"), y_min=0.0, y_max=1.0,
+        ),
+        "scores": stacked_bar_chart(
+            "Judge-score distribution (judgments per score)", labels,
+            [Series(f"score {k}" if k != views.UNPARSEABLE else k, [it["score_histogram"][k] for it in iterations]) for k in histogram_keys],
+            chart_id="chart-scores",
+        ),
+        "training": line_chart(
+            "DPO training (mean over logged steps)", labels,
+            [Series("loss", [it["training"]["loss"] for it in iterations]), Series("reward margin", [it["training"]["reward_margin"] for it in iterations])],
+            chart_id="chart-training",
+        ),
+        "length": line_chart(
+            "Mean response length", labels, [Series("tokens", [it["mean_response_tokens"] for it in iterations])],
+            chart_id="chart-length", unit="",
+        ),
+        "stages": stacked_bar_chart(
+            "Stage durations", labels,
+            [Series(STAGE_LABELS[s], [(it["stages"].get(s) or {}).get("seconds") for it in iterations]) for s in STAGE_ORDER
+             if any(s in it["stages"] for it in iterations)],
+            chart_id="chart-stages", unit="s",
+        ),
+    }
+
+
+def _notice(session: Session, done: int | None, unchanged: str | None) -> str | None:
+    if unchanged:
+        return f"{unchanged}: nothing to change"
+    event = session.get(Event, done) if done else None
+    if event is None:
+        return None
+    target = f" {event.checkpoint_id}" if event.checkpoint_id else ""
+    previous = f" (was {event.previous_checkpoint_id})" if event.previous_checkpoint_id else ""
+    return f"done: {event.kind}{target}{previous} by {event.actor}"
+
+
+def overview_context(session: Session, settings: Settings, window: int, done: int | None, unchanged: str | None) -> dict[str, Any]:
+    status = views.status_view(session)
+    graph = views.lineage_graph(session)
+    iterations = views.recent_iterations(session, window)
+    promotable = [n for n in reversed(graph["nodes"]) if n["status"] != REJECTED and n["id"] != status["champion"]]
+    return {
+        "status": status,
+        "graph_svg": render_lineage_svg(graph["nodes"], graph["champion"]),
+        "graph_truncated": graph["truncated"],
+        "promotable": promotable,
+        "charts": _iteration_charts(iterations, settings),
+        "iterations": list(reversed(iterations))[:25],
+        "events": views.recent_events(session, 50),
+        "notice": _notice(session, done, unchanged),
+        "window": window,
+        "stage_labels": STAGE_LABELS,
+    }
+
+
+def iteration_context(session: Session, iteration_id: int) -> dict[str, Any]:
+    detail = views.iteration_detail(session, iteration_id)
+    histogram = detail["score_histogram"]
+    steps = detail["training_log"]
+    step_labels = [str(s["step"]) for s in steps]
+    stage_names = [s for s in STAGE_ORDER if s in detail["stages"]]
+    return {
+        "it": detail,
+        "charts": {
+            "scores": bar_chart("Judge scores", list(histogram), list(histogram.values()), chart_id="chart-iteration-scores"),
+            "training": line_chart(
+                "DPO training log (per step)", step_labels,
+                [Series("loss", [s["loss"] for s in steps]), Series("reward margin", [s["reward_margin"] for s in steps])],
+                chart_id="chart-iteration-training",
+            ),
+            "stages": bar_chart(
+                "Stage durations", [STAGE_LABELS[s] for s in stage_names],
+                [detail["stages"][s]["seconds"] or 0.0 for s in stage_names], chart_id="chart-iteration-stages", unit="s",
+            ),
+        },
+        "stage_labels": STAGE_LABELS,
+    }

@@ -1,0 +1,111 @@
+"""The served model follows the lineage DB's champion pointer.
+
+A background thread polls the pointer. When it changes (a promotion, a rollback), the new
+checkpoint is verified and loaded beside the old one, then swapped in with one reference
+assignment: a request holds the :class:`ServedModel` it started with, so requests in flight finish
+on the old model, and the old model is freed when the last of them lets go. A checkpoint that fails
+to load is remembered and not retried until the pointer moves again; the old model keeps serving
+and the error is reported on ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.db import lineage
+from daemon.config import Settings
+from workers.runtime import ModelRuntime
+
+log = structlog.get_logger(__name__)
+
+Loader = Callable[[str], ModelRuntime]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    checkpoint_id: str
+    path: str
+    runtime: ModelRuntime
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class SwapFailure:
+    checkpoint_id: str
+    error: str
+    at: float
+
+
+def load_verified(settings: Settings, path: str, device: str | None = None) -> ModelRuntime:
+    """Load a checkpoint for serving: fetched if remote, and a kaizen checkpoint must match its manifest."""
+    from workers.artifacts import model_path_for_loading
+
+    return ModelRuntime.load(model_path_for_loading(settings, path), device=device)
+
+
+class ChampionWatcher:
+    def __init__(self, sessions: sessionmaker[Session], *, loader: Loader, poll_seconds: float = 1.0) -> None:
+        self.sessions = sessions
+        self.loader = loader
+        self.poll_seconds = poll_seconds
+        self.current: ServedModel | None = None
+        self.last_failure: SwapFailure | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refresh_lock = threading.Lock()
+
+    def _pointer(self) -> tuple[str, str] | None:
+        with self.sessions() as session:
+            champion = lineage.current_champion(session)
+            return (champion.id, champion.path) if champion else None
+
+    def refresh(self) -> bool:
+        """Check the pointer once; load and swap if it moved. True when a new model was swapped in."""
+        with self._refresh_lock:
+            pointer = self._pointer()
+            if pointer is None:
+                return False
+            checkpoint_id, path = pointer
+            if self.current is not None and self.current.checkpoint_id == checkpoint_id:
+                return False
+            if self.last_failure is not None and self.last_failure.checkpoint_id == checkpoint_id:
+                return False
+            return self._swap_to(checkpoint_id, path)
+
+    def _swap_to(self, checkpoint_id: str, path: str) -> bool:
+        previous = self.current.checkpoint_id if self.current else None
+        started = time.perf_counter()
+        try:
+            runtime = self.loader(path)
+        except Exception as exc:  # noqa: BLE001 - any load failure must leave the old model serving
+            self.last_failure = SwapFailure(checkpoint_id, f"{type(exc).__name__}: {exc}", time.time())
+            log.error("serve.swap_failed", checkpoint_id=checkpoint_id, path=path, error=self.last_failure.error, still_serving=previous)
+            return False
+        self.current = ServedModel(checkpoint_id, path, runtime, time.time())
+        self.last_failure = None
+        log.info("serve.swapped", checkpoint_id=checkpoint_id, previous=previous, load_seconds=round(time.perf_counter() - started, 3))
+        return True
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="champion-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill the watcher
+                log.warning("serve.pointer_check_failed", error=str(exc))

@@ -1,0 +1,525 @@
+"""SteerLM on the loop's own data: label responses with attribute values, then attribute-conditioned SFT.
+
+1. :func:`label_attributes` asks the model (the iteration's parent checkpoint) to rate each
+   (prompt, response) on every SteerLM attribute with ``policies.steerlm``'s rubric, K samples
+   per response, parsed injection-proof and combined per attribute (rounded mean of the samples
+   that parsed). A response with any attribute left unlabelled is not trained on: labels are
+   never imputed.
+2. :func:`sft_attribute_conditioned` fine-tunes a PEFT LoRA adapter with TRL ``SFTTrainer`` on
+   (prompt, response, attributes) triples. Each example is TRL's conversational
+   *prompt-completion* format::
+
+       {"prompt": steerlm_messages([{"role": "user", "content": prompt}], attributes),
+        "completion": [{"role": "assistant", "content": response}]}
+
+   so the attribute string sits in the system message exactly as ``steerlm_messages`` puts it at
+   inference, the chat template renders both, and the loss covers only the completion (the
+   rendered assistant turn including its end marker, so the model also learns where to stop).
+   The adapter is merged and the merged model written atomically with
+   ``workers.checkpoints.write_checkpoint`` (reloaded logits checked against the in-memory model
+   before commit, as in ``workers.training``).
+3. :func:`steerlm_sft` is the stage: label the iteration's responses, SFT the parent checkpoint on
+   the labelled ones, register the result as a checkpoint. It takes a :class:`SteerLMSettings`
+   (bind it with ``functools.partial``); it is not in ``STAGE_ORDER``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.db.models import Checkpoint, CheckpointStatus, Prompt, Response
+from policies.steerlm import (
+    ATTRIBUTES,
+    MAX_VALUE,
+    MIN_VALUE,
+    AttributeParse,
+    attribute_string,
+    combine_attribute_parses,
+    parse_attribute_labels,
+    render_attribute_rubric_prompt,
+    steerlm_messages,
+)
+from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers.runtime import ModelRuntime
+from workers.stage_runner import StageContext, StageOutput
+from workers.training import ADAPTER_SUBDIR, _has_chat_template, _probe_logits, _progress_bars
+
+__all__ = [
+    "CHECKPOINT_KIND",
+    "SteerExample",
+    "SteerLMSettings",
+    "SteerTrainResult",
+    "label_attributes",
+    "sft_attribute_conditioned",
+    "sft_lora_update",
+    "steerlm_checkpoint_id",
+    "steerlm_sft",
+]
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_KIND = "steerlm_sft_lora_merged"
+STAGE_NAME = "steerlm_sft"
+_PROBE_ATOL = 1e-4
+# Keeps this stage's sampling seed apart from the seeds of the stages in STAGE_ORDER.
+_SEED_OFFSET = 7919
+
+
+@dataclass(frozen=True)
+class SteerLMSettings:
+    """Labelling and SFT settings of the SteerLM stage (the coordinator maps config onto these)."""
+
+    # SFT + LoRA
+    learning_rate: float = 5e-4
+    lr_scheduler_type: str = "linear"  # any transformers scheduler name: "linear", "constant", "cosine", ...
+    epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    max_length: int = 1024
+    seed: int | None = None  # None: derived from the config seed and the iteration, like other stages
+    # Labelling
+    judge_samples: int = 2
+    judge_max_new_tokens: int = 160
+    judge_temperature: float = 0.7
+    judge_top_p: float = 0.95
+    response_kinds: tuple[str, ...] | None = None  # None: every response of the iteration (RLCD ones too)
+    min_examples: int = 1  # fewer fully labelled responses than this skips training
+    # Lineage: make the SteerLM checkpoint the iteration's candidate for the gate.
+    register_as_candidate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.judge_samples < 1:
+            raise ValueError(f"judge_samples must be >= 1, got {self.judge_samples}")
+        if self.min_examples < 1:
+            raise ValueError(f"min_examples must be >= 1, got {self.min_examples}")
+
+
+@dataclass(frozen=True)
+class SteerExample:
+    """One SFT triple. ``prompt``: a str (one user turn) or chat messages without the attribute line."""
+
+    prompt: str | Sequence[Mapping[str, str]]
+    response: str
+    attributes: Mapping[str, int]
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in self.prompt]
+
+
+@dataclass
+class SteerTrainResult:
+    checkpoint_path: str
+    adapter_path: str
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]]
+    train_seconds: float
+    num_examples: int
+    reused: bool = False  # out_dir already held this checkpoint; no training ran
+
+
+# --------------------------------------------------------------------------- labelling
+
+
+def label_attributes(
+    runtime: ModelRuntime,
+    items: Sequence[tuple[str, str]],
+    *,
+    samples: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    batch_size: int = 16,
+) -> list[AttributeParse]:
+    """Attribute labels for each (instruction, response), from ``samples`` judge samples each.
+
+    The result has one :class:`AttributeParse` per item, in order: the per-attribute rounded
+    mean of the samples that labelled it, and for every other attribute the samples' reasons.
+    """
+    if not items:
+        return []
+    requests = [
+        runtime.render_chat([{"role": "user", "content": render_attribute_rubric_prompt(instruction, response)}])
+        for instruction, response in items
+    ]
+    outputs = runtime.generate(
+        requests,
+        num_samples=samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [
+        combine_attribute_parses([parse_attribute_labels(g.text, response) for g in generations])
+        for (_, response), generations in zip(items, outputs, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def _conversational_records(examples: Sequence[SteerExample]) -> list[dict[str, Any]]:
+    records = []
+    for ex in examples:
+        attribute_string(ex.attributes)  # a training label must be complete: raises on missing/invalid values
+        records.append(
+            {
+                "prompt": steerlm_messages(ex.prompt_messages(), ex.attributes),
+                "completion": [{"role": "assistant", "content": ex.response}],
+            }
+        )
+    return records
+
+
+def _plain_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Same layout as ModelRuntime.render_chat's fallback for tokenizers without a chat template.
+    out = []
+    for record in records:
+        lines = [f"{str(m['role']).capitalize()}: {m['content']}" for m in record["prompt"]]
+        out.append({"prompt": "\n".join([*lines, "Assistant:"]), "completion": " " + record["completion"][0]["content"]})
+    return out
+
+
+def sft_attribute_conditioned(
+    base_model_path: str,
+    examples: Sequence[SteerExample],
+    out_dir: Path,
+    settings: SteerLMSettings,
+    *,
+    log_callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> SteerTrainResult:
+    """SFT ``base_model_path`` on attribute-conditioned examples; write the merged model to ``out_dir``.
+
+    Every example needs all attributes (``ValueError`` otherwise). The manifest metadata records
+    the attribute set and the conditioning prefix, so a server can tell a SteerLM checkpoint apart.
+    """
+    if not examples:
+        raise ValueError("sft_attribute_conditioned needs at least one example")
+    records = _conversational_records(examples)
+    return sft_lora_update(
+        base_model_path,
+        records,
+        out_dir,
+        settings,
+        kind=CHECKPOINT_KIND,
+        extra_metadata={
+            "steerlm": {
+                "attributes": list(ATTRIBUTES),
+                "min_value": MIN_VALUE,
+                "max_value": MAX_VALUE,
+                "conditioning": "policies.steerlm.steerlm_messages",
+            }
+        },
+        log_callback=log_callback,
+        progress=progress,
+    )
+
+
+def sft_lora_update(
+    base_model_path: str,
+    records: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    settings: SteerLMSettings,
+    *,
+    kind: str,
+    extra_metadata: Mapping[str, Any] | None = None,
+    log_callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> SteerTrainResult:
+    """Generic SFT + LoRA on TRL conversational prompt-completion records; merged, checked, written atomically.
+
+    ``records``: ``{"prompt": [messages], "completion": [{"role": "assistant", ...}]}``. If
+    ``out_dir`` already holds a checkpoint of the same ``kind`` and parent, it is returned
+    unchanged (``reused=True``); another checkpoint there raises ``CheckpointError``.
+    """
+    out = Path(out_dir)
+    if not records:
+        raise ValueError("sft_lora_update needs at least one record")
+    if (out / "manifest.json").exists():
+        verify_checkpoint(out)
+        return _reused_result(out, base_model_path, kind)
+    with _progress_bars(progress):
+        return _train(base_model_path, list(records), out, settings, kind, dict(extra_metadata or {}), log_callback, progress)
+
+
+def _reused_result(out: Path, base_model_path: str, kind: str) -> SteerTrainResult:
+    meta = read_manifest(out).metadata
+    if meta.get("kind") != kind or meta.get("parent") != str(base_model_path):
+        raise CheckpointError(
+            f"{out} already holds a different checkpoint (kind={meta.get('kind')!r}, parent={meta.get('parent')!r}); "
+            f"refusing to reuse it for a {kind} of {base_model_path!r}"
+        )
+    return SteerTrainResult(
+        checkpoint_path=str(out),
+        adapter_path=str(out / ADAPTER_SUBDIR),
+        metrics=dict(meta.get("metrics", {})),
+        log_history=list(meta.get("log_history", [])),
+        train_seconds=float(meta.get("train_seconds", 0.0)),
+        num_examples=int(meta.get("num_examples", 0)),
+        reused=True,
+    )
+
+
+def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
+    steps = [e for e in history if "loss" in e]
+    metrics: dict[str, float] = {"steps": float(len(steps))}
+    if steps:
+        metrics["first_loss"] = float(steps[0]["loss"])
+        metrics["loss"] = float(steps[-1]["loss"])
+        accuracies = [float(e["mean_token_accuracy"]) for e in steps if "mean_token_accuracy" in e]
+        if accuracies:
+            metrics["final_mean_token_accuracy"] = accuracies[-1]
+    for entry in history:
+        if "train_loss" in entry:
+            metrics["train_loss"] = float(entry["train_loss"])
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _train(
+    base_model_path: str,
+    records: list[Mapping[str, Any]],
+    out: Path,
+    settings: SteerLMSettings,
+    kind: str,
+    extra_metadata: dict[str, Any],
+    log_callback: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+) -> SteerTrainResult:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    use_cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
+    # fp32 master weights so the adapter merges into an fp32 base; bf16 only as autocast on a GPU.
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    rows = [dict(r) for r in records] if _has_chat_template(tokenizer) else _plain_records([dict(r) for r in records])
+    dataset = Dataset.from_list(rows)
+    targets = settings.lora_target_modules
+    peft_config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+    class _Forward(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and log_callback is not None:
+                log_callback(dict(logs, step=state.global_step))
+
+    seed = settings.seed if settings.seed is not None else 0
+    with tempfile.TemporaryDirectory(prefix="kaizen-steerlm-") as scratch:
+        config = SFTConfig(
+            output_dir=scratch,  # nothing is saved here (save_strategy="no"); write_checkpoint commits
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type=settings.lr_scheduler_type,
+            num_train_epochs=settings.epochs,
+            max_steps=settings.max_steps,
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            max_length=settings.max_length,
+            completion_only_loss=True,  # learn the answer given the attributes, not the prompt
+            seed=seed,
+            data_seed=seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not use_cuda,
+            bf16=use_cuda and torch.cuda.is_bf16_supported(),
+            fp16=False,
+            activation_checkpointing=use_cuda,  # memory for compute: worth it on a GPU, overhead on CPU
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+            dataset_num_proc=None,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_Forward()],
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        history = [dict(e) for e in trainer.state.log_history]
+
+    metrics = _summarise(history)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    peft_model.eval()
+    metadata = {
+        "kind": kind,
+        "parent": str(base_model_path),
+        "num_examples": len(records),
+        "settings": _jsonable_settings(settings),
+        "metrics": metrics,
+        "log_history": history,
+        "train_seconds": train_seconds,
+        **extra_metadata,
+    }
+
+    def write_fn(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)  # before merge removes LoRA
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        # What is on disk must be the model we trained, or nothing is committed.
+        expected = _probe_logits(merged, tokenizer)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        reloaded.to(next(merged.parameters()).device)
+        actual = _probe_logits(reloaded, tokenizer)
+        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=_PROBE_ATOL):
+            diff = (expected - actual).abs().max().item() if expected.shape == actual.shape else float("nan")
+            raise CheckpointError(
+                f"saved merged model at {tmp} does not reproduce the in-memory merged model "
+                f"(max |Δlogit| = {diff:.3g} > {_PROBE_ATOL})"
+            )
+
+    path = write_checkpoint(out, write_fn, metadata)
+    log.info("steerlm.sft_done", checkpoint=str(path), examples=len(records), seconds=round(train_seconds, 3), **metrics)
+    return SteerTrainResult(
+        checkpoint_path=str(path),
+        adapter_path=str(path / ADAPTER_SUBDIR),
+        metrics=metrics,
+        log_history=history,
+        train_seconds=train_seconds,
+        num_examples=len(records),
+    )
+
+
+def _jsonable_settings(settings: SteerLMSettings) -> dict[str, Any]:
+    raw = dataclasses.asdict(settings)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def steerlm_checkpoint_id(iteration_id: int) -> str:
+    """The SteerLM checkpoint of an iteration; fixed per iteration so a re-run reuses it."""
+    return f"ckpt-{iteration_id:04d}-steerlm"
+
+
+def _stage_seed(ctx: StageContext) -> int:
+    return (ctx.settings.seed * 1_000_003 + ctx.iteration_id * 101 + _SEED_OFFSET) % (2**31)
+
+
+def _labelled_rows(ctx: StageContext, kinds: tuple[str, ...] | None):
+    query = (
+        select(Response.id, Response.text, Prompt.text)
+        .join(Prompt, Prompt.id == Response.prompt_id)
+        .where(Response.iteration_id == ctx.iteration_id)
+        .order_by(Response.id)
+    )
+    if kinds is not None:
+        query = query.where(Response.kind.in_(kinds))
+    with ctx.sessions() as session:
+        return session.execute(query).all()
+
+
+def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> StageOutput:
+    """Label the iteration's responses with the parent checkpoint, then SteerLM-SFT the parent on them.
+
+    Writes a ``candidate`` checkpoint row ``ckpt-NNNN-steerlm`` whose parent is the iteration's
+    parent checkpoint (and, with ``register_as_candidate``, makes it the iteration's candidate).
+    The stage result records, per response id, the attribute string it was trained with, and
+    per attribute how many responses could not be labelled. Too few fully labelled responses
+    (``min_examples``) skip training with the reason in the result.
+    """
+    # Imported here: workers.stages may register this stage, and importing it at module level would be circular.
+    from workers.stages import _jsonable, _parent_checkpoint, _runtime_for
+
+    s = settings or SteerLMSettings()
+    seed = s.seed if s.seed is not None else _stage_seed(ctx)
+    with ctx.sessions() as session:
+        parent = _parent_checkpoint(ctx, session)
+        parent_path = parent.path
+    rows = _labelled_rows(ctx, s.response_kinds)
+    runtime = _runtime_for(ctx, parent_path)
+    parses = label_attributes(
+        runtime,
+        [(prompt, text) for _, text, prompt in rows],
+        samples=s.judge_samples,
+        seed=seed,
+        max_new_tokens=s.judge_max_new_tokens,
+        temperature=s.judge_temperature,
+        top_p=s.judge_top_p,
+        batch_size=ctx.settings.generation.batch_size,
+    )
+    examples = [
+        (response_id, SteerExample(prompt, text, parse.labels))
+        for (response_id, text, prompt), parse in zip(rows, parses, strict=True)
+        if parse.complete
+    ]
+    failures = Counter(name for parse in parses for name in parse.failures)
+    summary: dict[str, Any] = {
+        "responses": len(rows),
+        "labelled": len(examples),
+        "unlabelled": len(rows) - len(examples),
+        "label_failures": {name: failures[name] for name in ATTRIBUTES if failures[name]},
+        "labels": {str(rid): attribute_string(ex.attributes) for rid, ex in examples},
+    }
+    log.info("steerlm.labelled", iteration_id=ctx.iteration_id, **{k: v for k, v in summary.items() if k != "labels"})
+    if len(examples) < s.min_examples:
+        return StageOutput({**summary, "skipped": f"{len(examples)} fully labelled responses, fewer than min_examples={s.min_examples}"})
+
+    checkpoint_id = steerlm_checkpoint_id(ctx.iteration_id)
+    out_dir = ctx.settings.artifacts_dir / "checkpoints" / checkpoint_id
+    trained = sft_attribute_conditioned(parent_path, [ex for _, ex in examples], out_dir, dataclasses.replace(s, seed=seed))
+
+    def write(session: Session) -> dict[str, Any]:
+        parent_row = _parent_checkpoint(ctx, session)
+        # A re-run must not reset the status the gate or an operator gave the checkpoint since.
+        if session.get(Checkpoint, checkpoint_id) is None:
+            session.add(
+                Checkpoint(
+                    id=checkpoint_id, parent_id=parent_row.id, base_model=parent_row.base_model,
+                    path=str(trained.checkpoint_path), adapter_path=str(trained.adapter_path),
+                    status=CheckpointStatus.candidate, created_iteration_id=ctx.iteration_id,
+                    metrics=_jsonable(trained.metrics),
+                )
+            )
+            session.flush()
+        if s.register_as_candidate:
+            ctx.iteration(session).candidate_checkpoint_id = checkpoint_id
+        return {}
+
+    result = {
+        **summary,
+        "checkpoint_id": checkpoint_id,
+        "examples": trained.num_examples,
+        "train_seconds": round(trained.train_seconds, 3),
+        **_jsonable(trained.metrics),
+    }
+    return StageOutput(result, write)
