@@ -146,18 +146,24 @@ def _refuse_if_paused(sessions: Any) -> None:
 
 @app.command()
 def status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Champion, running iteration and the last decision."""
+    """Champion, running iteration, pause state and iteration tallies."""
+    from sqlalchemy.exc import DBAPIError
+
     from daemon.bootstrap import open_lineage
-    from daemon.views import lineage_view
+    from daemon.views import status_view
 
     settings = _settings(config, data_dir)
-    view = _load_view(settings, open_lineage, lineage_view)
-    running = [i for i in view["iterations"] if i["status"] == "running"]
-    console.print(f"champion: {view['champion']}")
-    console.print(f"iterations: {len(view['iterations'])}" + (f" (running: {running[0]['iteration']})" if running else ""))
-    if view["iterations"]:
-        last = view["iterations"][-1]
-        console.print(f"last iteration {last['iteration']}: {last['status']}, decision {last['decision']}")
+    try:
+        view = _load_view(settings, open_lineage, status_view)
+    except DBAPIError as exc:
+        raise _fail(f"cannot read the lineage DB ({exc.orig}); if it predates this version, `kaizen init` migrates it") from None
+    console.print(f"champion: {view['champion']}" + (f" (rollback would restore {view['rollback_target']})" if view["rollback_target"] else ""))
+    if view["paused"]:
+        console.print(f"[yellow]paused[/] by {view['paused_by']} at {view['paused_at']}" + (f": {view['pause_reason']}" if view["pause_reason"] else ""))
+    running = view["running_iteration"]
+    console.print("iterations: " + ", ".join(f"{n} {k}" for k, n in view["iterations_by_status"].items()) + (f" (running: {running})" if running else ""))
+    if view["iterations_by_decision"]:
+        console.print("decisions: " + ", ".join(f"{n} {k}" for k, n in sorted(view["iterations_by_decision"].items())))
 
 
 def _load_view(settings: Settings, open_lineage: Any, view_fn: Any) -> dict[str, Any]:

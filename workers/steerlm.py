@@ -17,7 +17,7 @@
    rendered assistant turn including its end marker, so the model also learns where to stop).
    The adapter is merged and the merged model written atomically with
    ``workers.checkpoints.write_checkpoint`` (reloaded logits checked against the in-memory model
-   before commit, as in ``workers.training``).
+   before commit, the plumbing shared with ``workers.training`` in ``workers.lora_training``).
 3. :func:`steerlm_sft` is the stage: label the iteration's responses, SFT the parent checkpoint on
    the labelled ones, register the result as a checkpoint. It takes a :class:`SteerLMSettings`
    (bind it with ``functools.partial``); it is not in ``STAGE_ORDER``.
@@ -26,9 +26,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -52,10 +48,9 @@ from policies.steerlm import (
     render_attribute_rubric_prompt,
     steerlm_messages,
 )
-from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers import lora_training as lora
 from workers.runtime import ModelRuntime
 from workers.stage_runner import StageContext, StageOutput
-from workers.training import ADAPTER_SUBDIR, _has_chat_template, _probe_logits, _progress_bars
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -73,7 +68,6 @@ log = structlog.get_logger(__name__)
 
 CHECKPOINT_KIND = "steerlm_sft_lora_merged"
 STAGE_NAME = "steerlm_sft"
-_PROBE_ATOL = 1e-4
 # Keeps this stage's sampling seed apart from the seeds of the stages in STAGE_ORDER.
 _SEED_OFFSET = 7919
 
@@ -113,28 +107,17 @@ class SteerLMSettings:
 
 
 @dataclass(frozen=True)
-class SteerExample:
+class SteerExample(lora.ChatPrompt):
     """One SFT triple. ``prompt``: a str (one user turn) or chat messages without the attribute line."""
 
     prompt: str | Sequence[Mapping[str, str]]
     response: str
     attributes: Mapping[str, int]
 
-    def prompt_messages(self) -> list[dict[str, str]]:
-        if isinstance(self.prompt, str):
-            return [{"role": "user", "content": self.prompt}]
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in self.prompt]
-
 
 @dataclass
-class SteerTrainResult:
-    checkpoint_path: str
-    adapter_path: str
-    metrics: dict[str, float]
-    log_history: list[dict[str, Any]]
-    train_seconds: float
-    num_examples: int
-    reused: bool = False  # out_dir already held this checkpoint; no training ran
+class SteerTrainResult(lora.TrainResult):
+    num_examples: int = dataclasses.field(kw_only=True)
 
 
 # --------------------------------------------------------------------------- labelling
@@ -258,44 +241,25 @@ def sft_lora_update(
     out = Path(out_dir)
     if not records:
         raise ValueError("sft_lora_update needs at least one record")
-    if (out / "manifest.json").exists():
-        verify_checkpoint(out)
-        return _reused_result(out, base_model_path, kind)
-    with _progress_bars(progress):
+    existing = lora.existing_checkpoint(out, base_model_path, kind)
+    if existing is not None:
+        return SteerTrainResult.from_checkpoint(
+            out, existing, reused=True, num_examples=int(existing.get("num_examples", 0))
+        )
+    with lora.progress_bars(progress):
         return _train(base_model_path, list(records), out, settings, kind, dict(extra_metadata or {}), log_callback, progress)
 
 
-def _reused_result(out: Path, base_model_path: str, kind: str) -> SteerTrainResult:
-    meta = read_manifest(out).metadata
-    if meta.get("kind") != kind or meta.get("parent") != str(base_model_path):
-        raise CheckpointError(
-            f"{out} already holds a different checkpoint (kind={meta.get('kind')!r}, parent={meta.get('parent')!r}); "
-            f"refusing to reuse it for a {kind} of {base_model_path!r}"
-        )
-    return SteerTrainResult(
-        checkpoint_path=str(out),
-        adapter_path=str(out / ADAPTER_SUBDIR),
-        metrics=dict(meta.get("metrics", {})),
-        log_history=list(meta.get("log_history", [])),
-        train_seconds=float(meta.get("train_seconds", 0.0)),
-        num_examples=int(meta.get("num_examples", 0)),
-        reused=True,
-    )
+def _sft_metrics(steps: list[dict[str, Any]]) -> dict[str, float]:
+    metrics = {"first_loss": float(steps[0]["loss"])}
+    accuracies = [float(e["mean_token_accuracy"]) for e in steps if "mean_token_accuracy" in e]
+    if accuracies:
+        metrics["final_mean_token_accuracy"] = accuracies[-1]
+    return metrics
 
 
 def _summarise(history: list[dict[str, Any]]) -> dict[str, float]:
-    steps = [e for e in history if "loss" in e]
-    metrics: dict[str, float] = {"steps": float(len(steps))}
-    if steps:
-        metrics["first_loss"] = float(steps[0]["loss"])
-        metrics["loss"] = float(steps[-1]["loss"])
-        accuracies = [float(e["mean_token_accuracy"]) for e in steps if "mean_token_accuracy" in e]
-        if accuracies:
-            metrics["final_mean_token_accuracy"] = accuracies[-1]
-    for entry in history:
-        if "train_loss" in entry:
-            metrics["train_loss"] = float(entry["train_loss"])
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    return lora.summarise_history(history, step_metrics=_sft_metrics)
 
 
 def _train(
@@ -308,119 +272,36 @@ def _train(
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
 ) -> SteerTrainResult:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    use_cuda = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
-    # fp32 master weights so the adapter merges into an fp32 base; bf16 only as autocast on a GPU.
-    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
-    rows = [dict(r) for r in records] if _has_chat_template(tokenizer) else _plain_records([dict(r) for r in records])
-    dataset = Dataset.from_list(rows)
-    targets = settings.lora_target_modules
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=targets if isinstance(targets, str) else list(targets),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    def dataset_rows(tokenizer) -> list[dict[str, Any]]:
+        rows = [dict(r) for r in records]
+        return rows if lora.has_chat_template(tokenizer) else _plain_records(rows)
 
-    class _Forward(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is not None and log_callback is not None:
-                log_callback(dict(logs, step=state.global_step))
-
-    seed = settings.seed if settings.seed is not None else 0
-    with tempfile.TemporaryDirectory(prefix="kaizen-steerlm-") as scratch:
-        config = SFTConfig(
-            output_dir=scratch,  # nothing is saved here (save_strategy="no"); write_checkpoint commits
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type=settings.lr_scheduler_type,
-            num_train_epochs=settings.epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            max_length=settings.max_length,
-            completion_only_loss=True,  # learn the answer given the attributes, not the prompt
-            seed=seed,
-            data_seed=seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=not use_cuda,
-            bf16=use_cuda and torch.cuda.is_bf16_supported(),
-            fp16=False,
-            activation_checkpointing=use_cuda,  # memory for compute: worth it on a GPU, overhead on CPU
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
-            dataset_num_proc=None,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_Forward()],
-        )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        history = [dict(e) for e in trainer.state.log_history]
-
-    metrics = _summarise(history)
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    peft_model.eval()
-    metadata = {
-        "kind": kind,
-        "parent": str(base_model_path),
-        "num_examples": len(records),
-        "settings": _jsonable_settings(settings),
-        "metrics": metrics,
-        "log_history": history,
-        "train_seconds": train_seconds,
-        **extra_metadata,
-    }
-
-    def write_fn(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)  # before merge removes LoRA
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        # What is on disk must be the model we trained, or nothing is committed.
-        expected = _probe_logits(merged, tokenizer)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
-        reloaded.to(next(merged.parameters()).device)
-        actual = _probe_logits(reloaded, tokenizer)
-        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=_PROBE_ATOL):
-            diff = (expected - actual).abs().max().item() if expected.shape == actual.shape else float("nan")
-            raise CheckpointError(
-                f"saved merged model at {tmp} does not reproduce the in-memory merged model "
-                f"(max |Δlogit| = {diff:.3g} > {_PROBE_ATOL})"
-            )
-
-    path = write_checkpoint(out, write_fn, metadata)
-    log.info("steerlm.sft_done", checkpoint=str(path), examples=len(records), seconds=round(train_seconds, 3), **metrics)
-    return SteerTrainResult(
-        checkpoint_path=str(path),
-        adapter_path=str(path / ADAPTER_SUBDIR),
-        metrics=metrics,
-        log_history=history,
-        train_seconds=train_seconds,
+    path, metadata = lora.train_lora_checkpoint(
+        base_model_path,
+        out,
+        settings,
+        kind=kind,
+        trainer_cls=SFTTrainer,
+        config_cls=SFTConfig,
+        config_kwargs={
+            "lr_scheduler_type": settings.lr_scheduler_type,
+            "completion_only_loss": True,  # learn the answer given the attributes, not the prompt
+        },
+        rows=dataset_rows,
         num_examples=len(records),
+        summarise=_summarise,
+        seed=settings.seed if settings.seed is not None else 0,
+        scratch_prefix="kaizen-steerlm-",
+        log_callback=log_callback,
+        progress=progress,
+        extra_metadata=extra_metadata,
     )
-
-
-def _jsonable_settings(settings: SteerLMSettings) -> dict[str, Any]:
-    raw = dataclasses.asdict(settings)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+    metrics = metadata["metrics"]
+    seconds = round(metadata["train_seconds"], 3)
+    log.info("steerlm.sft_done", checkpoint=str(path), examples=len(records), seconds=seconds, **metrics)
+    return SteerTrainResult.from_checkpoint(path, metadata, num_examples=len(records))
 
 
 # --------------------------------------------------------------------------- stage

@@ -27,11 +27,6 @@ Reference model
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +34,20 @@ from typing import Any
 
 import torch
 
-from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers.lora_training import (
+    ADAPTER_SUBDIR,
+    ChatPrompt,
+    TrainResult,
+    existing_checkpoint,
+    has_chat_template,
+    progress_bars,
+    summarise_history,
+    token_ids,
+    train_lora_checkpoint,
+)
 
 __all__ = [
+    "ADAPTER_SUBDIR",
     "DPOSettings",
     "PreferenceExample",
     "TrainResult",
@@ -50,10 +56,7 @@ __all__ = [
     "sequence_logprobs",
 ]
 
-ADAPTER_SUBDIR = "adapter"
 CHECKPOINT_KIND = "dpo_lora_merged"
-_PROBE_MESSAGES = [{"role": "user", "content": "Describe the water cycle in one sentence."}]
-_PROBE_ATOL = 1e-4
 
 
 @dataclass
@@ -73,40 +76,21 @@ class DPOSettings:
 
 
 @dataclass(frozen=True)
-class PreferenceExample:
+class PreferenceExample(ChatPrompt):
     """A preference pair. ``prompt``: chat messages (role/content dicts) or a str = one user turn."""
 
     prompt: str | Sequence[Mapping[str, str]]
     chosen: str
     rejected: str
 
-    def prompt_messages(self) -> list[dict[str, str]]:
-        if isinstance(self.prompt, str):
-            return [{"role": "user", "content": self.prompt}]
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in self.prompt]
-
-
-@dataclass
-class TrainResult:
-    checkpoint_path: str
-    adapter_path: str
-    metrics: dict[str, float]
-    log_history: list[dict[str, Any]]
-    train_seconds: float
-    reused: bool = False  # True when out_dir already held this checkpoint and no training ran
-
 
 # --------------------------------------------------------------------------- data
-
-
-def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _to_trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[str, Any]]:
     records = []
     for ex in examples:
-        if _has_chat_template(tokenizer):
+        if has_chat_template(tokenizer):
             records.append(
                 {
                     "prompt": ex.prompt_messages(),
@@ -123,13 +107,6 @@ def _plain_prompt(ex: PreferenceExample) -> str:
     return "\n".join(m["content"] for m in ex.prompt_messages()) + "\n"
 
 
-def _ids(tokenizer, conversation_or_text, **kwargs) -> list[int]:
-    if isinstance(conversation_or_text, list):
-        out = tokenizer.apply_chat_template(conversation_or_text, tokenize=True, return_dict=True, **kwargs)
-        return list(out["input_ids"])
-    return list(tokenizer(text=conversation_or_text)["input_ids"])
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -141,15 +118,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _prompt_completion_ids(tokenizer, ex: PreferenceExample, answer: str) -> tuple[list[int], list[int]]:
     """Same split as TRL's DPO preprocessing: the completion starts where prompt and prompt+answer diverge."""
-    if _has_chat_template(tokenizer):
+    if has_chat_template(tokenizer):
         msgs = ex.prompt_messages()
-        prompt_ids = _ids(tokenizer, msgs, add_generation_prompt=True)
-        full_ids = _ids(tokenizer, msgs + [{"role": "assistant", "content": answer}])
+        prompt_ids = token_ids(tokenizer, msgs, add_generation_prompt=True)
+        full_ids = token_ids(tokenizer, msgs + [{"role": "assistant", "content": answer}])
     else:
         eos = tokenizer.eos_token or ""
         text = answer if answer.endswith(eos) else answer + eos
-        prompt_ids = _ids(tokenizer, _plain_prompt(ex))
-        full_ids = _ids(tokenizer, _plain_prompt(ex) + text)
+        prompt_ids = token_ids(tokenizer, _plain_prompt(ex))
+        full_ids = token_ids(tokenizer, _plain_prompt(ex) + text)
     cut = _common_prefix(prompt_ids, full_ids)
     return full_ids[:cut], full_ids[cut:]
 
@@ -183,7 +160,7 @@ def preference_margin(model_path: str, examples: Sequence[PreferenceExample]) ->
 
     if not examples:
         raise ValueError("preference_margin needs at least one example")
-    with _progress_bars(False):
+    with progress_bars(False):
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     pairs = sequence_logprobs(model, tokenizer, examples)
@@ -193,20 +170,18 @@ def preference_margin(model_path: str, examples: Sequence[PreferenceExample]) ->
 # --------------------------------------------------------------------------- training
 
 
+def _reward_metrics(steps: list[dict[str, Any]]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        values = [float(e[key]) for e in steps if key in e]
+        if values:
+            metrics[key] = sum(values) / len(values)  # mean over logged steps
+            metrics[f"final_{key}"] = values[-1]  # last logged step
+    return metrics
+
+
 def _summarise(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    steps = [e for e in log_history if "loss" in e and "rewards/margins" in e]
-    metrics: dict[str, float] = {"steps": float(len(steps))}
-    if steps:
-        metrics["loss"] = float(steps[-1]["loss"])
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-            values = [float(e[key]) for e in steps if key in e]
-            if values:
-                metrics[key] = sum(values) / len(values)  # mean over logged steps
-                metrics[f"final_{key}"] = values[-1]  # last logged step
-    for e in log_history:
-        if "train_loss" in e:
-            metrics["train_loss"] = float(e["train_loss"])
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    return summarise_history(log_history, step_keys=("loss", "rewards/margins"), step_metrics=_reward_metrics)
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -214,51 +189,6 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
         return str(a) == str(b)
-
-
-@torch.no_grad()
-def _probe_logits(model, tokenizer) -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters()).device
-    if _has_chat_template(tokenizer):
-        ids = _ids(tokenizer, _PROBE_MESSAGES, add_generation_prompt=True)
-    else:
-        ids = _ids(tokenizer, _PROBE_MESSAGES[0]["content"])
-    return model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """Temporarily switch the transformers/datasets progress bars (global switches) on or off."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    was_hf, was_ds = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was_hf else hf_logging.disable_progress_bar)()
-        (datasets.enable_progress_bars if was_ds else datasets.disable_progress_bars)()
-
-
-def _reused_result(out: Path, base_model_path: str) -> TrainResult:
-    manifest = read_manifest(out)
-    meta = manifest.metadata
-    if meta.get("kind") != CHECKPOINT_KIND or meta.get("parent") != str(base_model_path):
-        raise CheckpointError(
-            f"{out} already holds a different checkpoint (kind={meta.get('kind')!r}, parent={meta.get('parent')!r}); "
-            f"refusing to reuse it for parent {base_model_path!r}"
-        )
-    return TrainResult(
-        checkpoint_path=str(out),
-        adapter_path=str(out / ADAPTER_SUBDIR),
-        metrics=dict(meta.get("metrics", {})),
-        log_history=list(meta.get("log_history", [])),
-        train_seconds=float(meta.get("train_seconds", 0.0)),
-        reused=True,
-    )
 
 
 def dpo_update(
@@ -283,10 +213,10 @@ def dpo_update(
     out = Path(out_dir)
     if not examples:
         raise ValueError("dpo_update needs at least one preference example")
-    if (out / "manifest.json").exists():
-        verify_checkpoint(out)  # a corrupted existing checkpoint raises here
-        return _reused_result(out, base_model_path)
-    with _progress_bars(progress):
+    existing = existing_checkpoint(out, base_model_path, CHECKPOINT_KIND)  # a corrupted one raises here
+    if existing is not None:
+        return TrainResult.from_checkpoint(out, existing, reused=True)
+    with progress_bars(progress):
         return _dpo_update(base_model_path, examples, out, settings, reference_model_path, log_callback, progress)
 
 
@@ -299,120 +229,35 @@ def _dpo_update(
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
 ) -> TrainResult:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    use_cuda = torch.cuda.is_available()
-    bf16 = use_cuda and torch.cuda.is_bf16_supported()
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
-    # Full precision master weights: the adapter is merged into an fp32 base (bf16 only as autocast on GPU).
-    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
     ref_model = None
     if reference_model_path is not None and not _same_path(reference_model_path, base_model_path):
         ref_model = AutoModelForCausalLM.from_pretrained(str(reference_model_path), dtype=torch.float32)
 
-    dataset = Dataset.from_list(_to_trl_records(examples, tokenizer))
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-    history: list[dict[str, Any]] = []
-
-    class _Forward(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is not None and log_callback is not None:
-                log_callback(dict(logs, step=state.global_step))
-
-    with tempfile.TemporaryDirectory(prefix="kaizen-dpo-") as scratch:
-        config = DPOConfig(
-            # Nothing is saved here (save_strategy="no"); the checkpoint goes through write_checkpoint.
-            output_dir=scratch,
-            beta=settings.beta,
-            learning_rate=settings.learning_rate,
-            num_train_epochs=settings.epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            max_length=settings.max_length,
-            seed=settings.seed,
-            data_seed=settings.seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=not use_cuda,
-            bf16=bf16,
-            fp16=False,
-            # Trades compute for memory: worth it for real models on a GPU, pure overhead on CPU. (The new
-            # transformers-5 name; TRL's own default is gradient_checkpointing=True, a deprecated alias.)
-            activation_checkpointing=use_cuda,
-            disable_tqdm=not progress,
-            dataloader_num_workers=0,
-            dataset_num_proc=None,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,  # None => the adapter-disabled policy is the reference (see module docstring)
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_Forward()],
-        )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # with tqdm disabled, Trainer prints every log dict
+    def expect_adapter_disabled_reference(trainer) -> None:
         if ref_model is None and trainer.ref_model is not None:  # pragma: no cover - guards a TRL behaviour change
             raise RuntimeError("DPOTrainer loaded a separate reference model; expected the adapter-disabled base")
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        history = [dict(e) for e in trainer.state.log_history]
 
-    metrics = _summarise(history)
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    peft_model.eval()
-    metadata = {
-        "kind": CHECKPOINT_KIND,
-        "parent": str(base_model_path),
-        "reference": str(reference_model_path) if ref_model is not None else "adapter_disabled_parent",
-        "num_examples": len(examples),
-        "settings": dataclasses.asdict(settings),
-        "metrics": metrics,
-        "log_history": history,
-        "train_seconds": train_seconds,
-    }
-
-    def write_fn(tmp: Path) -> None:
-        # The adapter is saved before merging: merge_and_unload removes the LoRA layers.
-        peft_model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)
-        merged = peft_model.merge_and_unload()
-        merged.eval()
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        # Reliability check before commit: what is on disk must be the model we trained.
-        expected = _probe_logits(merged, tokenizer)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
-        reloaded.to(next(merged.parameters()).device)  # same device => same kernels, comparable at 1e-4
-        actual = _probe_logits(reloaded, tokenizer)
-        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=_PROBE_ATOL):
-            diff = (expected - actual).abs().max().item() if expected.shape == actual.shape else float("nan")
-            raise CheckpointError(
-                f"saved merged model at {tmp} does not reproduce the in-memory merged model "
-                f"(max |Δlogit| = {diff:.3g} > {_PROBE_ATOL})"
-            )
-
-    path = write_checkpoint(out, write_fn, metadata)
-    return TrainResult(
-        checkpoint_path=str(path),
-        adapter_path=str(path / ADAPTER_SUBDIR),
-        metrics=metrics,
-        log_history=history,
-        train_seconds=train_seconds,
+    path, metadata = train_lora_checkpoint(
+        base_model_path,
+        out,
+        settings,
+        kind=CHECKPOINT_KIND,
+        trainer_cls=DPOTrainer,
+        config_cls=DPOConfig,
+        config_kwargs={"beta": settings.beta},
+        rows=lambda tokenizer: _to_trl_records(examples, tokenizer),
+        num_examples=len(examples),
+        summarise=_summarise,
+        seed=settings.seed,
+        scratch_prefix="kaizen-dpo-",
+        log_callback=log_callback,
+        progress=progress,
+        # None => the adapter-disabled policy is the reference (see module docstring)
+        trainer_kwargs={"ref_model": ref_model},
+        check_trainer=expect_adapter_disabled_reference,
+        extra_metadata={"reference": str(reference_model_path) if ref_model is not None else "adapter_disabled_parent"},
     )
+    return TrainResult.from_checkpoint(path, metadata)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -58,6 +59,15 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    model: ServedModel
+    spec: SteeringSpec
+    params: engine.DecodeParams
+    prompt: str
+    guides: list[Any]
 
 
 class ApiError(Exception):
@@ -173,52 +183,46 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
             "data": [{"id": serve.model_name, "object": "model", "created": int(model.loaded_at), "owned_by": "kaizen", "checkpoint_id": model.checkpoint_id}],
         }
 
-    @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+    def prepare(req: _SamplingRequest, render: Callable[[ServedModel, SteeringSpec], str]) -> _Prepared:
+        """Everything both completion endpoints check and build before decoding."""
         model = served()
         check_model(req.model, model)
         spec = steering(req.steering)
         decode_params = params(req)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
         try:
-            prompt = engine.render_chat_prompt(model.runtime, messages, spec, urial_preset)
+            prompt = render(model, spec)
         except ValueError as exc:  # e.g. a URIAL chat that does not end with a user turn
             raise ApiError(400, str(exc), param="messages") from None
-        arms = guides(spec, model)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            return _sse(_chat_chunks(ident, created, serve.model_name, model, spec, engine.stream(model.runtime, prompt, _single(decode_params), spec, arms)))
-        generations = engine.decode(model.runtime, prompt, decode_params, spec, arms)
+        return _Prepared(model, spec, decode_params, prompt, guides(spec, model))
+
+    def respond(job: _Prepared, stream: bool, kind: str, chunks: Callable[..., Iterator[dict[str, Any]]], choice: Callable[[int, Any], dict[str, Any]]) -> dict[str, Any] | StreamingResponse:
+        ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
+        if stream:
+            pieces = engine.stream(job.model.runtime, job.prompt, _single(job.params), job.spec, job.guides)
+            return _sse(chunks(ident, created, serve.model_name, job.model, job.spec, pieces))
+        generations = engine.decode(job.model.runtime, job.prompt, job.params, job.spec, job.guides)
         return {
-            "id": ident, "object": "chat.completion", "created": created, "model": serve.model_name,
-            "system_fingerprint": model.checkpoint_id,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": _finish(g), "logprobs": None}
-                for i, g in enumerate(generations)
-            ],
-            "usage": _usage(model, prompt, generations),
-            "kaizen": metadata(model, spec),
+            "id": ident, "object": "chat.completion" if kind == "chatcmpl" else "text_completion", "created": created,
+            "model": serve.model_name, "system_fingerprint": job.model.checkpoint_id,
+            "choices": [choice(i, g) for i, g in enumerate(generations)],
+            "usage": _usage(job.model, job.prompt, generations),
+            "kaizen": metadata(job.model, job.spec),
         }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
+        job = prepare(req, lambda model, spec: engine.render_chat_prompt(model.runtime, messages, spec, urial_preset))
+        return respond(job, req.stream, "chatcmpl", _chat_chunks, lambda i, g: {
+            "index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": _finish(g), "logprobs": None,
+        })
 
     @app.post("/v1/completions", response_model=None)
     def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        model = served()
-        check_model(req.model, model)
-        spec = steering(req.steering)
-        decode_params = params(req)
-        prompt = engine.render_completion_prompt(model.runtime, req.prompt, spec, urial_preset)
-        arms = guides(spec, model)
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            return _sse(_text_chunks(ident, created, serve.model_name, model, spec, engine.stream(model.runtime, prompt, _single(decode_params), spec, arms)))
-        generations = engine.decode(model.runtime, prompt, decode_params, spec, arms)
-        return {
-            "id": ident, "object": "text_completion", "created": created, "model": serve.model_name,
-            "system_fingerprint": model.checkpoint_id,
-            "choices": [{"index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None} for i, g in enumerate(generations)],
-            "usage": _usage(model, prompt, generations),
-            "kaizen": metadata(model, spec),
-        }
+        job = prepare(req, lambda model, spec: engine.render_completion_prompt(model.runtime, req.prompt, spec, urial_preset))
+        return respond(job, req.stream, "cmpl", _text_chunks, lambda i, g: {
+            "index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None,
+        })
 
     app.state.watcher = watcher
     return app

@@ -13,11 +13,8 @@ one server request decodes) and for a batch. Prints a table; it never fails on a
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -26,21 +23,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from transformers import AutoTokenizer
 
+from ops.bench._common import chat_prompts, measure, print_load_average
 from workers.genarm import RewardGuidanceProcessor
 from workers.runtime import ModelRuntime
 from workers.tiny_model import build_tiny_model
 
 BETA = 1.0
-QUESTIONS = [
-    "Write a short poem about the sea.",
-    "Explain how photosynthesis works in simple terms.",
-    "Give three tips for learning a new language.",
-    "Summarize the plot of a detective story.",
-    "Describe the water cycle.",
-    "What is the difference between a list and a tuple in Python?",
-    "Answer the question helpfully and honestly: why is the sky blue?",
-    "Hi!",
-]
 
 
 def build_models(root: Path, hidden: int, layers: int, device: str | None) -> tuple[ModelRuntime, dict[str, ModelRuntime]]:
@@ -68,17 +56,6 @@ def decode(base: ModelRuntime, reward: ModelRuntime | None, prompts: list[str], 
     return sum(g[0].num_tokens for g in out)
 
 
-def measure(repeats: int, *args) -> tuple[float, int]:
-    """Median seconds over ``repeats`` timed runs (after one warm-up), and tokens per run."""
-    decode(*args)
-    times, tokens = [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = decode(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
-
-
 def params(runtime: ModelRuntime) -> str:
     return f"{sum(p.numel() for p in runtime.model.parameters()) / 1e6:.2f}M"
 
@@ -98,22 +75,20 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base, rewards = build_models(Path(tmp), args.hidden, args.layers, args.device)
-        questions = (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
-        prompts = [base.render_chat([{"role": "user", "content": q}]) for q in questions]
+        prompts = chat_prompts(base, args.batch)
         rows = []
         for label, batch in (("1 prompt", prompts[:1]), (f"{len(prompts)} prompts", prompts)):
-            plain_s, plain_tok = measure(args.repeats, base, None, batch, args.max_new_tokens)
+            plain_s, plain_tok = measure(decode, args.repeats, base, None, batch, args.max_new_tokens)
             rows.append((label, "plain", plain_s, plain_tok, 1.0))
             for name, reward in rewards.items():
-                seconds, tokens = measure(args.repeats, base, reward, batch, args.max_new_tokens)
+                seconds, tokens = measure(decode, args.repeats, base, reward, batch, args.max_new_tokens)
                 rows.append((label, f"genarm, reward {name}", seconds, tokens, (seconds / tokens) / (plain_s / plain_tok)))
 
     print(f"device: {base.device}  threads: {torch.get_num_threads()}  torch {torch.__version__}")
     print(f"base: {args.layers} layers x {args.hidden} hidden ({params(base)} params); reward models: "
           + ", ".join(f"{name} {params(rt)}" for name, rt in rewards.items()))
     print(f"workload: {args.max_new_tokens} new tokens per sequence, median of {args.repeats} after 1 warm-up")
-    if hasattr(os, "getloadavg"):
-        print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (timings are noisy when busy)")
+    print_load_average()
     print(f"{'batch':<12}{'mode':<26}{'tokens':>8}{'seconds':>10}{'ms/token':>10}{'vs plain':>10}")
     for label, mode, seconds, tokens, ratio in rows:
         print(f"{label:<12}{mode:<26}{tokens:>8}{seconds:>10.3f}{1000 * seconds / tokens:>10.2f}{ratio:>9.2f}x")

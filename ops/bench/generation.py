@@ -11,11 +11,8 @@ speed-up meets the target; it never fails on a miss.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -23,20 +20,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from ops.bench._common import chat_prompts, measure, print_load_average
 from workers.runtime import ModelRuntime
 from workers.tiny_model import build_tiny_model
 
 TARGET_SPEEDUP = 5.0
-QUESTIONS = [
-    "Write a short poem about the sea.",
-    "Explain how photosynthesis works in simple terms.",
-    "Give three tips for learning a new language.",
-    "Summarize the plot of a detective story.",
-    "Describe the water cycle.",
-    "What is the difference between a list and a tuple in Python?",
-    "Answer the question helpfully and honestly: why is the sky blue?",
-    "Hi!",
-]
 
 
 def run_batched(rt: ModelRuntime, prompts: list[str], samples: int, new_tokens: int, seed: int) -> int:
@@ -75,17 +63,6 @@ def run_sequential(rt: ModelRuntime, prompts: list[str], samples: int, new_token
     return total
 
 
-def measure(fn, repeats: int, *args) -> tuple[float, int]:
-    """Median seconds over ``repeats`` timed runs (after one warm-up), and tokens per run."""
-    fn(*args)  # warm-up
-    times, tokens = [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model dir or hub id (default: build the tiny model)")
@@ -99,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or str(build_tiny_model(Path(tmp) / "tiny"))
         rt = ModelRuntime.load(model_path, device=args.device)
-        questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
-        prompts = [rt.render_chat([{"role": "user", "content": q}]) for q in questions]
+        prompts = chat_prompts(rt, args.prompts)
         common = (rt, prompts, args.samples, args.max_new_tokens, 0)
         batched_s, batched_tok = measure(run_batched, args.repeats, *common)
         seq_s, seq_tok = measure(run_sequential, args.repeats, *common)
@@ -111,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
           f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
     print(f"workload: {len(prompts)} prompts x {args.samples} samples x {args.max_new_tokens} new tokens, "
           f"median of {args.repeats} after 1 warm-up")
-    if hasattr(os, "getloadavg"):
-        print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (timings are noisy when busy)")
+    print_load_average()
     print(f"{'mode':<28}{'tokens':>8}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'batched (runtime.generate)':<28}{batched_tok:>8}{batched_s:>10.3f}{batched_tps:>12.1f}")
     print(f"{'sequential (1 seq/call)':<28}{seq_tok:>8}{seq_s:>10.3f}{seq_tps:>12.1f}")

@@ -299,3 +299,12 @@ def test_the_migration_rebuilds_the_champion_stack_of_an_older_lineage(tmp_path:
     assert result.exit_code == 0, result.output
     with sessions() as session:
         assert lineage.current_champion(session).id == "ckpt-0000"
+
+
+def test_status_shows_the_champion_and_whether_the_daemon_is_paused(db: Lineage) -> None:
+    before = db.kaizen("status")
+    assert before.exit_code == 0, before.output
+    assert "champion: ckpt-0000" in before.stdout and "paused" not in before.stdout
+    db.kaizen("pause", "--reason", "disk full", "--actor", "dana")
+    after = db.kaizen("status")
+    assert "paused by dana" in after.stdout and "disk full" in after.stdout

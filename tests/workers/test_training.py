@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers import training
+from workers import lora_training
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint
 from workers.tiny_model import build_tiny_model
 from workers.training import DPOSettings, PreferenceExample, dpo_update, preference_margin
@@ -165,7 +165,7 @@ def test_explicit_reference_model_and_failed_reload_check(base_dir, tmp_path, mo
     assert first["rewards/chosen"] != 0.0
 
     # If the reloaded model does not reproduce the in-memory one, nothing is committed.
-    real_probe = training._probe_logits
+    real_probe = lora_training.probe_logits
     calls = []
 
     def drifting_probe(model, tokenizer):
@@ -173,7 +173,7 @@ def test_explicit_reference_model_and_failed_reload_check(base_dir, tmp_path, mo
         logits = real_probe(model, tokenizer)
         return logits + (1e-2 if len(calls) == 2 else 0.0)
 
-    monkeypatch.setattr(training, "_probe_logits", drifting_probe)
+    monkeypatch.setattr(lora_training, "probe_logits", drifting_probe)
     out = tmp_path / "bad"
     with pytest.raises(CheckpointError, match="does not reproduce"):
         dpo_update(str(base_dir), EXAMPLES[:2], out, quick)

@@ -1,0 +1,312 @@
+"""Plumbing shared by the LoRA fine-tuning stages: DPO (``workers.training``) and SteerLM SFT (``workers.steerlm``).
+
+Both train a PEFT LoRA adapter with a TRL trainer on an fp32 copy of the parent checkpoint (bf16
+only as autocast on a GPU), then merge the adapter and write the merged model atomically with
+``workers.checkpoints.write_checkpoint``. Before the checkpoint is committed the merged model is
+reloaded from disk and its logits on a probe input must match the in-memory merged model
+(``PROBE_ATOL``), otherwise ``CheckpointError``. A checkpoint already at the output directory with
+the same kind and parent is reused instead of training again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+
+__all__ = [
+    "ADAPTER_SUBDIR",
+    "PROBE_ATOL",
+    "ChatPrompt",
+    "TrainResult",
+    "existing_checkpoint",
+    "has_chat_template",
+    "jsonable_settings",
+    "probe_logits",
+    "progress_bars",
+    "summarise_history",
+    "token_ids",
+    "train_lora_checkpoint",
+    "training_arguments",
+]
+
+ADAPTER_SUBDIR = "adapter"
+PROBE_ATOL = 1e-4
+_PROBE_MESSAGES = [{"role": "user", "content": "Describe the water cycle in one sentence."}]
+
+
+class ChatPrompt:
+    """Mixin of the example dataclasses whose ``prompt`` is chat messages or a str (= one user turn)."""
+
+    prompt: str | Sequence[Mapping[str, str]]
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in self.prompt]
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: str
+    adapter_path: str
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]]
+    train_seconds: float
+    reused: bool = False  # True when out_dir already held this checkpoint and no training ran
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, metadata: Mapping[str, Any], *, reused: bool = False, **extra: Any):
+        """The result recorded in a checkpoint's manifest ``metadata`` (``extra``: the subclass's fields)."""
+        return cls(
+            checkpoint_path=str(path),
+            adapter_path=str(path / ADAPTER_SUBDIR),
+            metrics=dict(metadata.get("metrics", {})),
+            log_history=list(metadata.get("log_history", [])),
+            train_seconds=float(metadata.get("train_seconds", 0.0)),
+            reused=reused,
+            **extra,
+        )
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def token_ids(tokenizer, conversation_or_text, **kwargs) -> list[int]:
+    if isinstance(conversation_or_text, list):
+        out = tokenizer.apply_chat_template(conversation_or_text, tokenize=True, return_dict=True, **kwargs)
+        return list(out["input_ids"])
+    return list(tokenizer(text=conversation_or_text)["input_ids"])
+
+
+# --------------------------------------------------------------------------- set-up and training
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Temporarily switch the transformers/datasets progress bars (global switches) on or off."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was_hf, was_ds = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_hf else hf_logging.disable_progress_bar)()
+        (datasets.enable_progress_bars if was_ds else datasets.disable_progress_bars)()
+
+
+def existing_checkpoint(out: Path, base_model_path: str, kind: str) -> dict[str, Any] | None:
+    """The manifest metadata of the checkpoint already at ``out`` (None if there is none), to reuse.
+
+    A corrupted checkpoint, or one of another ``kind`` or parent, raises ``CheckpointError``.
+    """
+    if not (out / "manifest.json").exists():
+        return None
+    verify_checkpoint(out)
+    meta = read_manifest(out).metadata
+    if meta.get("kind") != kind or meta.get("parent") != str(base_model_path):
+        raise CheckpointError(
+            f"{out} already holds a different checkpoint (kind={meta.get('kind')!r}, parent={meta.get('parent')!r}); "
+            f"refusing to reuse it for a {kind} of {base_model_path!r}"
+        )
+    return meta
+
+
+def jsonable_settings(settings) -> dict[str, Any]:
+    raw = dataclasses.asdict(settings)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+
+
+def training_arguments(settings, *, output_dir: str, seed: int, progress: bool) -> dict[str, Any]:
+    """The TRL config arguments both trainers share (settings: the LoRA fields of DPOSettings/SteerLMSettings)."""
+    use_cuda = torch.cuda.is_available()
+    return {
+        "output_dir": output_dir,  # nothing is saved here (save_strategy="no"); the merged model is committed by write_checkpoint
+        "learning_rate": settings.learning_rate,
+        "num_train_epochs": settings.epochs,
+        "max_steps": settings.max_steps,
+        "per_device_train_batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_length": settings.max_length,
+        "seed": seed,
+        "data_seed": seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": not use_cuda,
+        "bf16": use_cuda and torch.cuda.is_bf16_supported(),
+        "fp16": False,
+        # Trades compute for memory: worth it for real models on a GPU, pure overhead on CPU. (The new
+        # transformers-5 name; TRL's own default is gradient_checkpointing=True, a deprecated alias.)
+        "activation_checkpointing": use_cuda,
+        "disable_tqdm": not progress,
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": None,
+    }
+
+
+def train_lora_checkpoint(
+    base_model_path: str,
+    out: Path,
+    settings,
+    *,
+    kind: str,
+    trainer_cls,
+    config_cls,
+    config_kwargs: Mapping[str, Any],
+    rows: Callable[[Any], list[dict[str, Any]]],
+    num_examples: int,
+    summarise: Callable[[list[dict[str, Any]]], dict[str, float]],
+    seed: int,
+    scratch_prefix: str,
+    log_callback: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    check_trainer: Callable[[Any], None] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train a LoRA adapter on ``base_model_path`` with a TRL trainer; merge it and commit the checkpoint at ``out``.
+
+    ``trainer_cls``/``config_cls``: the TRL trainer and its config (``config_kwargs``: its own
+    arguments beyond :func:`training_arguments`); ``rows(tokenizer)``: the training dataset rows;
+    ``summarise(log_history)``: the metrics; ``check_trainer``: called on the trainer before it
+    trains. Returns the checkpoint path and its manifest metadata (``extra_metadata`` wins over
+    the common entries).
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
+    # Full precision master weights: the adapter is merged into an fp32 base (bf16 only as autocast on GPU).
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    targets = settings.lora_target_modules
+    peft_config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+    class _Forward(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and log_callback is not None:
+                log_callback(dict(logs, step=state.global_step))
+
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
+        config = config_cls(**training_arguments(settings, output_dir=scratch, seed=seed, progress=progress), **config_kwargs)
+        trainer = trainer_cls(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows(tokenizer)),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_Forward()],
+            **(trainer_kwargs or {}),
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # with tqdm disabled, Trainer prints every log dict
+        if check_trainer is not None:
+            check_trainer(trainer)
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        history = [dict(e) for e in trainer.state.log_history]
+
+    metrics = summarise(history)
+    metadata = {
+        "kind": kind,
+        "parent": str(base_model_path),
+        "num_examples": num_examples,
+        "settings": jsonable_settings(settings),
+        "metrics": metrics,
+        "log_history": history,
+        "train_seconds": train_seconds,
+        **(extra_metadata or {}),
+    }
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    peft_model.eval()
+    return _commit_merged(out, peft_model, tokenizer, metadata), metadata
+
+
+# --------------------------------------------------------------------------- summary and commit
+
+
+def summarise_history(
+    history: list[dict[str, Any]],
+    *,
+    step_keys: tuple[str, ...] = ("loss",),
+    step_metrics: Callable[[list[dict[str, Any]]], Mapping[str, float]],
+) -> dict[str, float]:
+    """Metrics of a trainer's log history: step count, final loss, ``step_metrics`` of the steps, train_loss.
+
+    A step is a log entry holding all ``step_keys``; non-finite values are left out.
+    """
+    steps = [e for e in history if all(key in e for key in step_keys)]
+    metrics: dict[str, float] = {"steps": float(len(steps))}
+    if steps:
+        metrics["loss"] = float(steps[-1]["loss"])
+        metrics.update(step_metrics(steps))
+    for entry in history:
+        if "train_loss" in entry:
+            metrics["train_loss"] = float(entry["train_loss"])
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+@torch.no_grad()
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    if has_chat_template(tokenizer):
+        ids = token_ids(tokenizer, _PROBE_MESSAGES, add_generation_prompt=True)
+    else:
+        ids = token_ids(tokenizer, _PROBE_MESSAGES[0]["content"])
+    return model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
+
+
+def _commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any]) -> Path:
+    """Merge the trained adapter, write merged model + tokenizer + adapter to ``out`` atomically, return its path.
+
+    The reloaded merged model must reproduce the in-memory one on a probe input, or nothing is committed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    def write_fn(tmp: Path) -> None:
+        # The adapter is saved before merging: merge_and_unload removes the LoRA layers.
+        peft_model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        # Reliability check before commit: what is on disk must be the model we trained.
+        expected = probe_logits(merged, tokenizer)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        reloaded.to(next(merged.parameters()).device)  # same device => same kernels, comparable at 1e-4
+        actual = probe_logits(reloaded, tokenizer)
+        if expected.shape != actual.shape or not torch.allclose(expected, actual, atol=PROBE_ATOL):
+            diff = (expected - actual).abs().max().item() if expected.shape == actual.shape else float("nan")
+            raise CheckpointError(
+                f"saved merged model at {tmp} does not reproduce the in-memory merged model "
+                f"(max |Δlogit| = {diff:.3g} > {PROBE_ATOL})"
+            )
+
+    return write_checkpoint(out, write_fn, metadata)
