@@ -64,6 +64,8 @@ from typing import Any
 
 import yaml
 
+from policies.yaml_errors import describe_yaml_error
+
 URIAL_STOP = "# Query:"
 ANSWER_MARKER = "# Answer:"
 DEFAULT_PRESET_RESOURCE = "data/urial/v1.yaml"
@@ -117,9 +119,7 @@ def parse_urial_preset(text: str, *, source: str = "<string>") -> UrialPreset:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UrialPresetError(f"URIAL preset {source}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise UrialPresetError(f"URIAL preset {source}: invalid YAML{describe_yaml_error(exc)}") from None
     if not isinstance(raw, Mapping):
         raise UrialPresetError(f"URIAL preset {source}: the top level must be a mapping with version, preamble and examples")
     unknown = sorted(set(map(str, raw)) - {"version", "preamble", "examples"})
