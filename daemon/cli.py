@@ -166,9 +166,15 @@ def status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
         console.print("decisions: " + ", ".join(f"{n} {k}" for k, n in sorted(view["iterations_by_decision"].items())))
 
 
-def _load_view(settings: Settings, open_lineage: Any, view_fn: Any) -> dict[str, Any]:
-    if settings.resolved_database_url.startswith("sqlite") and not Path(settings.resolved_database_url.split("///", 1)[1]).exists():
+def _require_lineage_db(settings: Settings) -> None:
+    """An embedded (SQLite) lineage DB that does not exist yet means `kaizen init` was not run."""
+    url = settings.resolved_database_url
+    if url.startswith("sqlite") and not Path(url.split("///", 1)[1]).exists():
         raise _fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
+
+
+def _load_view(settings: Settings, open_lineage: Any, view_fn: Any) -> dict[str, Any]:
+    _require_lineage_db(settings)
     with open_lineage(settings)() as session:
         return view_fn(session)
 
@@ -248,10 +254,9 @@ def serve(
 
     from daemon.serving import build_app
 
-    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port, "default_steering": steering}.items() if v is not None}
-    settings = _settings(config, data_dir, serve=overrides) if overrides else _settings(config, data_dir)
-    if settings.resolved_database_url.startswith("sqlite") and not Path(settings.resolved_database_url.split("///", 1)[1]).exists():
-        raise _fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
+    overrides = {k: v for k, v in {"host": host, "port": port, "default_steering": steering}.items() if v is not None}
+    settings = _settings(config, data_dir, serve=overrides)
+    _require_lineage_db(settings)
     console.print(f"serving the champion of {settings.resolved_data_dir} on http://{settings.serve.host}:{settings.serve.port}/v1")
     uvicorn.run(build_app(settings), host=settings.serve.host, port=settings.serve.port, log_config=None, access_log=False)
 
@@ -276,10 +281,8 @@ def _ops_sessions(settings: Settings) -> Any:
     from daemon.bootstrap import open_lineage
     from daemon.db.engine import upgrade_to_head
 
-    url = settings.resolved_database_url
-    if url.startswith("sqlite") and not Path(url.split("///", 1)[1]).exists():
-        raise _fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
-    upgrade_to_head(url)
+    _require_lineage_db(settings)
+    upgrade_to_head(settings.resolved_database_url)
     return open_lineage(settings)
 
 

@@ -90,16 +90,21 @@ class PairSettings(Section):
     length_normalise: bool = False
 
 
-class TrainingSettings(Section):
-    beta: float = Field(0.1, gt=0.0)
+class LoraTrainingSettings(Section):
+    """What every LoRA fine-tuning stage (DPO, SteerLM SFT) is tuned with."""
+
     learning_rate: float = Field(5e-4, gt=0.0)
     epochs: int = Field(1, ge=1)
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs")
     batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     max_length: int = Field(512, ge=16)
+
+
+class TrainingSettings(LoraTrainingSettings):
+    beta: float = Field(0.1, gt=0.0)
     min_pairs: int = Field(1, ge=1, description="fewer pairs than this skips training and rejects the cycle")
     # The DPO KL anchor: the champion being trained (adapter disabled), or the first model of the
     # lineage kept across rounds.
@@ -155,17 +160,11 @@ class WorkerSettings(Section):
     publish_retry_seconds: float = Field(10.0, ge=0)
 
 
-class SteerLMStageSettings(Section):
+class SteerLMStageSettings(LoraTrainingSettings):
     """The optional steerlm_sft stage: label the cycle's answers with attribute values (0-4) by
     the self-judge, then SFT the champion conditioned on them; dpo_update then starts from it."""
 
     enabled: bool = False
-    learning_rate: float = Field(5e-4, gt=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs")
-    batch_size: int = Field(2, ge=1)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
     max_length: int = Field(1024, ge=16)
     judge_samples: int = Field(2, ge=1)
     judge_max_new_tokens: int = Field(160, ge=8)

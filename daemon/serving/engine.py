@@ -75,10 +75,11 @@ def decode(
 def stream(
     runtime: ModelRuntime, prompt: str, params: DecodeParams, spec: SteeringSpec, guides: Sequence[tuple[ModelRuntime, float]] = ()
 ) -> Iterator[str]:
-    """Yield text pieces as tokens are decoded; the pieces join to the non-streamed completion."""
+    """Yield text pieces of one completion (``params.n`` must be 1) as tokens are decoded; the
+    pieces join to the non-streamed completion."""
     if spec.method == METHOD_GENARM:
         # Guided decoding runs its own loop; it is returned as one piece.
-        text = decode(runtime, prompt, DecodeParams(**{**params.__dict__, "n": 1}), spec, guides)[0].text
+        text = decode(runtime, prompt, params, spec, guides)[0].text
         if text:
             yield text
         return
