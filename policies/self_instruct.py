@@ -53,10 +53,15 @@ _TASK_MARKER = re.compile(
 
 def load_seed_prompts() -> list[str]:
     """The hand-written seed instructions shipped in `policies/data/seed_prompts.json`."""
-    raw = resources.files("policies").joinpath(SEED_PROMPTS_RESOURCE).read_text(encoding="utf-8")
+    return load_task_list(SEED_PROMPTS_RESOURCE)
+
+
+def load_task_list(resource: str) -> list[str]:
+    """A packaged JSON list of task strings, `resource` relative to the policies package."""
+    raw = resources.files("policies").joinpath(resource).read_text(encoding="utf-8")
     prompts = json.loads(raw)
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{SEED_PROMPTS_RESOURCE} must be a JSON list of strings")
+        raise ValueError(f"{resource} must be a JSON list of strings")
     return prompts
 
 

@@ -1,0 +1,61 @@
+"""Training-side verifiable prompts: a task plus constraints from the same library as the
+held-out `instruct-checks` suite, but never its tasks.
+
+Training tasks come from policies/data/verifiable_tasks.json (written for kaizen, disjoint
+from the suite's stems: they open with "Tell me/How/Why/What", the suite's with
+"Describe/Explain/Give/Write"), from the seed set, or from self-instruct; constraint
+parameters are drawn from the caller's rng, seeded per iteration (see `training_rng`),
+never from the suite's seed. `drop_suite_overlaps` removes any task that is, or nearly is,
+a suite task, so a self-generated task that happens to match one cannot leak it into training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from policies.constraints import Constraint, render_prompt, sample_constraints
+from policies.self_instruct import deduplicate, load_task_list
+from policies.suites import instruct_check_tasks
+
+TRAINING_TASKS_RESOURCE = "data/verifiable_tasks.json"
+# Stricter than self-instruct's near-duplicate threshold (0.7): training tasks must stay
+# clearly apart from suite tasks.
+SUITE_OVERLAP_LIMIT = 0.5
+
+
+@dataclass(frozen=True)
+class VerifiablePrompt:
+    task: str
+    constraints: tuple[Constraint, ...]
+    prompt: str
+
+
+def load_training_tasks() -> list[str]:
+    return load_task_list(TRAINING_TASKS_RESOURCE)
+
+
+def training_rng(seed: int, iteration: int) -> random.Random:
+    """The rng for an iteration's constraints; its seed space is apart from the suite's."""
+    return random.Random(f"kaizen/verifiable-train/{seed}/{iteration}")
+
+
+def attach_constraints(task: str, rng: random.Random, k: int) -> VerifiablePrompt:
+    """`task` with `k` compatible constraints; the prompt is the task plus their sentences."""
+    constraints = tuple(sample_constraints(rng, k, task=task))
+    return VerifiablePrompt(task.strip(), constraints, render_prompt(task, constraints))
+
+
+@lru_cache(maxsize=1)
+def _suite_tasks() -> tuple[str, ...]:
+    return tuple(instruct_check_tasks())
+
+
+def drop_suite_overlaps(tasks: Sequence[str], max_overlap: float = SUITE_OVERLAP_LIMIT) -> list[str]:
+    """`tasks` without those equal to or overlapping (word 3-gram containment above
+    `max_overlap`) an instruct-checks task. Order is kept; duplicates within `tasks` are
+    kept too (that is self-instruct's deduplication, not this)."""
+    suite = list(_suite_tasks())
+    return [task for task in tasks if deduplicate([task], suite, max_overlap=max_overlap)]

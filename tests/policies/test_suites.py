@@ -1,0 +1,122 @@
+import json
+
+import pytest
+
+from ops.make_instruct_checks import EVAL_STEMS, build_items, render_jsonl
+from policies.constraints import KINDS, Constraint, check
+from policies.suites import (
+    SUITES,
+    ItemResult,
+    config_hash,
+    instruct_checks_text,
+    load_instruct_checks,
+    parse_items,
+    reference_matches,
+    score_item,
+    suite_spec,
+    summarize,
+)
+
+
+def test_packaged_suite_is_what_the_generator_writes():
+    assert instruct_checks_text() == render_jsonl(build_items())
+
+
+def test_suite_has_enough_items_with_one_to_three_valid_constraints():
+    items = load_instruct_checks()
+    raw = [json.loads(line) for line in instruct_checks_text().splitlines()]
+
+    assert len(items) >= 200
+    assert len({item.id for item in items}) == len(items)
+    assert all(1 <= len(item.constraints) <= 3 for item in items)
+    assert {c.kind for item in items for c in item.constraints} == set(KINDS)
+    assert {r["task"] for r in raw} == set(EVAL_STEMS)
+    for record, item in zip(raw, items, strict=True):
+        assert item.prompt.startswith(record["task"])
+        for constraint in item.constraints:
+            if constraint.kind == "repeat_request":
+                assert constraint.param("request") == record["task"]
+
+
+def test_an_item_scores_one_only_when_every_constraint_holds():
+    item = parse_items(json.dumps({"id": "x", "prompt": "Say hi.", "constraints": [
+        {"kind": "lowercase"}, {"kind": "max_words", "n": 3}]}), "t.jsonl")[0]
+
+    good = score_item(item, "hi there friend")
+    half = score_item(item, "Hi there friend")
+
+    assert (good.score, good.passed) == (1.0, (True, True))
+    assert (half.score, half.passed) == (0.0, (False, True))
+    assert half.kinds == ("lowercase", "max_words")
+
+
+def test_reference_items_match_normalised_whole_words():
+    assert reference_matches("Paris", "The capital is **paris**.")
+    assert reference_matches("New York", "new-york, of course")
+    assert not reference_matches("Paris", "Comparison shopping")
+    assert not reference_matches("4", "It is 42.")
+    item = parse_items('{"prompt": "2+2?", "reference": "4"}', "r.jsonl")[0]
+    assert (item.id, score_item(item, "It is 4.").score) == ("1", 1.0)
+
+
+def test_summary_has_the_mean_its_interval_and_per_kind_rates():
+    results = [
+        ItemResult("a", "x", (True, False), 0.0, ("lowercase", "no_commas")),
+        ItemResult("b", "y", (True, True), 1.0, ("lowercase", "no_commas")),
+        ItemResult("c", "z", (False,), 0.0, ("lowercase",)),
+        ItemResult("d", "w", (True,), 1.0, ("title",)),
+    ]
+
+    summary = summarize(results)
+
+    assert (summary.score, summary.n) == (0.5, 4)
+    assert summary.ci_low < 0.5 < summary.ci_high
+    assert summary.per_kind == {"lowercase": pytest.approx(2 / 3), "no_commas": 0.5, "title": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "line 1"),
+        ('{"constraints": [{"kind": "lowercase"}]}', "non-empty string \"prompt\""),
+        ('{"prompt": "x"}', "exactly one of"),
+        ('{"prompt": "x", "reference": "a", "constraints": []}', "exactly one of"),
+        ('{"prompt": "x", "constraints": []}', "non-empty list"),
+        ('{"prompt": "x", "constraints": [{"kind": "shouting"}]}', "unknown constraint kind"),
+        ('{"prompt": "x", "reference": "?!"}', "at least one word"),
+    ],
+)
+def test_bad_items_are_refused_with_the_line_and_the_fix(line, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_items("\n" + line, "mine.jsonl")
+    assert "mine.jsonl line 2" in str(info.value)
+
+
+def test_empty_files_and_duplicate_ids_are_refused():
+    with pytest.raises(ValueError, match="no items"):
+        parse_items("\n\n", "e.jsonl")
+    with pytest.raises(ValueError, match="unique"):
+        parse_items('{"id": 1, "prompt": "a", "reference": "b"}\n{"id": "1", "prompt": "c", "reference": "d"}', "d.jsonl")
+
+
+def test_config_hash_covers_suite_decoding_and_content_only():
+    base = config_hash("instruct-checks", {"max_new_tokens": 160}, "abc")
+
+    assert base == config_hash("instruct-checks", {"max_new_tokens": 160}, "abc")
+    assert base != config_hash("jsonl", {"max_new_tokens": 160}, "abc")
+    assert base != config_hash("instruct-checks", {"max_new_tokens": 200}, "abc")
+    assert base != config_hash("instruct-checks", {"max_new_tokens": 160}, "abd")
+
+
+def test_suite_registry_refuses_unknown_names():
+    assert set(SUITES) == {"instruct-checks", "jsonl", "pairwise-vs-initial"}
+    with pytest.raises(ValueError, match="allowed: instruct-checks, jsonl, pairwise-vs-initial"):
+        suite_spec("mmlu")
+
+
+def test_some_suite_items_are_satisfiable_by_a_plain_answer():
+    # Contrast needs chance passes: a plain lowercase answer passes some items' single constraints.
+    plain = "it helps to rest and drink water. i hope this helps"
+    singles = [item for item in load_instruct_checks() if len(item.constraints) == 1]
+    assert any(check(item.constraints[0], plain) for item in singles)
+    assert isinstance(singles[0].constraints[0], Constraint)

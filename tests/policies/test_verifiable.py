@@ -1,0 +1,54 @@
+import random
+
+from policies.self_instruct import load_seed_prompts, ngram_overlap, normalize_prompt
+from policies.suites import instruct_check_tasks, load_instruct_checks
+from policies.verifiable import (
+    SUITE_OVERLAP_LIMIT,
+    attach_constraints,
+    drop_suite_overlaps,
+    load_training_tasks,
+    training_rng,
+)
+
+
+def test_training_tasks_and_seed_prompts_never_overlap_suite_tasks():
+    suite = instruct_check_tasks()
+    for pool in (load_training_tasks(), load_seed_prompts()):
+        worst = max(ngram_overlap(task, other) for task in pool for other in suite)
+        assert worst <= SUITE_OVERLAP_LIMIT
+        assert drop_suite_overlaps(pool) == pool
+
+
+def test_rendered_training_prompts_never_equal_a_suite_prompt():
+    suite_prompts = {normalize_prompt(item.prompt) for item in load_instruct_checks()}
+    suite_tasks = {normalize_prompt(t) for t in instruct_check_tasks()}
+    for iteration in range(20):
+        rng = training_rng(seed=0, iteration=iteration)
+        for task in load_training_tasks() + load_seed_prompts():
+            made = attach_constraints(task, rng, rng.choice((1, 2, 3)))
+            assert normalize_prompt(made.prompt) not in suite_prompts
+            assert normalize_prompt(made.task) not in suite_tasks
+
+
+def test_attach_constraints_renders_the_task_with_its_constraints():
+    made = attach_constraints("Why do cats sleep so much?", random.Random(4), 2)
+
+    assert len(made.constraints) == 2
+    assert made.prompt.startswith("Why do cats sleep so much? ")
+    assert made == attach_constraints("Why do cats sleep so much?", random.Random(4), 2)
+    for constraint in made.constraints:
+        if constraint.kind == "repeat_request":
+            assert constraint.param("request") == "Why do cats sleep so much?"
+
+
+def test_iterations_draw_different_constraints():
+    draws = {attach_constraints("Why do cats sleep so much?", training_rng(0, i), 2).constraints for i in range(10)}
+    assert len(draws) > 5
+
+
+def test_suite_tasks_and_near_copies_are_dropped():
+    suite_task = instruct_check_tasks()[0]
+    near_copy = suite_task.rstrip(".") + " for me."
+    tasks = [suite_task, "Why do people yawn?", near_copy]
+
+    assert drop_suite_overlaps(tasks) == ["Why do people yawn?"]
