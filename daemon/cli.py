@@ -21,10 +21,6 @@ from daemon.logs import configure_logging
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kaizen: a model that improves itself, cycle after cycle.")
 # Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and squash the tables.
 console = Console(width=None if sys.stdout.isatty() else 160)
-STAGE_COLUMNS = {
-    "generate_prompts": "gen", "respond": "respond", "judge": "judge", "build_pairs": "pairs",
-    "steerlm_sft": "steerlm", "genarm_train": "arm", "dpo_update": "dpo", "evaluate_gate": "gate",
-}
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default: ./kaizen.yaml if present)")]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="where the lineage DB, models and artifacts live")]
@@ -111,7 +107,7 @@ def cycle(config: ConfigOption = None, data_dir: DataDirOption = None, model: Mo
     from daemon.bootstrap import initialise
     from daemon.cycle import CycleError, run_cycle
     from daemon.dispatch import EagerDispatcher
-    from workers.stages import stages_for
+    from daemon.stage_specs import stages_for
 
     settings = _settings(config, data_dir, model)
     sessions = initialise(settings)
@@ -199,7 +195,7 @@ def lineage_command(
 def _print_lineage(settings: Settings) -> None:
     from daemon.bootstrap import open_lineage
     from daemon.views import lineage_view
-    from workers.stages import OPTIONAL_STAGES, STAGE_ORDER
+    from daemon.stage_specs import OPTIONAL_STAGES, STAGE_ORDER, STAGE_SHORT_LABELS
 
     view = _load_view(settings, open_lineage, lineage_view)
     tree = Tree("checkpoints")
@@ -215,7 +211,7 @@ def _print_lineage(settings: Settings) -> None:
     console.print(tree)
     table = Table(title="iterations")
     shown = [s for s in STAGE_ORDER if any(s in it["stages"] for it in view["iterations"]) or s not in OPTIONAL_STAGES]
-    for column in ("iter", "status", "parent→candidate", *(f"{STAGE_COLUMNS[s]} s" for s in shown), "pairs (sr/rlcd)", "W/L/T win \\[lower]", "decision"):
+    for column in ("iter", "status", "parent→candidate", *(f"{STAGE_SHORT_LABELS[s]} s" for s in shown), "pairs (sr/rlcd)", "W/L/T win \\[lower]", "decision"):
         table.add_column(column)
     for it in view["iterations"]:
         stages = it["stages"]
@@ -388,7 +384,7 @@ def show(
 
 
 def _print_iteration(d: dict[str, Any]) -> None:
-    from workers.stages import STAGE_ORDER
+    from daemon.stage_specs import STAGE_ORDER
 
     console.print(f"[bold]iteration {d['iteration']}[/]: {d['status']}, decision {d['decision'] or '-'}; {d['parent']} → {d['candidate'] or '-'}")
     console.print(f"started {d['started_at']}, finished {d['finished_at'] or '-'}" + (f"\n[red]{d['error']}[/]" if d["error"] else ""))

@@ -19,7 +19,7 @@ from daemon.config import Settings
 from daemon.db import lineage
 from daemon.db.engine import transaction
 from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus, utcnow
-from workers.stages import STAGE_ORDER, stages_for
+from daemon.stage_specs import STAGE_ORDER, stages_for
 
 log = structlog.get_logger(__name__)
 

@@ -30,10 +30,10 @@ class EagerDispatcher:
         self.sessions = sessions
 
     def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
-        from workers.stages import STAGES
+        from daemon.stage_specs import stage_function
 
         ctx = StageContext(settings=self.settings, sessions=self.sessions, iteration_id=iteration_id)
-        return execute_stage(ctx, stage, STAGES[stage])
+        return execute_stage(ctx, stage, stage_function(stage))
 
 
 class BrokerUnavailable(RuntimeError):

@@ -18,7 +18,7 @@ from daemon.db import lineage
 from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun
 from policies.judge_metrics import WARNING_EVENT_KIND as JUDGE_WARNING_EVENT
 from policies.judge_metrics import iteration_judge_metrics
-from workers.stages import STAGE_ORDER
+from daemon.stage_specs import STAGE_ORDER
 
 # Judge scores are 1..5 (policies.rubric); a fractional mean falls in the bucket of its integer part.
 SCORE_BUCKETS = (1, 2, 3, 4, 5)

@@ -95,13 +95,13 @@ def _fresh_engine_after_fork(**_: Any) -> None:
 
 
 def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | None = None) -> dict[str, Any]:
-    from workers.stages import STAGES  # here, in the pool process: the parent never loads torch
+    from daemon.stage_specs import stage_function  # the stage's code is imported here, in the pool process: the parent never loads torch
 
     settings = load_settings()
     ctx = StageContext(settings=settings, sessions=_worker_sessions(settings.resolved_database_url), iteration_id=iteration_id)
     delivery = task.request.delivery_info or {}
     try:
-        return execute_stage(ctx, stage, STAGES[stage], expected_input_hash=input_hash)
+        return execute_stage(ctx, stage, stage_function(stage), expected_input_hash=input_hash)
     except StageDeliveryDropped as exc:
         # Acknowledged without computing: the lineage DB already has (or will get) this stage.
         log.warning("stage.delivery_dropped", iteration_id=iteration_id, stage=stage, reason=str(exc),
@@ -110,7 +110,7 @@ def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | 
 
 
 def queue_for(stage: str) -> str:
-    from workers.stages import STAGE_QUEUES  # called by the daemon, which has the stages loaded
+    from daemon.stage_specs import STAGE_QUEUES
 
     return STAGE_QUEUES[stage]
 

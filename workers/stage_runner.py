@@ -126,7 +126,7 @@ def digest_inputs(inputs: dict[str, Any]) -> str:
 def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
     """The hash of everything ``stage`` of ``iteration_id`` reads; raises StageNotReady if an
     upstream stage has not succeeded."""
-    from workers.stages import OPTIONAL_STAGES, STAGE_ORDER  # imported here: the Celery parent must not load torch
+    from daemon.stage_specs import OPTIONAL_STAGES, STAGE_ORDER
 
     iteration = session.get(Iteration, iteration_id)
     if iteration is None:

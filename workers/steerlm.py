@@ -338,16 +338,15 @@ def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> S
     per attribute how many responses could not be labelled. Too few fully labelled responses
     (``min_examples``) skip training with the reason in the result.
     """
-    # Imported here: workers.stages may register this stage, and importing it at module level would be circular.
-    from workers.stages import _jsonable, _parent_checkpoint, _runtime_for
+    from workers.stages.common import jsonable, parent_checkpoint, runtime_for
 
     s = settings or SteerLMSettings()
     seed = s.seed if s.seed is not None else _stage_seed(ctx)
     with ctx.sessions() as session:
-        parent = _parent_checkpoint(ctx, session)
+        parent = parent_checkpoint(ctx, session)
         parent_path = parent.path
     rows = _labelled_rows(ctx, s.response_kinds)
-    runtime = _runtime_for(ctx, parent_path)
+    runtime = runtime_for(ctx, parent_path)
     parses = label_attributes(
         runtime,
         [(prompt, text) for _, text, prompt in rows],
@@ -380,7 +379,7 @@ def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> S
     trained = sft_attribute_conditioned(parent_path, [ex for _, ex in examples], out_dir, dataclasses.replace(s, seed=seed))
 
     def write(session: Session) -> dict[str, Any]:
-        parent_row = _parent_checkpoint(ctx, session)
+        parent_row = parent_checkpoint(ctx, session)
         # A re-run must not reset the status the gate or an operator gave the checkpoint since.
         if session.get(Checkpoint, checkpoint_id) is None:
             session.add(
@@ -388,7 +387,7 @@ def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> S
                     id=checkpoint_id, parent_id=parent_row.id, base_model=parent_row.base_model,
                     path=str(trained.checkpoint_path), adapter_path=str(trained.adapter_path),
                     status=CheckpointStatus.candidate, created_iteration_id=ctx.iteration_id,
-                    metrics=_jsonable(trained.metrics),
+                    metrics=jsonable(trained.metrics),
                 )
             )
             session.flush()
@@ -401,6 +400,6 @@ def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> S
         "checkpoint_id": checkpoint_id,
         "examples": trained.num_examples,
         "train_seconds": round(trained.train_seconds, 3),
-        **_jsonable(trained.metrics),
+        **jsonable(trained.metrics),
     }
     return StageOutput(result, write)

@@ -12,12 +12,8 @@ from daemon.config import Settings
 from daemon.dashboard.charts import Series, bar_chart, line_chart, stacked_bar_chart
 from daemon.dashboard.graph import REJECTED, render_lineage_svg
 from daemon.db.models import Event
-from workers.stages import STAGE_ORDER
+from daemon.stage_specs import STAGE_LABELS, STAGE_ORDER
 
-STAGE_LABELS = {
-    "generate_prompts": "prompts", "respond": "respond", "judge": "judge", "build_pairs": "pairs",
-    "steerlm_sft": "SteerLM SFT", "genarm_train": "GenARM RM", "dpo_update": "DPO", "evaluate_gate": "gate",
-}
 
 
 def _iteration_charts(iterations: list[dict[str, Any]], settings: Settings) -> dict[str, Markup]:

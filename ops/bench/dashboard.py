@@ -41,7 +41,7 @@ from daemon.db.models import (
 )
 from policies import gate
 from policies.self_instruct import load_seed_prompts
-from workers.stages import CORE_STAGES
+from daemon.stage_specs import CORE_STAGES
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/kaizen_bench"
 TARGET_P95_MS = 50.0

@@ -15,7 +15,7 @@ from daemon.dispatch import EagerDispatcher
 from tests.factories import small_cycle_settings
 from workers.checkpoints import read_manifest
 from workers.stage_runner import StageContext, execute_stage
-from workers.stages import CORE_STAGES, STAGES
+from daemon.stage_specs import CORE_STAGES, stage_function
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_rerunning_a_finished_stage_returns_the_stored_result_and_writes_nothing
         stored = session.scalars(select(StageRun).where(StageRun.stage == "respond")).one().result
     ctx = StageContext(settings=settings, sessions=sessions, iteration_id=1)
     for stage in CORE_STAGES:
-        result = execute_stage(ctx, stage, STAGES[stage])
+        result = execute_stage(ctx, stage, stage_function(stage))
         if stage == "respond":
             assert result == stored
     with sessions() as session:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.factories import small_cycle_config
-from workers.stages import CORE_STAGES
+from daemon.stage_specs import CORE_STAGES
 
 pytestmark = pytest.mark.slow
 

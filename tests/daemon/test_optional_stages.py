@@ -14,7 +14,7 @@ from daemon.dispatch import EagerDispatcher
 from daemon.serving.reward_models import latest_loop_reward_model
 from tests.factories import small_cycle_settings
 from workers.checkpoints import verify_checkpoint
-from workers.stages import STAGE_ORDER, stages_for
+from daemon.stage_specs import STAGE_ORDER, stages_for
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,7 @@ from daemon.db.models import (
     StageStatus,
 )
 from tests.factories import small_cycle_config
-from workers.stages import CORE_STAGES
+from daemon.stage_specs import CORE_STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"

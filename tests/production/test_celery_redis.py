@@ -18,7 +18,7 @@ from tests.production.harness import (
     Processes, assert_lineage_exact, production_config, spawn_daemon, spawn_worker, stage_row, wait_for,
 )
 from workers.stage_runner import stage_input_hash
-from workers.stages import CORE_STAGES
+from daemon.stage_specs import CORE_STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ from tests.production.harness import (
     PrivateRedis, Processes, assert_lineage_exact, production_config, spawn_daemon, spawn_worker, stage_running, succeeded_stages,
     wait_for,
 )
-from workers.stages import CORE_STAGES
+from daemon.stage_specs import CORE_STAGES
 
 pytestmark = pytest.mark.slow
 

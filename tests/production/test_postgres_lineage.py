@@ -22,7 +22,7 @@ from tests.factories import small_cycle_settings
 from workers import artifacts
 from workers.checkpoints import CheckpointError
 from workers.stage_runner import StageContext, execute_stage
-from workers.stages import STAGES
+from daemon.stage_specs import stage_function
 
 
 def test_alembic_migrates_postgres_to_head_without_drift_and_back(pg_url: str) -> None:
@@ -96,7 +96,7 @@ def test_a_broken_candidate_checkpoint_is_refused_at_load_and_never_promoted(
     with pytest.raises(CheckpointError, match=expected):
         artifacts.model_path_for_loading(settings, candidate.path)
     ctx = StageContext(settings=settings, sessions=sessions, iteration_id=iteration.id)
-    result = execute_stage(ctx, "evaluate_gate", STAGES["evaluate_gate"])
+    result = execute_stage(ctx, "evaluate_gate", stage_function("evaluate_gate"))
 
     assert result["decision"] == "rejected" and expected in result["reasons"][0]
     with sessions() as session:

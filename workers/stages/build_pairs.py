@@ -1,0 +1,85 @@
+"""Stage 4: preference pairs from the judged answers (self-reward) and the RLCD answers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.db.models import Judgment, Pair, Response, StageRun, StageStatus
+from policies import judge_metrics, pairs, rubric
+from workers.stage_runner import StageContext, StageOutput
+from workers.stages.common import parent_checkpoint, record_warnings, warning_thresholds
+
+
+def build_pairs(ctx: StageContext) -> StageOutput:
+    cfg = ctx.settings.pairs
+    with ctx.sessions() as session:
+        champion = parent_checkpoint(ctx, session)
+        responses = list(session.scalars(select(Response).where(Response.iteration_id == ctx.iteration_id)))
+        judgments = list(session.scalars(select(Judgment).where(Judgment.iteration_id == ctx.iteration_id)))
+        gap_history = _earlier_score_gaps(session, ctx.iteration_id)
+    scores_by_response: dict[int, list[float | None]] = defaultdict(list)
+    for j in judgments:
+        scores_by_response[j.response_id].append(j.score)
+    lengths = {str(r.id): r.num_tokens for r in responses}
+    scored: dict[str, list[pairs.ScoredResponse]] = defaultdict(list)
+    rlcd: dict[int, dict[str, Response]] = defaultdict(dict)
+    for r in responses:
+        if r.kind == "policy":
+            mean = rubric.mean_score(scores_by_response.get(r.id, []))
+            scored[str(r.prompt_id)].append(pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens))
+        else:
+            rlcd[r.prompt_id][r.kind] = r
+    if cfg.length_normalise:
+        scored = pairs.length_normalised(scored)
+    self_reward = pairs.build_self_reward_pairs(scored, cfg.min_score_gap)
+    rlcd_pairs = pairs.build_rlcd_pairs(
+        [
+            pairs.RlcdSample(str(pid), str(k["rlcd_positive"].id), k["rlcd_positive"].text, str(k["rlcd_negative"].id), k["rlcd_negative"].text)
+            for pid, k in rlcd.items()
+            if {"rlcd_positive", "rlcd_negative"} <= k.keys()
+        ]
+    )
+    selected = pairs.select_pairs(cfg.strategy, self_reward, rlcd_pairs)
+    dropped: list[pairs.PreferencePair] = []
+    if cfg.max_length_ratio is not None:
+        selected, dropped = pairs.cap_length_ratio(selected, lengths, cfg.max_length_ratio)
+    metrics = judge_metrics.pair_gaps((p.score_gap, lengths[p.chosen_id], lengths[p.rejected_id]) for p in selected)
+    warnings = judge_metrics.judge_warnings(metrics, warning_thresholds(ctx), gap_history)
+
+    def write(session: Session) -> dict[str, Any]:
+        session.add_all(
+            Pair(
+                iteration_id=ctx.iteration_id, prompt_id=int(p.prompt_id), chosen_response_id=int(p.chosen_id),
+                rejected_response_id=int(p.rejected_id), kind=p.kind, score_gap=p.score_gap,
+            )
+            for p in selected
+        )
+        record_warnings(session, ctx, champion.id, warnings)
+        return {}
+
+    result = {
+        "pairs": len(selected),
+        "self_reward_pairs": sum(p.kind == "self_reward" for p in selected),
+        "rlcd_pairs": sum(p.kind == "rlcd" for p in selected),
+        "dropped_by_length_cap": len(dropped),
+        "length_normalised": cfg.length_normalise,
+        judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
+        "warnings": warnings,
+    }
+    return StageOutput(result, write)
+
+
+def _earlier_score_gaps(session: Session, iteration_id: int, limit: int = 100) -> list[float | None]:
+    """The mean score gap of the iterations before this one, oldest first."""
+    results = session.scalars(
+        select(StageRun.result)
+        .where(StageRun.stage == "build_pairs", StageRun.status == StageStatus.succeeded, StageRun.iteration_id < iteration_id)
+        .order_by(StageRun.iteration_id.desc())
+        .limit(limit)
+    ).all()
+    return [(r.get(judge_metrics.JUDGE_METRICS_KEY) or {}).get("mean_score_gap") for r in reversed(results)]
+

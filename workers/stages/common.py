@@ -1,0 +1,101 @@
+"""What every stage shares: loading the checkpoint it works on, seeds, sampling, prompts, warnings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.db.models import Checkpoint, Event, Prompt, StageRun, StageStatus
+from daemon.stage_specs import stage_index
+from policies import judge_metrics
+from workers import artifacts
+from workers.runtime import ModelRuntime, configure_cpu_threads, get_runtime
+from workers.stage_runner import StageContext
+
+log = structlog.get_logger(__name__)
+
+
+def runtime_for(ctx: StageContext, checkpoint_path: str) -> ModelRuntime:
+    configure_cpu_threads(ctx.settings.model.cpu_threads)
+    device = None if ctx.settings.model.device == "auto" else ctx.settings.model.device
+    # A checkpoint kaizen wrote is verified against its manifest (and fetched if remote) first.
+    return get_runtime(artifacts.model_path_for_loading(ctx.settings, checkpoint_path), device=device)
+
+
+def parent_checkpoint(ctx: StageContext, session: Session) -> Checkpoint:
+    iteration = ctx.iteration(session)
+    checkpoint = session.get(Checkpoint, iteration.parent_checkpoint_id)
+    assert checkpoint is not None, "iterations reference an existing checkpoint by foreign key"
+    return checkpoint
+
+
+def steerlm_checkpoint(ctx: StageContext, session: Session) -> Checkpoint | None:
+    """The attribute-conditioned SFT of the parent, if this iteration's steerlm_sft made one:
+    DPO then starts from it, so the candidate keeps the SteerLM conditioning."""
+    row = session.scalars(
+        select(StageRun).where(StageRun.iteration_id == ctx.iteration_id, StageRun.stage == "steerlm_sft", StageRun.status == StageStatus.succeeded)
+    ).one_or_none()
+    checkpoint_id = row.result.get("checkpoint_id") if row is not None and not row.result.get("skipped") else None
+    return session.get(Checkpoint, checkpoint_id) if checkpoint_id else None
+
+
+def stage_seed(ctx: StageContext, stage: str) -> int:
+    # Deterministic per (config seed, iteration, stage): a re-run samples the same data.
+    return (ctx.settings.seed * 1_000_003 + ctx.iteration_id * 101 + stage_index(stage)) % (2**31)
+
+
+def prompts_of_role(session: Session, iteration_id: int, role: str) -> list[Prompt]:
+    return list(
+        session.scalars(select(Prompt).where(Prompt.iteration_id == iteration_id, Prompt.role == role).order_by(Prompt.id))
+    )
+
+
+def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int, seed: int, **overrides: Any):
+    g = ctx.settings.generation
+    return runtime.generate(
+        texts,
+        num_samples=n,
+        max_new_tokens=overrides.get("max_new_tokens", g.max_new_tokens),
+        temperature=overrides.get("temperature", g.temperature),
+        top_p=g.top_p,
+        seed=seed,
+        batch_size=g.batch_size,
+    )
+
+
+def user_prompt(runtime: ModelRuntime, content: str) -> str:
+    return runtime.render_chat([{"role": "user", "content": content}])
+
+
+def warning_thresholds(ctx: StageContext) -> judge_metrics.WarningThresholds:
+    return judge_metrics.WarningThresholds(**ctx.settings.judge.warnings.model_dump())
+
+
+def record_warnings(session: Session, ctx: StageContext, checkpoint_id: str, warnings: list[str]) -> None:
+    for line in warnings:
+        log.warning("judge.warning", iteration_id=ctx.iteration_id, warning=line)
+        session.add(
+            Event(
+                kind=judge_metrics.WARNING_EVENT_KIND, checkpoint_id=checkpoint_id, iteration_id=ctx.iteration_id,
+                actor="judge_metrics", reason=line,
+            )
+        )
+
+
+def lineage_root(session: Session, checkpoint: Checkpoint) -> Checkpoint:
+    """The first model of ``checkpoint``'s lineage (following parents to the one without)."""
+    seen = {checkpoint.id}
+    while checkpoint.parent_id is not None:
+        parent = session.get(Checkpoint, checkpoint.parent_id)
+        assert parent is not None and parent.id not in seen, "checkpoint parents form a tree by foreign key"
+        seen.add(parent.id)
+        checkpoint = parent
+    return checkpoint
+
+
+def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(float(v), 6) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+

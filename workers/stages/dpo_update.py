@@ -1,0 +1,76 @@
+"""Stage 5: DPO + LoRA on the iteration's pairs; the merged candidate is published as a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon.db import lineage
+from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
+from workers import artifacts
+from workers.runtime import configure_cpu_threads
+from workers.stage_runner import StageContext, StageOutput
+from workers.stages.common import jsonable, lineage_root, parent_checkpoint, stage_seed, steerlm_checkpoint
+
+
+def dpo_update(ctx: StageContext) -> StageOutput:
+    from workers.training import ADAPTER_SUBDIR, DPOSettings, PreferenceExample, dpo_update as train
+
+    t = ctx.settings.training
+    with ctx.sessions() as session:
+        champion = steerlm_checkpoint(ctx, session) or parent_checkpoint(ctx, session)
+        # "initial" keeps the lineage's first model as the KL anchor across rounds, so drift is
+        # measured from where the loop started rather than from the last champion.
+        reference = lineage_root(session, champion) if t.reference == "initial" else champion
+        rows = session.execute(
+            select(Prompt.text, Pair.chosen_response_id, Pair.rejected_response_id)
+            .join(Prompt, Prompt.id == Pair.prompt_id)
+            .where(Pair.iteration_id == ctx.iteration_id)
+            .order_by(Pair.id)
+        ).all()
+        texts = dict(session.execute(select(Response.id, Response.text).where(Response.iteration_id == ctx.iteration_id)).all())
+    if len(rows) < t.min_pairs:
+        return StageOutput({"skipped": f"{len(rows)} pairs, fewer than training.min_pairs={t.min_pairs}", "pairs": len(rows)})
+    examples = [
+        PreferenceExample(prompt=prompt, chosen=texts[c], rejected=texts[r])
+        for prompt, c, r in rows
+    ]
+    checkpoint_id = lineage.candidate_checkpoint_id(ctx.iteration_id)
+    out_dir = artifacts.checkpoint_staging_dir(ctx.settings, checkpoint_id)
+    dataset_uri = artifacts.write_dataset(
+        ctx.settings, ctx.iteration_id, "preference_pairs.jsonl",
+        ({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples),
+    )
+    settings = DPOSettings(
+        beta=t.beta, learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+        max_length=t.max_length, seed=stage_seed(ctx, "dpo_update"),
+    )
+    # The champion as reference needs no second model: dpo_update disables the adapter instead.
+    reference_path = artifacts.model_path_for_loading(ctx.settings, reference.path) if reference.id != champion.id else None
+    base_path = artifacts.model_path_for_loading(ctx.settings, champion.path)
+    configure_cpu_threads(ctx.settings.model.cpu_threads)
+    trained = train(base_path, examples, out_dir, settings, reference_model_path=reference_path)
+    # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
+    checkpoint_uri = artifacts.publish_checkpoint(ctx.settings, trained.checkpoint_path, checkpoint_id)
+
+    def write(session: Session) -> dict[str, Any]:
+        parent = steerlm_checkpoint(ctx, session) or parent_checkpoint(ctx, session)
+        session.merge(
+            Checkpoint(
+                id=checkpoint_id, parent_id=parent.id, base_model=parent.base_model, path=checkpoint_uri,
+                adapter_path=artifacts.join_uri(checkpoint_uri, ADAPTER_SUBDIR), status=CheckpointStatus.candidate,
+                created_iteration_id=ctx.iteration_id, metrics=jsonable(trained.metrics),
+            )
+        )
+        session.flush()
+        ctx.iteration(session).candidate_checkpoint_id = checkpoint_id
+        return {}
+
+    result = {
+        "checkpoint_id": checkpoint_id, "pairs": len(rows), "reference": reference.id, "dataset": dataset_uri,
+        "train_seconds": round(trained.train_seconds, 3), **jsonable(trained.metrics),
+    }
+    return StageOutput(result, write)

@@ -1,0 +1,156 @@
+"""Stage 6: the candidate against the champion on held-out prompts; promote or reject."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from daemon.db import lineage
+from daemon.db.models import Checkpoint, Evaluation
+from policies import gate, judge_metrics, rubric
+from workers import artifacts
+from workers.checkpoints import CheckpointError
+from workers.runtime import ModelRuntime
+from workers.stage_runner import StageContext, StageOutput
+from workers.stages.common import parent_checkpoint, prompts_of_role, record_warnings, runtime_for, sample, stage_seed, user_prompt, warning_thresholds
+
+
+def evaluate_gate(ctx: StageContext) -> StageOutput:
+    g = ctx.settings.gate
+    rule = gate.GateRule(
+        min_win_rate_lower_bound=g.min_win_rate_lower_bound, z=g.z, min_comparisons=g.min_comparisons,
+        max_length_ratio=g.max_length_ratio, max_parse_failure_rate=g.max_parse_failure_rate,
+    )
+    with ctx.sessions() as session:
+        iteration = ctx.iteration(session)
+        champion = parent_checkpoint(ctx, session)
+        candidate = session.get(Checkpoint, iteration.candidate_checkpoint_id) if iteration.candidate_checkpoint_id else None
+        heldout = [p.text for p in prompts_of_role(session, ctx.iteration_id, "heldout")]
+    if candidate is None:
+        return _no_candidate_decision(ctx, champion.id)
+    refusal = _unloadable_checkpoint(ctx, candidate.path)
+    if refusal is not None:
+        return _refused_candidate_decision(ctx, candidate.id, champion.id, refusal)
+    comparisons, stats = _compare(ctx, champion.path, candidate.path, heldout)
+    decision = gate.decide(stats, rule)
+    metrics = {
+        "position_bias_rate": judge_metrics.position_bias_rate((c["candidate_first"], c["champion_first"]) for c in comparisons)
+    }
+    warnings = judge_metrics.judge_warnings(metrics, warning_thresholds(ctx))
+
+    def write(session: Session) -> dict[str, Any]:
+        _record_evaluation(session, ctx.iteration_id, candidate.id, champion.id, decision, stats, comparisons)
+        record_warnings(session, ctx, champion.id, warnings)
+        reason = "; ".join(decision.reasons)
+        # An operator's promote/rollback during this cycle wins over a candidate trained on the old champion.
+        blocked = lineage.gate_promotion_blocker(session, champion.id) if decision.promote else None
+        if decision.promote and not blocked:
+            lineage.promote(session, candidate.id, actor="gate", reason=reason, iteration_id=ctx.iteration_id)
+        else:
+            reason = f"{reason}; not promoted: {blocked}" if blocked else reason
+            lineage.reject(session, candidate.id, actor="gate", reason=reason, iteration_id=ctx.iteration_id)
+        ctx.iteration(session).decision = "promoted" if decision.promote and not blocked else "rejected"
+        return {}
+
+    result = {
+        "decision": "promoted" if decision.promote else "rejected", **decision.as_dict(),
+        judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics), "warnings": warnings,
+    }
+    return StageOutput(result, write)
+
+
+def _compare(ctx: StageContext, champion_path: str, candidate_path: str, prompts: list[str]):
+    seed = stage_seed(ctx, "evaluate_gate")
+    champion_rt = runtime_for(ctx, champion_path)
+    candidate_rt = runtime_for(ctx, candidate_path)
+    champion_out = [o[0] for o in sample(ctx, champion_rt, [user_prompt(champion_rt, p) for p in prompts], n=1, seed=seed)]
+    candidate_out = [o[0] for o in sample(ctx, candidate_rt, [user_prompt(candidate_rt, p) for p in prompts], n=1, seed=seed)]
+    # The champion judges: it is frozen relative to the candidate, which limits self-preference.
+    requests = []
+    for prompt, cand, champ in zip(prompts, candidate_out, champion_out, strict=True):
+        requests.append(user_prompt(champion_rt, rubric.render_pairwise_prompt(prompt, cand.text, champ.text)))
+        requests.append(user_prompt(champion_rt, rubric.render_pairwise_prompt(prompt, champ.text, cand.text)))
+    verdicts, details = _pairwise_verdicts(ctx, champion_rt, requests, seed + 1)
+    comparisons, combined = [], []
+    for index, prompt in enumerate(prompts):
+        first, second = verdicts[2 * index], verdicts[2 * index + 1]
+        outcome = gate.combine_two_orders(first, second)
+        combined.append(outcome)
+        comparisons.append(
+            {"prompt": prompt, "candidate_first": first, "champion_first": second, "outcome": outcome, **details[index]}
+        )
+    stats = gate.tally(combined, [o.num_tokens for o in candidate_out], [o.num_tokens for o in champion_out])
+    return comparisons, stats
+
+
+def _pairwise_verdicts(
+    ctx: StageContext, judge_rt: ModelRuntime, requests: list[str], seed: int
+) -> tuple[list[str | None], list[dict[str, Any]]]:
+    """The judge's verdict ("A", "B", "tie" or None if unreadable) on each pairwise request, in
+    judge.mode, and per comparison (two consecutive requests) what to keep in the lineage."""
+    j = ctx.settings.judge
+    if j.mode == rubric.JUDGE_MODE_LOGPROB:
+        cues = [request + rubric.VERDICT_CUE for request in requests]
+        distributions = judge_rt.continuation_distribution(cues, rubric.VERDICT_CONTINUATIONS, batch_size=ctx.settings.generation.batch_size) if cues else []
+        verdicts: list[str | None] = [rubric.verdict_from_distribution(d.probabilities) for d in distributions]
+        details = [
+            {
+                "candidate_first_p": [round(p, 4) for p in distributions[i].probabilities],
+                "champion_first_p": [round(p, 4) for p in distributions[i + 1].probabilities],
+            }
+            for i in range(0, len(distributions), 2)
+        ]
+        return verdicts, details
+    texts = [o[0].text for o in sample(ctx, judge_rt, requests, n=1, seed=seed, max_new_tokens=j.max_new_tokens, temperature=j.temperature)]
+    return [rubric.parse_pairwise_verdict(text) for text in texts], [{} for _ in range(len(texts) // 2)]
+
+
+def _record_evaluation(session: Session, iteration_id: int, candidate_id: str | None, champion_id: str, decision, stats, comparisons) -> None:
+    session.add(
+        Evaluation(
+            iteration_id=iteration_id, candidate_id=candidate_id, champion_id=champion_id, promote=decision.promote,
+            wins=stats.wins, losses=stats.losses, ties=stats.ties, unparseable=stats.unparseable,
+            win_rate=decision.win_rate, win_rate_lower_bound=decision.win_rate_lower_bound,
+            length_ratio=decision.length_ratio, parse_failure_rate=decision.parse_failure_rate,
+            reasons={"reasons": list(decision.reasons)}, comparisons={"items": comparisons},
+        )
+    )
+
+
+def _no_candidate_decision(ctx: StageContext, champion_id: str) -> StageOutput:
+    reason = "no candidate checkpoint: too few preference pairs to train"
+
+    def write(session: Session) -> dict[str, Any]:
+        session.add(
+            Evaluation(iteration_id=ctx.iteration_id, candidate_id=None, champion_id=champion_id, promote=False, reasons={"reasons": [reason]}, comparisons={"items": []})
+        )
+        ctx.iteration(session).decision = "skipped"
+        return {}
+
+    return StageOutput({"decision": "skipped", "reasons": [reason]}, write)
+
+
+def _unloadable_checkpoint(ctx: StageContext, path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded (missing, truncated, corrupted), or None."""
+    try:
+        artifacts.model_path_for_loading(ctx.settings, path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _refused_candidate_decision(ctx: StageContext, candidate_id: str, champion_id: str, problem: str) -> StageOutput:
+    """A candidate that fails verification is rejected, so it can never be promoted, even by hand."""
+    reason = f"candidate checkpoint refused at load: {problem}"
+
+    def write(session: Session) -> dict[str, Any]:
+        session.add(
+            Evaluation(iteration_id=ctx.iteration_id, candidate_id=candidate_id, champion_id=champion_id, promote=False, reasons={"reasons": [reason]}, comparisons={"items": []})
+        )
+        lineage.reject(session, candidate_id, actor="gate", reason=reason, iteration_id=ctx.iteration_id)
+        ctx.iteration(session).decision = "rejected"
+        return {}
+
+    return StageOutput({"decision": "rejected", "reasons": [reason]}, write)
+
