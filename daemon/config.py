@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.steering import DEFAULT_METHOD as DEFAULT_STEERING
+from policies.steering import METHODS as STEERING_METHODS
+
 TINY_MODEL = "tiny"
 SMOLLM2_MODEL = "smollm2"
 DEFAULT_CONFIG_FILE = "kaizen.yaml"
@@ -216,7 +219,7 @@ class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model_name: str = Field("kaizen", min_length=1, description="the id clients put in `model`")
-    default_steering: Literal["none", "urial", "steerlm", "genarm"] = "none"
+    default_steering: Literal[tuple(STEERING_METHODS)] = DEFAULT_STEERING  # type: ignore[valid-type]
     urial_preset: str | None = Field(None, description="a URIAL prompt file replacing the packaged v1")
     poll_seconds: float = Field(1.0, gt=0.0, description="how often the server checks the champion pointer")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="default and upper limit of max_tokens")

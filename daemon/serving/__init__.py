@@ -13,10 +13,11 @@ def build_app(settings: Settings) -> FastAPI:
     from daemon.bootstrap import open_lineage
     from daemon.serving.app import create_serving_app
     from daemon.serving.champion import ChampionWatcher, load_verified
-    from daemon.serving.reward_models import RewardModels
+    from workers.steering import SteeringMethods, SteeringResources
 
     device = None if settings.model.device == "auto" else settings.model.device
     sessions = open_lineage(settings)
     loader = partial(load_verified, settings, device=device)
     watcher = ChampionWatcher(sessions, loader=loader, poll_seconds=settings.serve.poll_seconds)
-    return create_serving_app(settings, watcher, RewardModels(settings.serve.genarm, sessions, loader))
+    methods = SteeringMethods(SteeringResources(settings.serve, sessions, loader), settings.serve.default_steering)
+    return create_serving_app(settings, watcher, methods)

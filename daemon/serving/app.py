@@ -23,10 +23,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.config import Settings
-from daemon.serving import engine
 from daemon.serving.champion import ChampionWatcher, ServedModel
-from daemon.serving.reward_models import RewardModels
-from policies.steering import METHOD_GENARM, SteeringError, SteeringSpec, parse_steering
+from policies.steering import SteeringError, SteeringSpec
+from workers.steering import DecodeParams, Decoder, SteeringMethods
 
 log = structlog.get_logger(__name__)
 
@@ -65,9 +64,9 @@ class CompletionRequest(_SamplingRequest):
 class _Prepared:
     model: ServedModel
     spec: SteeringSpec
-    params: engine.DecodeParams
+    params: DecodeParams
     prompt: str
-    guides: list[Any]
+    decoder: Decoder
 
 
 class ApiError(Exception):
@@ -80,9 +79,8 @@ def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, 
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_models: RewardModels) -> FastAPI:
+def create_serving_app(settings: Settings, watcher: ChampionWatcher, methods: SteeringMethods) -> FastAPI:
     serve = settings.serve
-    urial_preset = _urial_preset(serve.urial_preset)  # a broken preset file fails start-up, not a request
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -120,18 +118,11 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
 
     def steering(raw: dict[str, Any] | None) -> SteeringSpec:
         try:
-            return parse_steering(
-                raw, default_method=serve.default_steering, reward_models=reward_models.available() if _wants_genarm(raw) else None,
-                default_beta=serve.genarm.beta,
-            )
+            return methods.parse(raw)
         except SteeringError as exc:
-            raise ApiError(400, str(exc), param="steering") from None
+            raise ApiError(400, str(exc), param=exc.param) from None
 
-    def _wants_genarm(raw: dict[str, Any] | None) -> bool:
-        method = (raw or {}).get("method", serve.default_steering) if isinstance(raw, dict) else serve.default_steering
-        return method == METHOD_GENARM
-
-    def params(req: _SamplingRequest) -> engine.DecodeParams:
+    def params(req: _SamplingRequest) -> DecodeParams:
         limit = serve.max_new_tokens
         requested = req.max_completion_tokens or req.max_tokens or limit
         if requested > limit:
@@ -139,21 +130,17 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         temperature = settings.generation.temperature if req.temperature is None else req.temperature
         top_p = settings.generation.top_p if req.top_p is None else req.top_p
-        return engine.DecodeParams(requested, temperature, top_p, req.n, req.seed, tuple(stop))
+        return DecodeParams(requested, temperature, top_p, req.n, req.seed, tuple(stop))
 
     def check_model(name: str, model: ServedModel) -> None:
         if name not in (serve.model_name, model.checkpoint_id):
             raise ApiError(404, f"model {name!r} is not served here; use {serve.model_name!r} (the current champion)", param="model", kind="not_found_error")
 
-    def guides(spec: SteeringSpec, model: ServedModel) -> list:  # type: ignore[type-arg]
-        if spec.method != METHOD_GENARM:
-            return []
-        from workers.genarm import TokenizerMismatchError
-
+    def decoder(spec: SteeringSpec, model: ServedModel) -> Decoder:
         try:
-            return reward_models.guides(spec.reward_weights, model.runtime)
-        except (SteeringError, TokenizerMismatchError) as exc:
-            raise ApiError(400, str(exc), param="steering.reward_models") from None
+            return methods[spec.method].decoder(model.runtime, spec)
+        except SteeringError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
 
     def metadata(model: ServedModel, spec: SteeringSpec) -> dict[str, Any]:
         return {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()}
@@ -193,14 +180,14 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
             prompt = render(model, spec)
         except ValueError as exc:  # e.g. a URIAL chat that does not end with a user turn
             raise ApiError(400, str(exc), param="messages") from None
-        return _Prepared(model, spec, decode_params, prompt, guides(spec, model))
+        return _Prepared(model, spec, decode_params, prompt, decoder(spec, model))
 
     def respond(job: _Prepared, stream: bool, kind: str, chunks: Callable[..., Iterator[dict[str, Any]]], choice: Callable[[int, Any], dict[str, Any]]) -> dict[str, Any] | StreamingResponse:
         ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            pieces = engine.stream(job.model.runtime, job.prompt, _single(job.params), job.spec, job.guides)
+            pieces = job.decoder.stream(job.prompt, _single(job.params))
             return _sse(chunks(ident, created, serve.model_name, job.model, job.spec, pieces))
-        generations = engine.decode(job.model.runtime, job.prompt, job.params, job.spec, job.guides)
+        generations = job.decoder.decode(job.prompt, job.params)
         return {
             "id": ident, "object": "chat.completion" if kind == "chatcmpl" else "text_completion", "created": created,
             "model": serve.model_name, "system_fingerprint": job.model.checkpoint_id,
@@ -212,14 +199,14 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
     @app.post("/v1/chat/completions", response_model=None)
     def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
-        job = prepare(req, lambda model, spec: engine.render_chat_prompt(model.runtime, messages, spec, urial_preset))
+        job = prepare(req, lambda model, spec: methods[spec.method].render_chat(model.runtime, messages, spec))
         return respond(job, req.stream, "chatcmpl", _chat_chunks, lambda i, g: {
             "index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": _finish(g), "logprobs": None,
         })
 
     @app.post("/v1/completions", response_model=None)
     def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        job = prepare(req, lambda model, spec: engine.render_completion_prompt(model.runtime, req.prompt, spec, urial_preset))
+        job = prepare(req, lambda model, spec: methods[spec.method].render_completion(model.runtime, req.prompt, spec))
         return respond(job, req.stream, "cmpl", _text_chunks, lambda i, g: {
             "index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None,
         })
@@ -228,13 +215,7 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, reward_mode
     return app
 
 
-def _urial_preset(path: str | None):  # type: ignore[no-untyped-def]
-    from policies.urial import load_urial_preset
-
-    return load_urial_preset(path)
-
-
-def _single(params: engine.DecodeParams) -> engine.DecodeParams:
+def _single(params: DecodeParams) -> DecodeParams:
     if params.n != 1:
         raise ApiError(400, "streaming supports n=1 only", param="n")
     return params

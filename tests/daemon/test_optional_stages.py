@@ -11,7 +11,7 @@ from daemon.bootstrap import initialise
 from daemon.cycle import run_cycle
 from daemon.db.models import Checkpoint, StageRun, StageStatus
 from daemon.dispatch import EagerDispatcher
-from daemon.serving.reward_models import latest_loop_reward_model
+from workers.steering.genarm import latest_loop_reward_model
 from tests.factories import small_cycle_settings
 from workers.checkpoints import verify_checkpoint
 from daemon.stage_specs import STAGE_ORDER, stages_for

@@ -1,0 +1,137 @@
+"""What every steering method implements, and the plain sampling decoder most of them use.
+
+A method turns a validated request into a prompt (``render_chat`` / ``render_completion``) and
+gives the decoder for it (``decoder``). The defaults are the unsteered behaviour (the model's own
+chat template, raw completion text, plain sampling with the caller's stop strings), so a method
+overrides only what it changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from policies.steering import SteeringSpec, check_keys
+from policies.stop_stream import StopStringStream
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from daemon.config import ServeSettings
+    from workers.runtime import Generation, ModelRuntime
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SteeringResources:
+    """What a server gives its steering methods: its settings, the lineage DB and a model loader."""
+
+    serve: ServeSettings
+    sessions: sessionmaker[Session]
+    load_model: Callable[[str], ModelRuntime]
+
+
+class Decoder:
+    """Decodes one rendered prompt; ``stream`` yields text pieces that join to ``decode``'s text."""
+
+    def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
+        raise NotImplementedError
+
+    def stream(self, prompt: str, params: DecodeParams) -> Iterator[str]:
+        text = self.decode(prompt, replace(params, n=1))[0].text
+        if text:
+            yield text
+
+
+class SamplingDecoder(Decoder):
+    """``runtime.generate`` with the caller's stop strings plus ``extra_stops``; ``finish`` trims finished text."""
+
+    def __init__(self, runtime: ModelRuntime, extra_stops: Sequence[str] = (), finish: Callable[[str], str] | None = None) -> None:
+        self.runtime = runtime
+        self.extra_stops = tuple(extra_stops)
+        self.finish = finish
+
+    def stops(self, requested: Sequence[str]) -> list[str]:
+        stops = [s for s in requested if s]
+        return stops + [s for s in self.extra_stops if s not in stops]
+
+    def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
+        generations = self.runtime.generate(
+            [prompt], num_samples=params.n, max_new_tokens=params.max_tokens, temperature=params.temperature,
+            top_p=params.top_p, seed=params.seed, stop_strings=self.stops(params.stop),
+        )[0]
+        if self.finish is not None:
+            generations = [replace(g, text=self.finish(g.text)) for g in generations]
+        return generations
+
+    def stream(self, prompt: str, params: DecodeParams) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        stops = self.stops(params.stop)
+        streamer = TextIteratorStreamer(self.runtime.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.runtime.generate(
+                    [prompt], num_samples=1, max_new_tokens=params.max_tokens, temperature=params.temperature,
+                    top_p=params.top_p, seed=params.seed, stop_strings=stops, streamer=streamer,
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="stream-decode", daemon=True)
+        worker.start()
+        gate = StopStringStream(stops)
+        for piece in streamer:
+            out = gate.push(piece)
+            if out:
+                yield out
+        worker.join()
+        if failure:
+            raise failure[0]
+        tail = gate.flush()
+        if tail:
+            yield tail
+
+
+class SteeringMethod:
+    """One steering method. Subclasses set ``name`` (its key in policies.steering.METHODS) and
+    ``option_keys`` (the request keys it takes besides ``method``), and override what they change."""
+
+    name: ClassVar[str]
+    option_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, resources: SteeringResources) -> None:
+        self.resources = resources
+
+    def parse(self, raw: Mapping[str, Any]) -> SteeringSpec:
+        """Validate the request's steering field (raise policies.steering.SteeringError)."""
+        check_keys(raw, self.name, self.option_keys)
+        return SteeringSpec(self.name, self.options(raw))
+
+    def options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def render_chat(self, runtime: ModelRuntime, messages: list[dict], spec: SteeringSpec) -> str:
+        return runtime.render_chat(messages)
+
+    def render_completion(self, runtime: ModelRuntime, prompt: str, spec: SteeringSpec) -> str:
+        """/v1/completions continues raw text."""
+        return prompt
+
+    def decoder(self, runtime: ModelRuntime, spec: SteeringSpec) -> Decoder:
+        """The decoder for this request; raise SteeringError for what can only be checked with the model."""
+        return SamplingDecoder(runtime)
