@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import SMOLLM2_MODEL, TINY_MODEL, Settings
 from daemon.db import lineage
-from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
+from daemon.db.engine import open_lineage, transaction, upgrade_to_head
 
 log = structlog.get_logger(__name__)
 
@@ -49,10 +49,6 @@ def _built_tiny_model(settings: Settings) -> Path:
         build_tiny_model(target, seed=settings.seed, extra_corpus=load_seed_prompts())
         log.info("tiny_model.built", path=str(target))
     return target
-
-
-def open_lineage(settings: Settings) -> sessionmaker[Session]:
-    return make_session_factory(make_engine(settings.resolved_database_url))
 
 
 def initialise(settings: Settings) -> sessionmaker[Session]:

@@ -145,7 +145,7 @@ def status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Champion, running iteration, pause state and iteration tallies."""
     from sqlalchemy.exc import DBAPIError
 
-    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import open_lineage
     from daemon.views import status_view
 
     settings = _settings(config, data_dir)
@@ -184,7 +184,7 @@ def lineage_command(
     """Checkpoints and iterations: stage timings, pair counts, gate decisions, the champion."""
     settings = _settings(config, data_dir)
     if as_json:
-        from daemon.bootstrap import open_lineage
+        from daemon.db.engine import open_lineage
         from daemon.views import lineage_view
 
         typer.echo(json.dumps(_load_view(settings, open_lineage, lineage_view), indent=2))
@@ -193,7 +193,7 @@ def lineage_command(
 
 
 def _print_lineage(settings: Settings) -> None:
-    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import open_lineage
     from daemon.views import lineage_view
     from daemon.stage_specs import OPTIONAL_STAGES, STAGE_ORDER, STAGE_SHORT_LABELS
 
@@ -274,7 +274,7 @@ def _actor(actor: str | None) -> str:
 
 def _ops_sessions(settings: Settings) -> Any:
     """The lineage DB at head (pause needs the 0002 table), or a clear failure if there is none."""
-    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import open_lineage
     from daemon.db.engine import upgrade_to_head
 
     _require_lineage_db(settings)
@@ -369,7 +369,7 @@ def show(
     data_dir: DataDirOption = None,
 ) -> None:
     """One iteration in depth: stage timings, pair counts, judge-score histogram, sample prompts and responses."""
-    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import open_lineage
     from daemon.views import NotFound, iteration_detail
 
     settings = _settings(config, data_dir)

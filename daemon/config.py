@@ -22,6 +22,14 @@ SMOLLM2_MODEL = "smollm2"
 DEFAULT_CONFIG_FILE = "kaizen.yaml"
 
 
+# The embedded broker's kombu transport (registered by workers/broker.py) over an SQLite file.
+EMBEDDED_TRANSPORT = "kaizen-sqlite"
+
+
+def embedded_broker_url(db_path: str) -> str:
+    return f"{EMBEDDED_TRANSPORT}+sqlite:///{db_path}"
+
+
 class ConfigError(Exception):
     """A configuration problem, phrased so the user can fix it from one line."""
 
@@ -277,8 +285,6 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        from workers.broker import embedded_broker_url
-
         return self.worker.broker_url or embedded_broker_url(str(self.resolved_data_dir / "broker.db"))
 
     @property

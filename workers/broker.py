@@ -9,16 +9,13 @@ from __future__ import annotations
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
-EMBEDDED_TRANSPORT = "kaizen-sqlite"
+from daemon.config import EMBEDDED_TRANSPORT
+
 POLL_SECONDS = 0.05
 
 
 class Transport(kombu_sqlalchemy.Transport):
     polling_interval = POLL_SECONDS
-
-
-def embedded_broker_url(db_path: str) -> str:
-    return f"{EMBEDDED_TRANSPORT}+sqlite:///{db_path}"
 
 
 TRANSPORT_ALIASES.setdefault(EMBEDDED_TRANSPORT, f"{__name__}:Transport")

@@ -32,10 +32,10 @@ import structlog
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
-from daemon.config import Settings, load_settings
+from daemon.config import EMBEDDED_TRANSPORT, Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.logs import configure_logging
-from workers.broker import EMBEDDED_TRANSPORT
+import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
 from workers.stage_runner import StageContext, StageDeliveryDropped, execute_stage
 
 TASK_NAME = "kaizen.run_stage"

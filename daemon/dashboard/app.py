@@ -130,7 +130,7 @@ ACTIONS: dict[str, Action] = {"promote": _promote, "rollback": _rollback, "pause
 def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | None = None) -> FastAPI:
     """The dashboard as an ASGI app; the serving process may mount it (``app.mount("/ops", ...)``)."""
     if sessions is None:
-        from daemon.bootstrap import open_lineage
+        from daemon.db.engine import open_lineage
 
         sessions = open_lineage(settings)
     app = FastAPI(title="kaizen dashboard", docs_url=None, redoc_url=None, openapi_url=None)

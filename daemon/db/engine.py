@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
@@ -12,6 +13,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -47,6 +51,11 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def open_lineage(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on the configured lineage DB (no migration: `kaizen init` does that)."""
+    return make_session_factory(make_engine(settings.resolved_database_url))
 
 
 @contextmanager

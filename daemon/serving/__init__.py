@@ -10,7 +10,7 @@ from daemon.config import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    from daemon.bootstrap import open_lineage
+    from daemon.db.engine import open_lineage
     from daemon.serving.app import create_serving_app
     from daemon.serving.champion import ChampionWatcher, load_verified
     from workers.steering import SteeringMethods, SteeringResources
