@@ -1,10 +1,17 @@
 """The promotion gate: does the candidate beat the champion clearly enough to replace it?
 
-Each gate prompt is judged pairwise twice, with the answers in both positions, so that
-a judge that simply prefers whichever answer comes first (or second) produces ties, not
-wins. The candidate is promoted only when the Wilson lower bound of its win rate clears
-the bar, and not when it got there by writing longer answers or when too many
-comparisons could not be read.
+Two routes to a promotion:
+
+- **pairwise**: each gate prompt is judged pairwise twice, with the answers in both positions,
+  so that a judge that simply prefers whichever answer comes first (or second) produces ties,
+  not wins; the Wilson lower bound of the win rate must clear the bar;
+- **suite**: the candidate improves one of the configured evaluation suites (``improve_suites``)
+  and the paired-bootstrap 95% lower bound of candidate minus champion is above
+  ``suite_min_lower_bound`` (0: the improvement is not noise).
+
+Either way no configured suite may fall by more than ``regression_tolerance``, the candidate
+may not have got there by writing longer answers, and not too many comparisons may be
+unreadable. The decision keeps every number it used.
 """
 
 from __future__ import annotations
@@ -76,8 +83,16 @@ class GateRule:
     min_comparisons: int = 4
     max_length_ratio: float = 1.5
     max_parse_failure_rate: float = 0.5
+    # Suites whose significant improvement promotes (the suite route); empty = pairwise only.
+    improve_suites: tuple[str, ...] = ()
+    suite_min_lower_bound: float = 0.0
+    # How far any suite's score may fall (candidate minus champion, in score units) before it
+    # counts as a regression that blocks promotion.
+    regression_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.regression_tolerance < 0:
+            raise ValueError("regression_tolerance must be >= 0")
         if not 0.0 <= self.min_win_rate_lower_bound < 1.0:
             raise ValueError("min_win_rate_lower_bound must be within [0, 1)")
         if self.z <= 0:
@@ -152,6 +167,29 @@ def _mean(values: Sequence[float]) -> float:
 
 
 @dataclass(frozen=True)
+class SuiteComparison:
+    """Candidate and champion on the same suite items with the same decoding (paired).
+
+    ``lower``/``upper``: the paired-bootstrap 95% interval of candidate minus champion;
+    ``minimum_detectable``: the smallest difference this many items can detect (power)."""
+
+    suite: str
+    n: int
+    candidate_score: float
+    champion_score: float
+    lower: float
+    upper: float
+    minimum_detectable: float | None = None
+
+    @property
+    def difference(self) -> float:
+        return self.candidate_score - self.champion_score
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "difference": self.difference}
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reasons: tuple[str, ...]
@@ -160,44 +198,86 @@ class GateDecision:
     length_ratio: float
     parse_failure_rate: float
     n: int
+    route: str | None = None  # "pairwise" or "suite" when promoted
+    suites: tuple[SuiteComparison, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-safe: reasons as a list, a non-finite length ratio as None."""
+        """JSON-safe: reasons as a list, a non-finite length ratio as None, suites as dicts."""
         data = asdict(self)
         data["reasons"] = list(self.reasons)
+        data["suites"] = [s.as_dict() for s in self.suites]
         if not math.isfinite(self.length_ratio):
             data["length_ratio"] = None
         return data
 
 
-def decide(stats: GateStats, rule: GateRule) -> GateDecision:
-    """Promote only if every check passes; the reasons name each failed check with its
-    numbers, or say why the win is clear."""
+def decide(stats: GateStats, rule: GateRule, suites: Sequence[SuiteComparison] = ()) -> GateDecision:
+    """Promote when one route (pairwise win, or significant improvement of an ``improve_suites``
+    suite) carries and no check fails; the reasons name each failed check with its numbers, or
+    say which route carried and why."""
     lower_bound = wilson_lower_bound(stats.successes, stats.n, rule.z)
-    failures = [
+    pairwise_problems = [r for r in (_too_few_comparisons(stats, rule), _win_not_clear(stats, rule, lower_bound)) if r]
+    improved = [s for s in suites if s.suite in rule.improve_suites and s.lower > rule.suite_min_lower_bound]
+    route = "pairwise" if not pairwise_problems else "suite" if improved else None
+    checks = [
         reason
-        for reason in (
-            _too_few_comparisons(stats, rule),
-            _win_not_clear(stats, rule, lower_bound),
-            _length_blow_up(stats, rule),
-            _too_many_parse_failures(stats, rule),
-        )
+        for reason in (_length_blow_up(stats, rule), _too_many_parse_failures(stats, rule), *_regressions(suites, rule))
         if reason is not None
     ]
-    reasons = failures or [
-        f"clear win: win rate {stats.win_rate:.2f} over {stats.n} comparisons "
-        f"({stats.wins} wins, {stats.losses} losses, {stats.ties} ties), Wilson lower bound "
-        f"{lower_bound:.3f} > {rule.min_win_rate_lower_bound:.3f}"
-    ]
+    if route is None:
+        checks = [*pairwise_problems, *_suite_not_improved(suites, rule), *checks]
+    reasons = checks or [_carried(route, stats, rule, lower_bound, improved)]
     return GateDecision(
-        promote=not failures,
+        promote=not checks,
         reasons=tuple(reasons),
         win_rate=stats.win_rate,
         win_rate_lower_bound=lower_bound,
         length_ratio=stats.length_ratio,
         parse_failure_rate=stats.parse_failure_rate,
         n=stats.n,
+        route=route if not checks else None,
+        suites=tuple(suites),
     )
+
+
+def _describe_suite(s: SuiteComparison) -> str:
+    power = f", detectable >= {s.minimum_detectable:.3f}" if s.minimum_detectable is not None else ""
+    return (
+        f"{s.suite}: {s.candidate_score:.3f} vs {s.champion_score:.3f} over {s.n} items, difference "
+        f"{s.difference:+.3f}, 95% CI [{s.lower:+.3f}, {s.upper:+.3f}]{power}"
+    )
+
+
+def _carried(route: str | None, stats: GateStats, rule: GateRule, lower_bound: float, improved: Sequence[SuiteComparison]) -> str:
+    if route == "pairwise":
+        return (
+            f"clear win: win rate {stats.win_rate:.2f} over {stats.n} comparisons "
+            f"({stats.wins} wins, {stats.losses} losses, {stats.ties} ties), Wilson lower bound "
+            f"{lower_bound:.3f} > {rule.min_win_rate_lower_bound:.3f}"
+        )
+    return "suite improvement: " + "; ".join(_describe_suite(s) for s in improved) + (
+        f" (lower bound > {rule.suite_min_lower_bound:g})"
+    )
+
+
+def _suite_not_improved(suites: Sequence[SuiteComparison], rule: GateRule) -> list[str]:
+    if not rule.improve_suites:
+        return []
+    measured = [s for s in suites if s.suite in rule.improve_suites]
+    if not measured:
+        return [f"no suite improvement: none of {', '.join(rule.improve_suites)} was evaluated"]
+    return [
+        f"no significant suite improvement: {_describe_suite(s)}; lower bound does not exceed {rule.suite_min_lower_bound:g}"
+        for s in measured
+    ]
+
+
+def _regressions(suites: Sequence[SuiteComparison], rule: GateRule) -> list[str]:
+    return [
+        f"regression on {_describe_suite(s)}; tolerance {rule.regression_tolerance:g}"
+        for s in suites
+        if s.difference < -rule.regression_tolerance
+    ]
 
 
 def _too_few_comparisons(stats: GateStats, rule: GateRule) -> str | None:

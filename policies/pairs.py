@@ -14,7 +14,31 @@ from dataclasses import dataclass, replace
 
 KIND_SELF_REWARD = "self_reward"
 KIND_RLCD = "rlcd"
-PAIR_STRATEGIES: tuple[str, ...] = ("self_reward", "rlcd", "both")
+KIND_VERIFIED = "verified"
+KIND_ANCHORED = "anchored"
+# The strategies a cycle can combine ("verified+self_reward"); "both" is the historical name of
+# "self_reward+rlcd".
+BASE_STRATEGIES: tuple[str, ...] = (KIND_VERIFIED, KIND_ANCHORED, KIND_SELF_REWARD, KIND_RLCD)
+PAIR_STRATEGIES: tuple[str, ...] = (*BASE_STRATEGIES, "both")
+_ALIASES = {"both": (KIND_SELF_REWARD, KIND_RLCD)}
+
+
+def parse_strategy(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """The base strategies named by `spec`: one name, names joined by "+", or a list of names,
+    in the given order without repeats. Raises ValueError naming the allowed values."""
+    names = spec.split("+") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if name not in PAIR_STRATEGIES:
+            allowed = ", ".join(repr(s) for s in PAIR_STRATEGIES)
+            raise ValueError(f"unknown pair strategy {name!r}; allowed: {allowed}, or several joined by '+'")
+        for base in _ALIASES.get(name, (name,)):
+            if base not in out:
+                out.append(base)
+    if not out:
+        raise ValueError("pairs.strategy names no strategy; e.g. 'verified' or 'verified+self_reward'")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -26,6 +50,18 @@ class ScoredResponse:
     text: str
     mean_score: float | None
     length: int = 0
+    # One bool per constraint of the prompt (policies.constraints.check_all); empty when the
+    # prompt carries no constraints.
+    checks: tuple[bool, ...] = ()
+    truncated: bool = False
+
+    @property
+    def satisfies_all(self) -> bool:
+        return bool(self.checks) and all(self.checks)
+
+    @property
+    def satisfied_count(self) -> int:
+        return sum(self.checks)
 
 
 @dataclass(frozen=True)
@@ -33,8 +69,8 @@ class PreferencePair:
     prompt_id: str
     chosen_id: str
     rejected_id: str
-    kind: str  # KIND_SELF_REWARD or KIND_RLCD
-    score_gap: float | None  # chosen minus rejected mean score; None for RLCD
+    kind: str  # one of BASE_STRATEGIES
+    score_gap: float | None  # chosen minus rejected mean score; None when either is unscored (RLCD)
 
 
 @dataclass(frozen=True)
@@ -52,6 +88,7 @@ class RlcdSample:
 def build_self_reward_pairs(
     responses_by_prompt: Mapping[str, Sequence[ScoredResponse]],
     min_gap: float,
+    epsilon: float | None = None,
 ) -> list[PreferencePair]:
     """Per prompt, the best-scored answer as chosen and the worst as rejected.
 
@@ -59,13 +96,14 @@ def build_self_reward_pairs(
     answers are scored, when the gap is below `min_gap` or zero (a tie teaches nothing
     but noise), or when best and worst are the same text (judge noise, no signal).
     Ties within the best or the worst are broken by the smaller response_id so reruns
-    give the same pairs. Pairs come in the mapping's prompt order.
+    give the same pairs. Pairs come in the mapping's prompt order. With `epsilon`, the chosen
+    answer is length-controlled (:func:`length_controlled_best`).
     """
     if min_gap < 0:
         raise ValueError(f"min_gap must be >= 0, got {min_gap}")
     pairs: list[PreferencePair] = []
     for prompt_id, responses in responses_by_prompt.items():
-        pair = _self_reward_pair(prompt_id, responses, min_gap)
+        pair = _self_reward_pair(prompt_id, responses, min_gap, epsilon)
         if pair is not None:
             pairs.append(pair)
     return pairs
@@ -75,11 +113,17 @@ def _self_reward_pair(
     prompt_id: str,
     responses: Sequence[ScoredResponse],
     min_gap: float,
+    epsilon: float | None = None,
 ) -> PreferencePair | None:
     scored = [r for r in responses if r.mean_score is not None]
     if len(scored) < 2:
         return None
-    chosen = min(scored, key=lambda r: (-_score(r), r.response_id))
+    if epsilon is None:
+        chosen = min(scored, key=lambda r: (-_score(r), r.response_id))
+    else:
+        chosen = length_controlled_best(scored, epsilon)
+        assert chosen is not None  # scored has two answers
+
     rejected = min(scored, key=lambda r: (_score(r), r.response_id))
     gap = _score(chosen) - _score(rejected)
     if gap <= 0 or gap < min_gap or chosen.text.strip() == rejected.text.strip():
@@ -113,20 +157,134 @@ def _texts_differ(sample: RlcdSample) -> bool:
 
 
 def select_pairs(
-    strategy: str,
+    strategy: str | Sequence[str],
     self_reward_pairs: Sequence[PreferencePair],
     rlcd_pairs: Sequence[PreferencePair],
+    verified_pairs: Sequence[PreferencePair] = (),
+    anchored_pairs: Sequence[PreferencePair] = (),
 ) -> list[PreferencePair]:
-    """The pairs a cycle trains on under `strategy` (one of PAIR_STRATEGIES); "both"
-    gives the self-reward pairs followed by the RLCD pairs."""
-    if strategy == "self_reward":
-        return list(self_reward_pairs)
-    if strategy == "rlcd":
-        return list(rlcd_pairs)
-    if strategy == "both":
-        return [*self_reward_pairs, *rlcd_pairs]
-    allowed = ", ".join(repr(s) for s in PAIR_STRATEGIES)
-    raise ValueError(f"unknown pair strategy {strategy!r}; allowed: {allowed}")
+    """The pairs a cycle trains on under `strategy` (see :func:`parse_strategy`), strategy by
+    strategy in the order named. A later strategy adds no second pair for a prompt that an
+    earlier one already paired, except RLCD (its answers are a different sample)."""
+    by_kind = {
+        KIND_SELF_REWARD: self_reward_pairs,
+        KIND_RLCD: rlcd_pairs,
+        KIND_VERIFIED: verified_pairs,
+        KIND_ANCHORED: anchored_pairs,
+    }
+    chosen: list[PreferencePair] = []
+    paired_prompts: set[str] = set()
+    for name in parse_strategy(strategy):
+        for pair in by_kind[name]:
+            if name != KIND_RLCD and pair.prompt_id in paired_prompts:
+                continue
+            chosen.append(pair)
+        paired_prompts |= {p.prompt_id for p in by_kind[name]}
+    return chosen
+
+
+# --- Verifiable-constraint and anchored pairs ---------------------------------------------
+
+
+def length_controlled_best(responses: Sequence[ScoredResponse], epsilon: float) -> ScoredResponse | None:
+    """Meta-Rewarding's length control: among the answers whose score is within `epsilon` of the
+    top score, the shortest (then the smaller id). Unscored answers count as tied with each other,
+    so among answers no judge scored this is simply the shortest. None for no answers."""
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if not responses:
+        return None
+    scored = [r for r in responses if r.mean_score is not None]
+    pool = list(responses)
+    if scored:
+        top = max(_score(r) for r in scored)
+        pool = [r for r in scored if _score(r) >= top - epsilon]
+    return min(pool, key=lambda r: (r.length, r.response_id))
+
+
+def _worst(responses: Sequence[ScoredResponse], near_length: int) -> ScoredResponse:
+    """The clearest failure: fewest satisfied constraints, then lowest score, then the length
+    closest to the chosen answer's (so the pair contrasts the checks, not mainly the length)."""
+    return min(
+        responses,
+        key=lambda r: (r.satisfied_count, r.mean_score if r.mean_score is not None else 0.0, abs(r.length - near_length), r.response_id),
+    )
+
+
+def _gap(chosen: ScoredResponse, rejected: ScoredResponse) -> float | None:
+    if chosen.mean_score is None or rejected.mean_score is None:
+        return None
+    return chosen.mean_score - rejected.mean_score
+
+
+def verified_pair(
+    prompt_id: str,
+    responses: Sequence[ScoredResponse],
+    epsilon: float = 0.0,
+    rejected_pool: Sequence[ScoredResponse] | None = None,
+    kind: str = KIND_VERIFIED,
+) -> PreferencePair | None:
+    """A pair the constraint checks separate: the chosen answer satisfies every constraint, the
+    rejected one does not. Among passing answers the judge breaks the tie (length-controlled, see
+    :func:`length_controlled_best`); a truncated answer is never chosen. The rejected answer comes
+    from `rejected_pool` (default: the same answers). None when the checks separate nothing."""
+    passing = [r for r in responses if r.satisfies_all and not r.truncated]
+    failing = [r for r in (responses if rejected_pool is None else rejected_pool) if r.checks and not r.satisfies_all]
+    chosen = length_controlled_best(passing, epsilon)
+    if chosen is None or not failing:
+        return None
+    rejected = _worst(failing, chosen.length)
+    if chosen.text.strip() == rejected.text.strip():
+        return None
+    return PreferencePair(prompt_id, chosen.response_id, rejected.response_id, kind, _gap(chosen, rejected))
+
+
+def build_verified_pairs(
+    responses_by_prompt: Mapping[str, Sequence[ScoredResponse]],
+    epsilon: float = 0.0,
+) -> list[PreferencePair]:
+    """One :func:`verified_pair` per prompt whose answers the checks separate, in prompt order."""
+    pairs = (verified_pair(prompt_id, responses, epsilon) for prompt_id, responses in responses_by_prompt.items())
+    return [p for p in pairs if p is not None]
+
+
+def build_anchored_pairs(
+    responses_by_prompt: Mapping[str, Sequence[ScoredResponse]],
+    anchor_by_prompt: Mapping[str, Sequence[ScoredResponse]],
+    min_gap: float,
+    epsilon: float = 0.0,
+) -> list[PreferencePair]:
+    """Temporal Self-Rewarding: the chosen answer comes from the current model, the rejected one
+    from the initial model (`anchor_by_prompt`, the same prompts), so the contrast does not shrink
+    as the policy's own answers converge. With constraints the checks decide (chosen passes all,
+    rejected fails one); without, the judge does: current best (length-controlled) against the
+    anchor's worst, kept when the score gap is at least `min_gap` and positive."""
+    if min_gap < 0:
+        raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+    pairs: list[PreferencePair] = []
+    for prompt_id, responses in responses_by_prompt.items():
+        anchor = anchor_by_prompt.get(prompt_id, ())
+        if any(r.checks for r in responses):
+            pair = verified_pair(prompt_id, responses, epsilon, rejected_pool=anchor, kind=KIND_ANCHORED)
+        else:
+            pair = _judged_anchored_pair(prompt_id, responses, anchor, min_gap, epsilon)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def _judged_anchored_pair(
+    prompt_id: str, responses: Sequence[ScoredResponse], anchor: Sequence[ScoredResponse], min_gap: float, epsilon: float
+) -> PreferencePair | None:
+    chosen = length_controlled_best([r for r in responses if r.mean_score is not None and not r.truncated], epsilon)
+    scored_anchor = [r for r in anchor if r.mean_score is not None]
+    if chosen is None or not scored_anchor:
+        return None
+    rejected = min(scored_anchor, key=lambda r: (_score(r), r.response_id))
+    gap = _score(chosen) - _score(rejected)
+    if gap <= 0 or gap < min_gap or chosen.text.strip() == rejected.text.strip():
+        return None
+    return PreferencePair(prompt_id, chosen.response_id, rejected.response_id, KIND_ANCHORED, gap)
 
 
 # --- Length control -------------------------------------------------------------------

@@ -62,6 +62,11 @@ CHECKPOINT_KIND = "dpo_lora_merged"
 @dataclass
 class DPOSettings:
     beta: float = 0.1
+    # Iterative RPO (Pang et al. 2024): weight of an NLL term on the chosen answer added to the
+    # DPO loss, so the chosen log-prob does not fall while the margin grows. None = plain DPO.
+    # TRL 1.16 has no `rpo_alpha` any more; the same loss is loss_type ["sigmoid", "sft"] with
+    # weights [1, rpo_alpha] (the "sft" term is the mean per-token NLL of the chosen answers).
+    rpo_alpha: float | None = None
     learning_rate: float = 5e-4
     epochs: int = 1
     max_steps: int = -1
@@ -184,6 +189,12 @@ def _summarise(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return summarise_history(log_history, step_keys=("loss", "rewards/margins"), step_metrics=_reward_metrics)
 
 
+def _loss_kwargs(settings: DPOSettings) -> dict[str, Any]:
+    if not settings.rpo_alpha:
+        return {}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float(settings.rpo_alpha)]}
+
+
 def _same_path(a: str | Path, b: str | Path) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()
@@ -247,7 +258,7 @@ def _dpo_update(
         kind=CHECKPOINT_KIND,
         trainer_cls=DPOTrainer,
         config_cls=DPOConfig,
-        config_kwargs={"beta": settings.beta},
+        config_kwargs={"beta": settings.beta, **_loss_kwargs(settings)},
         rows=lambda tokenizer: _to_trl_records(examples, tokenizer),
         num_examples=len(examples),
         summarise=_summarise,

@@ -6,6 +6,7 @@ from policies.gate import (
     GateDecision,
     GateRule,
     GateStats,
+    SuiteComparison,
     combine_two_orders,
     decide,
     tally,
@@ -169,6 +170,8 @@ def test_decision_as_dict_is_json_friendly():
         "length_ratio",
         "parse_failure_rate",
         "n",
+        "route",
+        "suites",
     }
 
 
@@ -177,3 +180,63 @@ def test_rule_rejects_nonsense_settings():
         GateRule(min_comparisons=0)
     with pytest.raises(ValueError):
         GateRule(max_parse_failure_rate=1.5)
+
+
+# --- Suite route ----------------------------------------------------------------------
+
+SUITE_RULE = GateRule(improve_suites=("instruct-checks",), regression_tolerance=0.02)
+
+
+def suite(name, candidate, champion, lower, upper, n=200):
+    return SuiteComparison(name, n, candidate, champion, lower, upper, minimum_detectable=0.06)
+
+
+def test_suite_improvement_promotes_when_pairwise_is_all_ties():
+    decision = decide(stats(ties=8), SUITE_RULE, [suite("instruct-checks", 0.40, 0.30, 0.04, 0.16)])
+
+    assert decision.promote and decision.route == "suite"
+    assert "instruct-checks: 0.400 vs 0.300 over 200 items" in decision.reasons[0]
+    assert decision.as_dict()["suites"][0]["difference"] == pytest.approx(0.10)
+
+
+def test_suite_improvement_whose_lower_bound_is_not_above_zero_does_not_promote():
+    decision = decide(stats(ties=8), SUITE_RULE, [suite("instruct-checks", 0.33, 0.30, -0.01, 0.07)])
+
+    assert not decision.promote and decision.route is None
+    assert any("no significant suite improvement" in r for r in decision.reasons)
+
+
+def test_regression_on_another_suite_blocks_a_suite_promotion():
+    suites = [suite("instruct-checks", 0.40, 0.30, 0.04, 0.16), suite("pairwise-vs-initial", 0.40, 0.50, -0.2, 0.0)]
+
+    decision = decide(stats(ties=8), SUITE_RULE, suites)
+
+    assert not decision.promote
+    assert any(r.startswith("regression on pairwise-vs-initial") for r in decision.reasons)
+
+
+def test_regression_within_tolerance_does_not_block():
+    suites = [suite("instruct-checks", 0.40, 0.30, 0.04, 0.16), suite("other", 0.49, 0.50, -0.1, 0.08)]
+
+    assert decide(stats(ties=8), SUITE_RULE, suites).promote
+
+
+def test_regression_blocks_a_pairwise_win_too():
+    decision = decide(stats(wins=19, losses=1), SUITE_RULE, [suite("instruct-checks", 0.20, 0.30, -0.16, -0.04)])
+
+    assert not decision.promote
+    assert any(r.startswith("regression on instruct-checks") for r in decision.reasons)
+
+
+def test_length_blow_up_still_blocks_a_suite_promotion():
+    decision = decide(stats(ties=8, candidate_length=200, champion_length=100), SUITE_RULE, [suite("instruct-checks", 0.4, 0.3, 0.04, 0.16)])
+
+    assert not decision.promote
+    assert any(r.startswith("length blow-up") for r in decision.reasons)
+
+
+def test_a_suite_that_is_not_an_improve_suite_cannot_carry_a_promotion():
+    decision = decide(stats(ties=8), SUITE_RULE, [suite("jsonl", 0.9, 0.1, 0.7, 0.9)])
+
+    assert not decision.promote
+    assert any("none of instruct-checks was evaluated" in r for r in decision.reasons)

@@ -1,0 +1,105 @@
+"""Verified, anchored and length-controlled pairs, and strategy combinations."""
+
+import pytest
+
+from policies.pairs import (
+    PreferencePair,
+    ScoredResponse,
+    build_anchored_pairs,
+    build_self_reward_pairs,
+    build_verified_pairs,
+    length_controlled_best,
+    parse_strategy,
+    select_pairs,
+)
+
+
+def answer(rid: str, checks: tuple[bool, ...] = (), score: float | None = None, length: int = 10, truncated: bool = False, text: str | None = None):
+    return ScoredResponse(rid, text if text is not None else f"text of {rid}", score, length, checks, truncated)
+
+
+def test_parse_strategy_accepts_single_names_combinations_and_the_both_alias():
+    assert parse_strategy("verified") == ("verified",)
+    assert parse_strategy("verified+self_reward") == ("verified", "self_reward")
+    assert parse_strategy(["anchored", "verified", "anchored"]) == ("anchored", "verified")
+    assert parse_strategy("both") == ("self_reward", "rlcd")
+
+
+def test_parse_strategy_names_the_allowed_values_on_a_typo():
+    with pytest.raises(ValueError, match="unknown pair strategy 'verifed'.*'verified'"):
+        parse_strategy("verifed+rlcd")
+
+
+def test_verified_pair_chooses_a_passing_answer_and_rejects_a_failing_one():
+    responses = {"p": [answer("a", (True, False)), answer("b", (True, True)), answer("c", (False, False))]}
+
+    assert build_verified_pairs(responses) == [PreferencePair("p", "b", "c", "verified", None)]
+
+
+def test_verified_pair_needs_both_a_passing_and_a_failing_answer():
+    all_pass = {"p": [answer("a", (True,)), answer("b", (True,))]}
+    all_fail = {"p": [answer("a", (False,)), answer("b", (False,))]}
+    unconstrained = {"p": [answer("a", (), 5.0), answer("b", (), 1.0)]}
+
+    assert build_verified_pairs(all_pass) == build_verified_pairs(all_fail) == build_verified_pairs(unconstrained) == []
+
+
+def test_verified_pair_never_chooses_a_truncated_answer():
+    responses = {"p": [answer("a", (True,), truncated=True), answer("b", (False,))]}
+
+    assert build_verified_pairs(responses) == []
+
+
+def test_judge_breaks_ties_among_passing_answers_with_length_control():
+    # b scores best but c is within epsilon and shorter: c is chosen.
+    responses = {"p": [answer("b", (True,), 4.0, 30), answer("c", (True,), 3.8, 12), answer("d", (True,), 2.0, 5), answer("x", (False,), 3.0)]}
+
+    assert build_verified_pairs(responses, epsilon=0.3)[0].chosen_id == "c"
+    assert build_verified_pairs(responses, epsilon=0.0)[0].chosen_id == "b"
+
+
+def test_length_controlled_best_is_the_shortest_within_epsilon_of_the_top():
+    group = [answer("long", score=4.5, length=80), answer("mid", score=4.3, length=40), answer("short", score=2.0, length=5)]
+
+    assert length_controlled_best(group, 0.25).response_id == "mid"
+    assert length_controlled_best(group, 3.0).response_id == "short"
+    assert length_controlled_best([], 0.1) is None
+
+
+def test_self_reward_with_epsilon_prefers_the_shorter_near_top_answer():
+    group = {"p": [answer("long", score=4.5, length=80), answer("mid", score=4.4, length=40), answer("bad", score=1.0, length=40)]}
+
+    assert build_self_reward_pairs(group, min_gap=0.5, epsilon=0.2)[0].chosen_id == "mid"
+    assert build_self_reward_pairs(group, min_gap=0.5)[0].chosen_id == "long"
+
+
+def test_rejected_answer_is_the_clearest_failure():
+    responses = {"p": [answer("ok", (True, True), length=20), answer("one", (True, False), length=20), answer("none", (False, False), length=20)]}
+
+    assert build_verified_pairs(responses)[0].rejected_id == "none"
+
+
+def test_anchored_pairs_take_the_rejected_answer_from_the_initial_model():
+    current = {"p": [answer("cur-pass", (True,)), answer("cur-fail", (False,))]}
+    anchor = {"p": [answer("init-fail", (False,)), answer("init-pass", (True,))]}
+
+    assert build_anchored_pairs(current, anchor, min_gap=0.0) == [PreferencePair("p", "cur-pass", "init-fail", "anchored", None)]
+
+
+def test_anchored_pairs_without_constraints_use_the_judge_and_the_gap():
+    current = {"p": [answer("c1", score=4.0), answer("c2", score=3.0)], "q": [answer("c3", score=2.0)]}
+    anchor = {"p": [answer("a1", score=2.5), answer("a2", score=3.5)], "q": [answer("a3", score=1.9)]}
+
+    pairs = build_anchored_pairs(current, anchor, min_gap=0.5)
+
+    assert pairs == [PreferencePair("p", "c1", "a1", "anchored", pytest.approx(1.5))]
+
+
+def test_select_pairs_combines_strategies_one_pair_per_prompt_plus_rlcd():
+    verified = [PreferencePair("p1", "a", "b", "verified", None)]
+    self_reward = [PreferencePair("p1", "c", "d", "self_reward", 1.0), PreferencePair("p2", "e", "f", "self_reward", 1.0)]
+    rlcd = [PreferencePair("p1", "g", "h", "rlcd", None)]
+
+    pairs = select_pairs("verified+self_reward+rlcd", self_reward, rlcd, verified_pairs=verified)
+
+    assert [(p.prompt_id, p.kind) for p in pairs] == [("p1", "verified"), ("p2", "self_reward"), ("p1", "rlcd")]
