@@ -6,7 +6,11 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +25,20 @@ TINY_MODEL = "tiny"
 SMOLLM2_MODEL = "smollm2"
 DEFAULT_CONFIG_FILE = "kaizen.yaml"
 
+
+# What a machine sets for itself: where its files, lineage DB and broker are, which device and how
+# many threads it computes with, how it logs, its process settings and secrets. Everything else a
+# stage computes with comes from the config its iteration recorded (Settings.for_iteration), so a
+# worker with another kaizen.yaml, or an iteration resumed after a config edit, computes what the
+# lineage says it did.
+MACHINE_LOCAL_KEYS: tuple[str, ...] = (
+    "data_dir", "database_url", "artifacts_url", "log_format", "log_level",
+    "model.device", "model.cpu_threads",
+    "worker", "schedule", "dashboard", "serve",
+)
+
+# Set while Settings are rebuilt from a recorded snapshot: then the environment must not override it.
+_FROM_RECORD: ContextVar[bool] = ContextVar("kaizen_settings_from_record", default=False)
 
 # The embedded broker's kombu transport (registered by workers/broker.py) over an SQLite file.
 EMBEDDED_TRANSPORT = "kaizen-sqlite"
@@ -272,6 +290,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _FROM_RECORD.get():
+            return (init_settings,)
         # Environment variables override the file so operators can tweak one key per deployment.
         return env_settings, init_settings
 
@@ -297,6 +317,49 @@ class Settings(BaseSettings):
 
     def snapshot(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def for_iteration(self, snapshot: Mapping[str, Any]) -> Settings:
+        """The settings an iteration computes with: its recorded ``snapshot``, with this machine's
+        :data:`MACHINE_LOCAL_KEYS` (environment variables apply to those only, through ``self``).
+
+        An empty snapshot (an iteration recorded before snapshots existed) leaves ``self`` as it is.
+        """
+        if not snapshot:
+            return self
+        data = copy.deepcopy(dict(snapshot))
+        local = self.model_dump()  # python mode: secrets stay SecretStr, not their masked text
+        for key in MACHINE_LOCAL_KEYS:
+            _set_dotted(data, key, _get_dotted(local, key))
+        try:
+            with _recorded():
+                return Settings(**data)
+        except ValidationError as exc:
+            raise ConfigError(
+                _format_validation_error(exc, "the iteration's recorded config")
+                + " (recorded by another kaizen version? finish it with that version, or start a new iteration)"
+            ) from None
+
+
+@contextmanager
+def _recorded() -> Iterator[None]:
+    token = _FROM_RECORD.set(True)
+    try:
+        yield
+    finally:
+        _FROM_RECORD.reset(token)
+
+
+def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[last] = value
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

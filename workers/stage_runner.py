@@ -32,7 +32,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -95,6 +95,14 @@ class StageContext:
 
 
 StageFn = Callable[[StageContext], StageOutput]
+
+
+def recorded_context(ctx: StageContext) -> StageContext:
+    """``ctx`` with the settings its iteration recorded, overlaid with this machine's local keys
+    (daemon.config.MACHINE_LOCAL_KEYS): what the stage computes matches the lineage's config."""
+    with ctx.sessions() as session:
+        snapshot = ctx.iteration(session).config_snapshot
+    return replace(ctx, settings=ctx.settings.for_iteration(snapshot))
 
 
 def new_worker_id() -> str:
@@ -335,7 +343,7 @@ def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn, *, expected_
     started = time.perf_counter()
     with _LeaseKeeper(ctx, stage, worker_id) as keeper:
         try:
-            output = stage_fn(ctx)
+            output = stage_fn(recorded_context(ctx))
         except Exception as exc:
             bound.error("stage.failed", error=str(exc))
             _record_failure(ctx, stage, worker_id, exc)

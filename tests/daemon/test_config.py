@@ -60,3 +60,41 @@ def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path: Path) ->
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"kaizen: invalid configuration in {config}: gate.z: Input should be greater than 0"]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_iteration_computes_with_its_recorded_config_and_only_machine_local_keys_of_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = load_settings(
+        None, data_dir=str(tmp_path / "daemon-data"), seed=7, training={"beta": 0.3, "max_steps": 5},
+        respond={"num_samples": 3}, model={"device": "cuda", "cpu_threads": 4}, worker={"lease_seconds": 30},
+    ).snapshot()
+    # This machine's own file and environment disagree on training values and set its local keys.
+    monkeypatch.setenv("KAIZEN_TRAINING__BETA", "0.9")
+    monkeypatch.setenv("KAIZEN_MODEL__CPU_THREADS", "2")
+    local = load_settings(
+        None, data_dir=str(tmp_path / "worker-data"), database_url="sqlite:////elsewhere/lineage.db",
+        training={"max_steps": 1}, respond={"num_samples": 2}, model={"device": "cpu"},
+        worker={"lease_seconds": 90}, serve={"api_key": "worker-secret"},
+    )
+
+    used = local.for_iteration(recorded)
+
+    assert (used.seed, used.training.beta, used.training.max_steps, used.respond.num_samples) == (7, 0.3, 5, 3)
+    assert used.resolved_data_dir == (tmp_path / "worker-data").resolve()
+    assert used.database_url == "sqlite:////elsewhere/lineage.db"
+    assert (used.model.device, used.model.cpu_threads, used.worker.lease_seconds) == ("cpu", 2, 90)
+    secret = used.serve.api_key
+    assert (secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret) == "worker-secret"
+
+
+def test_a_recorded_config_that_no_longer_validates_is_a_one_line_error(tmp_path: Path) -> None:
+    local = load_settings(None, data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"the iteration's recorded config: training.bogus: unknown key") as caught:
+        local.for_iteration({**local.snapshot(), "training": {"bogus": 1}})
+    assert "\n" not in str(caught.value)
+
+
+def test_an_iteration_without_a_recorded_config_uses_this_machines(tmp_path: Path) -> None:
+    local = load_settings(None, data_dir=str(tmp_path), training={"beta": 0.2})
+    assert local.for_iteration({}) is local
