@@ -201,11 +201,7 @@ def _print_lineage(settings: Settings) -> None:
     tree = Tree("checkpoints")
     nodes = {}
     for ckpt in view["checkpoints"]:
-        star = " [bold green]★ champion[/]" if ckpt["id"] == view["champion"] else ""
-        gated = f" it {ckpt['iteration']} {ckpt['decision'] or ''}" if ckpt.get("iteration") is not None else ""
-        if ckpt.get("win_rate") is not None:
-            gated += f" win {ckpt['win_rate']:.2f} \\[{ckpt['win_rate_lower_bound']:.2f}]"
-        label = f"{ckpt['id']} [dim]{ckpt['status']}{gated}[/]{star}"
+        label = _checkpoint_label(ckpt, is_champion=ckpt["id"] == view["champion"])
         parent = nodes.get(ckpt["parent"], tree)
         nodes[ckpt["id"]] = parent.add(label)
     console.print(tree)
@@ -226,6 +222,15 @@ def _print_lineage(settings: Settings) -> None:
         )
     console.print(table)
     console.print(f"champion: [bold]{view['champion']}[/]")
+
+
+def _checkpoint_label(ckpt: dict[str, Any], *, is_champion: bool) -> str:
+    """One tree node: id, status (the champion's is its star), and the gate that made it."""
+    gated = f" it {ckpt['iteration']} {ckpt['decision'] or ''}".rstrip() if ckpt.get("iteration") is not None else ""
+    if ckpt.get("win_rate") is not None:
+        gated += f" win {ckpt['win_rate']:.2f} \\[{ckpt['win_rate_lower_bound']:.2f}]"
+    status = "[bold green]★ champion[/]" if is_champion else ckpt["status"]
+    return f"{ckpt['id']} {status}" + (f" [dim]{gated.strip()}[/]" if gated else "")
 
 
 def _gate_cell(gate: dict[str, Any] | None) -> str:

@@ -7,6 +7,7 @@ ops/bench/dashboard.py for the measured times and migrations/versions/0002_ops.p
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -72,6 +73,55 @@ def score_histograms(session: Session, iteration_ids: Sequence[int]) -> dict[int
         for iteration_id, score, count in rows:
             histograms[iteration_id][_bucket(score)] += count
     return histograms
+
+
+def fitted_score_histogram(session: Session, iteration_id: int, target_bins: int = 10) -> dict[str, int]:
+    """One iteration's judgments in bins that fit the range of its scores, plus the unparseable ones.
+
+    Logprob judges give expected scores such as 2.2-2.8: whole-number buckets would put them all
+    in one bar, so the bins here span the observed range (see :func:`fit_bins`).
+    """
+    rows = session.execute(select(Judgment.score, func.count()).where(Judgment.iteration_id == iteration_id).group_by(Judgment.score))
+    counts: dict[float | None, int] = dict(rows.all())
+    histogram = fit_bins({s: n for s, n in counts.items() if s is not None}, target_bins)
+    histogram[UNPARSEABLE] = counts.get(None, 0)
+    return histogram
+
+
+def _nice_width(raw: float) -> float:
+    """The smallest of 1, 2, 2.5 or 5 times a power of ten that is at least ``raw``."""
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(power * step for step in (1, 2, 2.5, 5, 10) if power * step >= raw * (1 - 1e-9))
+
+
+def fit_bins(counts: dict[float, int], target_bins: int = 12) -> dict[str, int]:
+    """``{value: count}`` grouped into about ``target_bins`` equal bins with round edges over its range.
+
+    Labels name the bins ("2.25-2.30" holds [2.25, 2.30), the last bin also its upper edge);
+    whole-number data keeps whole-number bins ("3"). Empty bins inside the range are kept, so
+    the shape stays visible.
+    """
+    if not counts:
+        return {}
+    low, high = min(counts), max(counts)
+    if high == low:
+        return {f"{low:g}": sum(counts.values())}
+    whole = all(float(v).is_integer() for v in counts)
+    width = _nice_width((high - low) / target_bins)
+    if whole:
+        width = float(max(1, math.ceil(width)))
+    start = math.floor(low / width + 1e-9) * width
+    n_bins = int((high - start) / width + 1e-9) + 1
+    edges = [start + i * width for i in range(n_bins + 1)]
+    if whole and width == 1.0:
+        labels = [f"{e:.0f}" for e in edges[:-1]]
+    else:
+        decimals = max(0, math.ceil(-math.log10(width) - 1e-9)) + (1 if f"{width:e}".startswith("2.5") else 0)
+        labels = [f"{a:.{decimals}f}-{b:.{decimals}f}" for a, b in zip(edges, edges[1:])]
+    histogram = dict.fromkeys(labels, 0)
+    for value, n in counts.items():
+        histogram[labels[min(int((value - start) / width + 1e-9), n_bins - 1)]] += n
+    return histogram
 
 
 def _empty_histogram() -> dict[str, int]:
@@ -285,7 +335,7 @@ def iteration_detail(session: Session, iteration_id: int, samples: int = 3) -> d
             select(Event.reason).where(Event.iteration_id == iteration_id, Event.kind == JUDGE_WARNING_EVENT).order_by(Event.id)
         )
     )
-    detail["score_histogram"] = score_histograms(session, [iteration_id])[iteration_id]
+    detail["score_histogram"] = fitted_score_histogram(session, iteration_id)
     detail["pair_counts"] = dict(
         session.execute(select(Pair.kind, func.count()).where(Pair.iteration_id == iteration_id).group_by(Pair.kind)).all()
     )

@@ -14,7 +14,7 @@ from daemon.config import load_settings
 from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
 from daemon.logs import configure_logging
-from daemon.db.models import Checkpoint, CheckpointStatus, Event, Iteration, IterationStatus, StageRun
+from daemon.db.models import Checkpoint, CheckpointStatus, Event, Iteration, IterationStatus, Judgment, StageRun
 from daemon.scheduler import Daemon
 
 
@@ -260,10 +260,64 @@ def test_show_prints_stage_timings_pairs_histogram_and_samples(seeded: Path) -> 
     assert set(as_json["stages"]) == set(runs)
 
 
+def _judge_score_lines(out: str) -> dict[str, int]:
+    """`kaizen show`'s histogram rows ("  2.40-2.45 ████ 3") as {bin: count}."""
+    lines = out.split("judge scores:\n", 1)[1].splitlines()
+    rows = {}
+    for line in lines:
+        parts = line.split()
+        if not line.startswith("  ") or len(parts) < 2 or not parts[-1].isdigit():
+            break
+        rows[parts[0]] = int(parts[-1])
+    return rows
+
+
+def test_show_bins_logprob_scores_over_their_own_range(seeded: Path) -> None:
+    # Expected scores of a logprob judge: fractional and all between 2.2 and 2.8.
+    sessions = make_session_factory(make_engine(f"sqlite:///{seeded / 'lineage.db'}"))
+    with transaction(sessions) as session:
+        judgments = list(session.scalars(select(Judgment).where(Judgment.iteration_id == 3).order_by(Judgment.id)))
+        for index, judgment in enumerate(judgments):
+            judgment.score = 2.2 + 0.6 * index / (len(judgments) - 1)
+        judgments[0].score = None
+
+    result = invoke(["show", "3", "--data-dir", str(seeded)])
+
+    assert result.exit_code == 0, result.output
+    rows = _judge_score_lines(result.stdout)
+    scored = {label: n for label, n in rows.items() if label != "unparseable"}
+    assert len([n for n in scored.values() if n > 0]) >= 5, result.stdout
+    assert rows["unparseable"] == 1 and sum(scored.values()) == len(judgments) - 1
+    lows = [float(label.split("-")[0]) for label in scored]
+    assert lows == sorted(lows) and lows[0] <= 2.2 + 1e-9 and float(list(scored)[-1].split("-")[1]) > 2.8 - 1e-9
+
+
+def test_show_keeps_whole_number_bins_for_text_mode_scores(seeded: Path) -> None:
+    sessions = make_session_factory(make_engine(f"sqlite:///{seeded / 'lineage.db'}"))
+    with transaction(sessions) as session:
+        for index, judgment in enumerate(session.scalars(select(Judgment).where(Judgment.iteration_id == 3).order_by(Judgment.id))):
+            judgment.score = float(1 + index % 5)
+
+    rows = _judge_score_lines(invoke(["show", "3", "--data-dir", str(seeded)]).stdout)
+
+    assert list(rows) == ["1", "2", "3", "4", "5", "unparseable"] and sum(rows.values()) == 16
+
+
 def test_show_of_an_unknown_iteration_says_which_exist(seeded: Path) -> None:
     result = invoke(["show", "99", "--data-dir", str(seeded)])
     assert result.exit_code == 1
     assert "no iteration 99: iterations are numbered 1..6" in result.stderr
+
+
+def test_lineage_tree_names_each_checkpoints_status_once(history: Lineage) -> None:
+    result = history.kaizen("lineage")
+
+    assert result.exit_code == 0, result.output
+    nodes = {line.split("ckpt-")[1][:4]: line for line in result.stdout.splitlines() if "ckpt-" in line and "→" not in line and "champion:" not in line}
+    assert "★ champion" in nodes["0003"] and nodes["0003"].count("champion") == 1, nodes["0003"]
+    assert "retired" in nodes["0001"] and "rejected" in nodes["0002"]
+    assert all("champion" not in nodes[c] for c in ("0000", "0001", "0002"))
+    assert "champion ★" not in result.stdout
 
 
 def test_lineage_json_has_win_rates_and_decisions_per_checkpoint(seeded: Path) -> None:
