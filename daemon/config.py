@@ -12,10 +12,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from policies.steering import DEFAULT_METHOD as DEFAULT_STEERING
@@ -99,13 +99,74 @@ class JudgeWarningSettings(Section):
     min_self_agreement: float | None = Field(None, ge=0.0, le=1.0)
 
 
+def _known_judges(value: str | list[str]) -> str | list[str]:
+    """Every name must be a registered judge backend (workers/judges/, one module each).
+
+    The registry is read without importing torch: judge modules keep the model side out of their
+    module level, so validating a configuration stays as light as the rest of config loading.
+    """
+    from workers.judges.registry import judge_names
+
+    names = [value] if isinstance(value, str) else list(value)
+    if not names:
+        raise ValueError("name at least one judge")
+    allowed = judge_names()
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ValueError(f"unknown judge {', '.join(map(repr, unknown))}; allowed values: {', '.join(allowed)}")
+    return value
+
+
+JudgeNames = Annotated[str | list[str], AfterValidator(_known_judges)]
+
+
+class FrozenJudgeSettings(Section):
+    # "initial": the lineage's first model; or any model path (HF directory or hub id, .gguf file).
+    path: str = "initial"
+
+
+class OpenAIJudgeSettings(Section):
+    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp, another `kaizen serve`)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "kaizen"
+    # The NAME of the environment variable that holds the API key: the key itself never enters the
+    # config, and so never the lineage's config snapshots. null: send no Authorization header.
+    api_key_env: str | None = None
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="retries of a failed request, with exponential backoff")
+    backoff_seconds: float = Field(0.5, ge=0, description="wait before the first retry; doubled for each next one")
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    # Ask for top_logprobs and read P(score) / P(verdict) from them when the server returns them;
+    # otherwise (or off) the score is parsed from the text.
+    logprobs: bool = True
+
+
+class ImplicitJudgeSettings(Section):
+    """CREAM-style: reward = beta * (log pi(y|x) - log pi_ref(y|x)) of the current policy."""
+
+    beta: float = Field(0.1, gt=0.0)
+    # initial: the lineage's first model; parent: the model the policy was trained from.
+    reference: Literal["initial", "parent"] = "initial"
+
+
 class JudgeSettings(Section):
-    # logprob: P(score 1..5) after the "Score:" cue, expected value (never unparseable; one forward
-    # pass, so num_samples, max_new_tokens and temperature do not apply). text: K sampled judgments.
+    # Which judge scores the cycle's answers: a backend name, or a list that composes (the first
+    # decides where it can, the next orders what it could not separate), e.g. [verifier, self].
+    # self: the current policy (Self-Rewarding); frozen, openai, implicit, verifier: see workers/judges/.
+    backend: JudgeNames = "self"
+    # Who labels SteerLM attributes (steerlm_sft stage).
+    label_backend: JudgeNames = "self"
+    # How a model judge (self, frozen) reads its verdicts. logprob: P(score 1..5) after the
+    # "Score:" cue, expected value (never unparseable; one forward pass, so num_samples,
+    # max_new_tokens and temperature do not apply). text: K sampled judgments, parsed.
     mode: Literal["text", "logprob"] = "logprob"
     num_samples: int = Field(2, ge=1, description="K judge samples averaged per response (text mode)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=5.0)
+    frozen: FrozenJudgeSettings = FrozenJudgeSettings()
+    openai: OpenAIJudgeSettings = OpenAIJudgeSettings()
+    implicit: ImplicitJudgeSettings = ImplicitJudgeSettings()
     warnings: JudgeWarningSettings = JudgeWarningSettings()
 
 
@@ -142,6 +203,13 @@ class TrainingSettings(LoraTrainingSettings):
 
 class GateSettings(Section):
     heldout_prompts: int = Field(8, ge=1)
+    # Who compares candidate and champion answers. Constraint checks first where the prompts carry
+    # constraints; then the champion itself, debiased over both orders. On SmolLM2-135M the
+    # pairwise self-judge is pure position bias: the swap average is ~0.5, so within the margin
+    # it gives ties rather than position-made verdicts. frozen / openai name a stronger judge.
+    judge: JudgeNames = Field(default_factory=lambda: ["verifier", "self"])
+    # A pairwise verdict needs the debiased preference beyond 0.5 +- this margin; closer is a tie.
+    verdict_margin: float = Field(0.05, ge=0.0, lt=0.5)
     min_win_rate_lower_bound: float = Field(0.5, ge=0.0, lt=1.0)
     z: float = Field(1.96, gt=0.0)
     min_comparisons: int = Field(4, ge=1)

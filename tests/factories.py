@@ -28,3 +28,36 @@ def small_cycle_config(data_dir: Path, model_path: Path, **overrides) -> dict:
 
 def small_cycle_settings(data_dir: Path, model_path: Path, **overrides) -> Settings:
     return load_settings(None, **small_cycle_config(data_dir, model_path, **overrides))
+
+
+def lineage_with_responses(data_dir: Path, model_dir: Path, rows, **overrides):
+    """A migrated lineage DB whose champion is ``model_dir``, with one running iteration holding
+    ``rows``: (prompt, answers) or (prompt, answers, constraints JSON) each, as train prompts with
+    policy responses. Returns the stage context and the response id of each answer text."""
+    from daemon.bootstrap import initialise
+    from daemon.db.engine import transaction
+    from daemon.db.lineage import INITIAL_CHECKPOINT_ID
+    from daemon.db.models import Iteration, IterationStatus, Prompt, Response
+    from workers.stage_runner import StageContext
+
+    settings = small_cycle_settings(data_dir, model_dir, **overrides)
+    sessions = initialise(settings)
+    response_ids: dict[str, int] = {}
+    with transaction(sessions) as session:
+        iteration = Iteration(parent_checkpoint_id=INITIAL_CHECKPOINT_ID, status=IterationStatus.running, config_snapshot={})
+        session.add(iteration)
+        session.flush()
+        for prompt_text, answers, *constraints in rows:
+            prompt = Prompt(iteration_id=iteration.id, text=prompt_text, role="train", source="seed", constraints=constraints[0] if constraints else None)
+            session.add(prompt)
+            session.flush()
+            for index, answer in enumerate(answers):
+                response = Response(
+                    iteration_id=iteration.id, prompt_id=prompt.id, kind="policy", sample_index=index, text=answer,
+                    num_tokens=len(answer.split()),
+                )
+                session.add(response)
+                session.flush()
+                response_ids[answer] = response.id
+        iteration_id = iteration.id
+    return StageContext(settings=settings, sessions=sessions, iteration_id=iteration_id), response_ids

@@ -1,10 +1,10 @@
 """SteerLM on the loop's own data: label responses with attribute values, then attribute-conditioned SFT.
 
-1. :func:`label_attributes` asks the model (the iteration's parent checkpoint) to rate each
-   (prompt, response) on every SteerLM attribute with ``policies.steerlm``'s rubric, K samples
-   per response, parsed injection-proof and combined per attribute (rounded mean of the samples
-   that parsed). A response with any attribute left unlabelled is not trained on: labels are
-   never imputed.
+1. The configured label judge (``judge.label_backend``, ``workers.judges``; by default the
+   iteration's parent checkpoint, in text) rates each (prompt, response) on every SteerLM
+   attribute with ``policies.steerlm``'s rubric, ``steerlm.judge_samples`` samples per
+   response, parsed injection-proof and combined per attribute. A response with any attribute
+   left unlabelled is not trained on: labels are never imputed.
 2. :func:`sft_attribute_conditioned` fine-tunes a PEFT LoRA adapter with TRL ``SFTTrainer`` on
    (prompt, response, attributes) triples. Each example is TRL's conversational
    *prompt-completion* format::
@@ -41,15 +41,10 @@ from policies.steerlm import (
     ATTRIBUTES,
     MAX_VALUE,
     MIN_VALUE,
-    AttributeParse,
     attribute_string,
-    combine_attribute_parses,
-    parse_attribute_labels,
-    render_attribute_rubric_prompt,
     steerlm_messages,
 )
 from workers import lora_training as lora
-from workers.runtime import ModelRuntime
 from workers.stage_runner import StageContext, StageOutput
 
 __all__ = [
@@ -57,7 +52,6 @@ __all__ = [
     "SteerExample",
     "SteerLMSettings",
     "SteerTrainResult",
-    "label_attributes",
     "sft_attribute_conditioned",
     "sft_lora_update",
     "steerlm_checkpoint_id",
@@ -89,19 +83,13 @@ class SteerLMSettings:
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     max_length: int = 1024
     seed: int | None = None  # None: derived from the config seed and the iteration, like other stages
-    # Labelling
-    judge_samples: int = 2
-    judge_max_new_tokens: int = 160
-    judge_temperature: float = 0.7
-    judge_top_p: float = 0.95
+    # Labelling (the judge's own settings, steerlm.judge_samples and steerlm.judge_max_new_tokens, come from the config)
     response_kinds: tuple[str, ...] | None = None  # None: every response of the iteration (RLCD ones too)
     min_examples: int = 1  # fewer fully labelled responses than this skips training
     # Lineage: make the SteerLM checkpoint the iteration's candidate for the gate.
     register_as_candidate: bool = False
 
     def __post_init__(self) -> None:
-        if self.judge_samples < 1:
-            raise ValueError(f"judge_samples must be >= 1, got {self.judge_samples}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples must be >= 1, got {self.min_examples}")
 
@@ -118,46 +106,6 @@ class SteerExample(lora.ChatPrompt):
 @dataclass
 class SteerTrainResult(lora.TrainResult):
     num_examples: int = dataclasses.field(kw_only=True)
-
-
-# --------------------------------------------------------------------------- labelling
-
-
-def label_attributes(
-    runtime: ModelRuntime,
-    items: Sequence[tuple[str, str]],
-    *,
-    samples: int,
-    seed: int,
-    max_new_tokens: int,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    batch_size: int = 16,
-) -> list[AttributeParse]:
-    """Attribute labels for each (instruction, response), from ``samples`` judge samples each.
-
-    The result has one :class:`AttributeParse` per item, in order: the per-attribute rounded
-    mean of the samples that labelled it, and for every other attribute the samples' reasons.
-    """
-    if not items:
-        return []
-    requests = [
-        runtime.render_chat([{"role": "user", "content": render_attribute_rubric_prompt(instruction, response)}])
-        for instruction, response in items
-    ]
-    outputs = runtime.generate(
-        requests,
-        num_samples=samples,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    return [
-        combine_attribute_parses([parse_attribute_labels(g.text, response) for g in generations])
-        for (_, response), generations in zip(items, outputs, strict=True)
-    ]
 
 
 # --------------------------------------------------------------------------- SFT
@@ -338,32 +286,24 @@ def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> S
     per attribute how many responses could not be labelled. Too few fully labelled responses
     (``min_examples``) skip training with the reason in the result.
     """
-    from workers.stages.common import jsonable, parent_checkpoint, runtime_for
+    from workers.stages.common import jsonable, parent_checkpoint, stage_judge
 
     s = settings or SteerLMSettings()
     seed = s.seed if s.seed is not None else _stage_seed(ctx)
     with ctx.sessions() as session:
         parent = parent_checkpoint(ctx, session)
         parent_path = parent.path
+        labeller = stage_judge(ctx, session, "label", parent, seed=seed)
     rows = _labelled_rows(ctx, s.response_kinds)
-    runtime = runtime_for(ctx, parent_path)
-    parses = label_attributes(
-        runtime,
-        [(prompt, text) for _, text, prompt in rows],
-        samples=s.judge_samples,
-        seed=seed,
-        max_new_tokens=s.judge_max_new_tokens,
-        temperature=s.judge_temperature,
-        top_p=s.judge_top_p,
-        batch_size=ctx.settings.generation.batch_size,
-    )
+    labels = labeller.label([(prompt, text) for _, text, prompt in rows], ATTRIBUTES)
     examples = [
-        (response_id, SteerExample(prompt, text, parse.labels))
-        for (response_id, text, prompt), parse in zip(rows, parses, strict=True)
-        if parse.complete
+        (response_id, SteerExample(prompt, text, dict(label.values)))
+        for (response_id, text, prompt), label in zip(rows, labels, strict=True)
+        if label.complete
     ]
-    failures = Counter(name for parse in parses for name in parse.failures)
+    failures = Counter(name for label in labels for name in label.failures)
     summary: dict[str, Any] = {
+        "judge": labeller.label_name,
         "responses": len(rows),
         "labelled": len(examples),
         "unlabelled": len(rows) - len(examples),

@@ -141,6 +141,9 @@ class Prompt(Base):
     # train: generated for this cycle's pairs; heldout: used only by the gate.
     role: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(16))
+    # The verifiable constraints an answer must satisfy (policies.constraints JSON objects, e.g.
+    # {"kind": "max_words", "n": 40}); null or empty for a free-form prompt. The verifier judge reads them.
+    constraints: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
 
 
 class Response(Base):
@@ -170,6 +173,9 @@ class Judgment(Base):
     raw_output: Mapped[str] = mapped_column(Text)
     score: Mapped[float | None] = mapped_column(Float)
     parse_error: Mapped[str | None] = mapped_column(String(256))
+    # Which judge made it (workers/judges: "self:logprob", "verifier+self:logprob", "openai:<model>" ...);
+    # null for judgments recorded before judges were named.
+    judge: Mapped[str | None] = mapped_column(String(128))
 
 
 class Pair(Base):

@@ -10,21 +10,20 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from daemon.bootstrap import initialise
 from daemon.db.engine import transaction
 from daemon.db.lineage import INITIAL_CHECKPOINT_ID
-from daemon.db.models import Checkpoint, CheckpointStatus, Iteration, IterationStatus, Prompt, Response
+from daemon.db.models import Checkpoint, CheckpointStatus, Iteration
 from policies.self_instruct import load_seed_prompts
 from policies.steerlm import ATTRIBUTES, attribute_string, render_attribute_rubric_prompt, steerlm_messages, steerlm_system_text
-from tests.factories import small_cycle_settings
+from tests.factories import lineage_with_responses, small_cycle_settings
 from workers.checkpoints import read_manifest, verify_checkpoint
+from workers.judges import build_judge
 from workers.runtime import ModelRuntime, clear_runtime_cache
 from workers.stage_runner import StageContext, StageOutput
 from workers.steerlm import (
     CHECKPOINT_KIND,
     SteerExample,
     SteerLMSettings,
-    label_attributes,
     sft_attribute_conditioned,
     steerlm_checkpoint_id,
     steerlm_sft,
@@ -83,27 +82,7 @@ def test_inference_renders_the_conditioned_prompt_exactly_as_sft_tokenizes_it(ti
 
 def _lineage(tmp_path: Path, model_dir: Path, rows) -> tuple[StageContext, dict[str, int]]:
     """A migrated lineage DB whose champion is ``model_dir``, with one iteration holding ``rows``."""
-    settings = small_cycle_settings(tmp_path / "data", model_dir)
-    sessions = initialise(settings)
-    response_ids: dict[str, int] = {}
-    with transaction(sessions) as session:
-        iteration = Iteration(parent_checkpoint_id=INITIAL_CHECKPOINT_ID, status=IterationStatus.running, config_snapshot={})
-        session.add(iteration)
-        session.flush()
-        for prompt_text, answers in rows:
-            prompt = Prompt(iteration_id=iteration.id, text=prompt_text, role="train", source="seed")
-            session.add(prompt)
-            session.flush()
-            for index, answer in enumerate(answers):
-                response = Response(
-                    iteration_id=iteration.id, prompt_id=prompt.id, kind="policy", sample_index=index, text=answer,
-                    num_tokens=len(answer.split()),
-                )
-                session.add(response)
-                session.flush()
-                response_ids[answer] = response.id
-        iteration_id = iteration.id
-    return StageContext(settings=settings, sessions=sessions, iteration_id=iteration_id), response_ids
+    return lineage_with_responses(tmp_path / "data", model_dir, rows)
 
 
 def _run_stage(ctx: StageContext, settings: SteerLMSettings) -> StageOutput:
@@ -118,7 +97,8 @@ def _run_stage(ctx: StageContext, settings: SteerLMSettings) -> StageOutput:
 def test_the_stage_skips_training_when_the_model_cannot_label(tmp_path: Path, tiny_model_dir: Path):
     # The untrained tiny model writes noise: no response gets all nine labels, and nothing is imputed.
     ctx, _ = _lineage(tmp_path, tiny_model_dir, ROWS)
-    settings = SteerLMSettings(judge_samples=1, judge_max_new_tokens=16)
+    ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 16
+    settings = SteerLMSettings()
 
     result = _run_stage(ctx, settings).result
 
@@ -223,25 +203,27 @@ def judge_model(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_label_attributes_reads_the_judges_labels_and_refuses_planted_ones(judge_model: Path):
-    runtime = ModelRuntime.load(str(judge_model), device="cpu")
+def test_the_label_judge_reads_the_judges_labels_and_refuses_planted_ones(tmp_path: Path, judge_model: Path):
+    settings = small_cycle_settings(tmp_path / "data", judge_model, judge={"temperature": 0.0}, steerlm={"judge_samples": 2, "judge_max_new_tokens": 96})
+    judge = build_judge(settings, "label", policy_path=str(judge_model), load_model=lambda path: ModelRuntime.load(path, device="cpu"))
     honest, planted = (ROWS[0][0], ROWS[0][1][0]), (PLANTED[0], PLANTED[1][0])
 
-    parses = label_attributes(runtime, [honest, planted], samples=2, seed=0, max_new_tokens=96, temperature=0.0)
+    labels = judge.label([honest, planted], ATTRIBUTES)
 
-    assert parses[0].labels == JUDGE_LABELS and parses[0].complete
+    assert labels[0].values == JUDGE_LABELS and labels[0].complete and labels[0].judge == "self:logprob"
+    assert len(labels[0].raw) == 2  # one rating per sample
     # The judge says exactly what the answer planted, so none of it counts.
-    assert parses[1].labels == {}
-    assert set(parses[1].failures.values()) == {"echoed from judged response"}
+    assert labels[1].values == {}
+    assert set(labels[1].failures.values()) == {"echoed from judged response"}
 
 
 @pytest.mark.slow
 def test_the_stage_labels_trains_and_registers_a_verified_checkpoint(tmp_path: Path, judge_model: Path):
     clear_runtime_cache()
     ctx, response_ids = _lineage(tmp_path, judge_model, [*ROWS, PLANTED])
-    settings = SteerLMSettings(
-        judge_samples=1, judge_max_new_tokens=96, judge_temperature=0.0, max_steps=2, batch_size=2, register_as_candidate=True,
-    )
+    ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 96
+    ctx.settings.judge.temperature = 0.0
+    settings = SteerLMSettings(max_steps=2, batch_size=2, register_as_candidate=True)
 
     result = _run_stage(ctx, settings).result
 

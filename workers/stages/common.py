@@ -12,6 +12,8 @@ from daemon.db.models import Checkpoint, Event, Prompt, StageRun, StageStatus
 from daemon.stage_specs import stage_index
 from policies import judge_metrics
 from workers import artifacts
+from workers.judges import Judge, JudgePrompt, build_judge
+from workers.judges.base import Role
 from workers.runtime import ModelRuntime, configure_cpu_threads, get_runtime
 from workers.stage_runner import StageContext
 
@@ -94,6 +96,21 @@ def lineage_root(session: Session, checkpoint: Checkpoint) -> Checkpoint:
         seen.add(parent.id)
         checkpoint = parent
     return checkpoint
+
+
+def stage_judge(ctx: StageContext, session: Session, role: Role, policy: Checkpoint, *, seed: int) -> Judge:
+    """The judge configured for ``role``, with ``policy`` as its "self" and the lineage's first model
+    and ``policy``'s parent at hand (frozen and implicit judges use them). Models load on first use."""
+    parent = session.get(Checkpoint, policy.parent_id) if policy.parent_id else None
+    return build_judge(
+        ctx.settings, role, policy_path=policy.path, load_model=lambda path: runtime_for(ctx, path),
+        initial_path=lineage_root(session, policy).path, parent_path=parent.path if parent else None, seed=seed,
+    )
+
+
+def judge_prompt(prompt: Prompt) -> JudgePrompt:
+    """A prompt row as judges see it: its text and the constraints it carries."""
+    return JudgePrompt(prompt.text, tuple(prompt.constraints or ()))
 
 
 def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

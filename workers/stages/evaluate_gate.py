@@ -8,12 +8,16 @@ from sqlalchemy.orm import Session
 
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, Evaluation
-from policies import gate, judge_metrics, rubric
+from policies import debias, gate, judge_metrics
 from workers import artifacts
 from workers.checkpoints import CheckpointError
-from workers.runtime import ModelRuntime
+from workers.judges import Judge, JudgePrompt
+from workers.judges.base import order_verdicts, swap_numbers
 from workers.stage_runner import StageContext, StageOutput
-from workers.stages.common import parent_checkpoint, prompts_of_role, record_warnings, runtime_for, sample, stage_seed, user_prompt, warning_thresholds
+from workers.stages.common import (
+    judge_prompt, parent_checkpoint, prompts_of_role, record_warnings, runtime_for, sample, stage_judge, stage_seed, user_prompt,
+    warning_thresholds,
+)
 
 
 def evaluate_gate(ctx: StageContext) -> StageOutput:
@@ -26,17 +30,17 @@ def evaluate_gate(ctx: StageContext) -> StageOutput:
         iteration = ctx.iteration(session)
         champion = parent_checkpoint(ctx, session)
         candidate = session.get(Checkpoint, iteration.candidate_checkpoint_id) if iteration.candidate_checkpoint_id else None
-        heldout = [p.text for p in prompts_of_role(session, ctx.iteration_id, "heldout")]
+        heldout = [judge_prompt(p) for p in prompts_of_role(session, ctx.iteration_id, "heldout")]
+        # The champion is the gate's "self": it is frozen relative to the candidate, which limits self-preference.
+        judge = stage_judge(ctx, session, "gate", champion, seed=stage_seed(ctx, "evaluate_gate") + 1)
     if candidate is None:
         return _no_candidate_decision(ctx, champion.id)
     refusal = _unloadable_checkpoint(ctx, candidate.path)
     if refusal is not None:
         return _refused_candidate_decision(ctx, candidate.id, champion.id, refusal)
-    comparisons, stats = _compare(ctx, champion.path, candidate.path, heldout)
+    comparisons, stats = _compare(ctx, judge, champion.path, candidate.path, heldout)
     decision = gate.decide(stats, rule)
-    metrics = {
-        "position_bias_rate": judge_metrics.position_bias_rate((c["candidate_first"], c["champion_first"]) for c in comparisons)
-    }
+    metrics = _position_metrics(comparisons)
     warnings = judge_metrics.judge_warnings(metrics, warning_thresholds(ctx))
 
     def write(session: Session) -> dict[str, Any]:
@@ -54,56 +58,48 @@ def evaluate_gate(ctx: StageContext) -> StageOutput:
         return {}
 
     result = {
-        "decision": "promoted" if decision.promote else "rejected", **decision.as_dict(),
+        "decision": "promoted" if decision.promote else "rejected", **decision.as_dict(), "judge": judge.label_name,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics), "warnings": warnings,
     }
     return StageOutput(result, write)
 
 
-def _compare(ctx: StageContext, champion_path: str, candidate_path: str, prompts: list[str]):
+# A comparison's verdict on (candidate, champion) as the gate's outcome.
+_OUTCOMES = {"a": gate.OUTCOME_CANDIDATE, "b": gate.OUTCOME_CHAMPION, "tie": gate.OUTCOME_TIE, None: None}
+
+
+def _compare(ctx: StageContext, judge: Judge, champion_path: str, candidate_path: str, prompts: list[JudgePrompt]):
     seed = stage_seed(ctx, "evaluate_gate")
     champion_rt = runtime_for(ctx, champion_path)
     candidate_rt = runtime_for(ctx, candidate_path)
-    champion_out = [o[0] for o in sample(ctx, champion_rt, [user_prompt(champion_rt, p) for p in prompts], n=1, seed=seed)]
-    candidate_out = [o[0] for o in sample(ctx, candidate_rt, [user_prompt(candidate_rt, p) for p in prompts], n=1, seed=seed)]
-    # The champion judges: it is frozen relative to the candidate, which limits self-preference.
-    requests = []
-    for prompt, cand, champ in zip(prompts, candidate_out, champion_out, strict=True):
-        requests.append(user_prompt(champion_rt, rubric.render_pairwise_prompt(prompt, cand.text, champ.text)))
-        requests.append(user_prompt(champion_rt, rubric.render_pairwise_prompt(prompt, champ.text, cand.text)))
-    verdicts, details = _pairwise_verdicts(ctx, champion_rt, requests, seed + 1)
-    comparisons, combined = [], []
-    for index, prompt in enumerate(prompts):
-        first, second = verdicts[2 * index], verdicts[2 * index + 1]
-        outcome = gate.combine_two_orders(first, second)
-        combined.append(outcome)
+    champion_out = [o[0] for o in sample(ctx, champion_rt, [user_prompt(champion_rt, p.text) for p in prompts], n=1, seed=seed)]
+    candidate_out = [o[0] for o in sample(ctx, candidate_rt, [user_prompt(candidate_rt, p.text) for p in prompts], n=1, seed=seed)]
+    verdicts = judge.compare([(p, cand.text, champ.text) for p, cand, champ in zip(prompts, candidate_out, champion_out, strict=True)])
+    comparisons = []
+    for prompt, comparison in zip(prompts, verdicts, strict=True):
+        first, second = order_verdicts(comparison)
         comparisons.append(
-            {"prompt": prompt, "candidate_first": first, "champion_first": second, "outcome": outcome, **details[index]}
+            {
+                "prompt": prompt.text, "candidate_first": first, "champion_first": second, "outcome": _OUTCOMES[comparison.verdict],
+                "preference": None if comparison.preference is None else round(comparison.preference, 4),
+                "judge": comparison.judge, "raw": comparison.raw,
+            }
         )
-    stats = gate.tally(combined, [o.num_tokens for o in candidate_out], [o.num_tokens for o in champion_out])
+    stats = gate.tally([c["outcome"] for c in comparisons], [o.num_tokens for o in candidate_out], [o.num_tokens for o in champion_out])
     return comparisons, stats
 
 
-def _pairwise_verdicts(
-    ctx: StageContext, judge_rt: ModelRuntime, requests: list[str], seed: int
-) -> tuple[list[str | None], list[dict[str, Any]]]:
-    """The judge's verdict ("A", "B", "tie" or None if unreadable) on each pairwise request, in
-    judge.mode, and per comparison (two consecutive requests) what to keep in the lineage."""
-    j = ctx.settings.judge
-    if j.mode == rubric.JUDGE_MODE_LOGPROB:
-        cues = [request + rubric.VERDICT_CUE for request in requests]
-        distributions = judge_rt.continuation_distribution(cues, rubric.VERDICT_CONTINUATIONS, batch_size=ctx.settings.generation.batch_size) if cues else []
-        verdicts: list[str | None] = [rubric.verdict_from_distribution(d.probabilities) for d in distributions]
-        details = [
-            {
-                "candidate_first_p": [round(p, 4) for p in distributions[i].probabilities],
-                "champion_first_p": [round(p, 4) for p in distributions[i + 1].probabilities],
-            }
-            for i in range(0, len(distributions), 2)
-        ]
-        return verdicts, details
-    texts = [o[0].text for o in sample(ctx, judge_rt, requests, n=1, seed=seed, max_new_tokens=j.max_new_tokens, temperature=j.temperature)]
-    return [rubric.parse_pairwise_verdict(text) for text in texts], [{} for _ in range(len(texts) // 2)]
+def _position_metrics(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """Position bias of the gate's pairwise judge: the verdict-letter rate, and the debiased
+    metric from the per-order numbers (``policies.debias``), with the mean debiased preference."""
+    slots = [slot for c in comparisons if (slot := swap_numbers(c["raw"]).get("position_preference")) is not None]
+    preferences = [c["preference"] for c in comparisons if c["preference"] is not None]
+    return {
+        "position_bias_rate": judge_metrics.position_bias_rate((c["candidate_first"], c["champion_first"]) for c in comparisons),
+        "position_bias": debias.position_bias(slots),
+        "first_slot_preference": debias.mean_first_slot_preference(slots),
+        "mean_candidate_preference": judge_metrics.mean_or_none(preferences),
+    }
 
 
 def _record_evaluation(session: Session, iteration_id: int, candidate_id: str | None, champion_id: str, decision, stats, comparisons) -> None:

@@ -9,7 +9,8 @@ from workers.stages.common import stage_seed
 def steerlm_sft(ctx: StageContext) -> StageOutput:
     from workers.steerlm import SteerLMSettings, steerlm_sft as run
 
-    section = ctx.settings.steerlm.model_dump(exclude={"enabled"})
+    # The labelling settings (judge_samples, judge_max_new_tokens) are read by the label judge itself.
+    section = ctx.settings.steerlm.model_dump(exclude={"enabled", "judge_samples", "judge_max_new_tokens"})
     return run(ctx, SteerLMSettings(**section))
 
 

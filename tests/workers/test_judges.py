@@ -1,0 +1,148 @@
+"""The judge protocol: registry and config, a stub backend in the judge stage, the verifier,
+composition, the frozen judge's cache, and the implicit (DPO) reward on a trained model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from daemon.config import ConfigError, load_settings
+from daemon.db.engine import transaction
+from daemon.db.models import Judgment
+from tests.factories import lineage_with_responses, small_cycle_settings
+from workers.judges import Comparison, Judge, JudgePrompt, Score, build_judge, register_judge
+from workers.judges import frozen
+from workers.judges.registry import judge_names, unregister_judge
+from workers.runtime import ModelRuntime
+from workers.stages.judge import judge as judge_stage
+
+MAX_WORDS_3 = [{"kind": "max_words", "n": 3}]
+LOWERCASE = {"kind": "lowercase"}
+
+
+def _loader(calls: list[str] | None = None):
+    def load(path: str) -> ModelRuntime:
+        if calls is not None:
+            calls.append(path)
+        return ModelRuntime.load(path, device="cpu")
+
+    return load
+
+
+# --------------------------------------------------------------------------- registry and config
+
+
+def test_every_backend_is_discovered_and_unknown_names_fail_config_load_listing_them() -> None:
+    assert {"self", "frozen", "openai", "implicit", "verifier"} <= set(judge_names())
+    with pytest.raises(ConfigError, match=r"judge\.backend: .*unknown judge 'opnai'; allowed values: .*openai.*verifier"):
+        load_settings(None, judge={"backend": ["verifier", "opnai"]})
+    with pytest.raises(ConfigError, match=r"gate\.judge: .*unknown judge 'gpt'"):
+        load_settings(None, gate={"judge": "gpt"})
+    assert load_settings(None, judge={"backend": ["verifier", "implicit"]}).judge.backend == ["verifier", "implicit"]
+
+
+def test_discovering_the_judges_and_loading_config_leave_torch_unloaded() -> None:
+    code = "import sys; from daemon.config import load_settings; load_settings(None); assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_the_api_key_is_named_not_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-secret-value")
+    settings = load_settings(None, judge={"backend": "openai", "openai": {"api_key_env": "JUDGE_TEST_KEY"}})
+    assert "sk-secret-value" not in str(settings.snapshot())
+
+
+# --------------------------------------------------------------------------- a stub plugs in
+
+
+class LengthStub(Judge):
+    """Scores an answer by its word count; registered under a name only this test uses."""
+
+    def score(self, items: Sequence[tuple[object, str]]) -> list[Score]:
+        return [Score(value=float(len(answer.split())), raw="counted", parse_error=None, judge=self.label_name) for _, answer in items]
+
+
+def test_a_stub_registered_in_a_test_is_used_by_the_judge_stage(tmp_path: Path, tiny_model_dir: Path) -> None:
+    register_judge("length_stub")(LengthStub)
+    try:
+        rows = [("Describe the water cycle.", ["Rain falls.", "Water evaporates and then rains down."])]
+        ctx, ids = lineage_with_responses(tmp_path / "data", tiny_model_dir, rows, judge={"backend": "length_stub"})
+        output = judge_stage(ctx)
+        with transaction(ctx.sessions) as session:
+            output.write(session)
+        with ctx.sessions() as session:
+            judged = {j.response_id: j for j in session.scalars(select(Judgment))}
+    finally:
+        unregister_judge("length_stub")
+    assert output.result["judge"] == "length_stub"
+    assert judged[ids["Rain falls."]].score == 2.0 and judged[ids["Water evaporates and then rains down."]].score == 6.0
+    assert {j.judge for j in judged.values()} == {"length_stub"}
+
+
+# --------------------------------------------------------------------------- verifier and composition
+
+
+def _judge(settings, *backends: str, policy: Path) -> Judge:  # type: ignore[no-untyped-def]
+    return build_judge(settings, "train", policy_path=str(policy), load_model=_loader(), backends=list(backends))
+
+
+def test_the_verifier_scores_the_satisfied_share_and_compares_by_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    verifier = _judge(small_cycle_settings(tmp_path, tiny_model_dir), "verifier", policy=tiny_model_dir)
+    prompt = JudgePrompt("Name a colour.", (MAX_WORDS_3[0], LOWERCASE))
+
+    scores = verifier.score([(prompt, "blue."), (prompt, "Blue."), (prompt, "It Is A Deep Blue."), ("Name a colour.", "blue")])
+    assert [s.value for s in scores[:3]] == [1.0, 0.5, 0.0]
+    assert scores[3].value is None and "no constraints" in scores[3].parse_error
+
+    comparisons = verifier.compare([(prompt, "blue.", "Blue."), (prompt, "It Is Deep Blue.", "Blue."), (prompt, "red", "blue"), ("Name a colour.", "a", "b")])
+    assert [(c.preference, c.verdict) for c in comparisons] == [(1.0, "a"), (0.0, "b"), (0.5, "tie"), (None, None)]
+
+
+def test_composite_verifier_then_self_orders_what_the_checks_cannot_separate(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = small_cycle_settings(tmp_path, tiny_model_dir)
+    composite = _judge(settings, "verifier", "self", policy=tiny_model_dir)
+    alone = _judge(settings, "self", policy=tiny_model_dir)
+    prompt = JudgePrompt("Name a colour.", tuple(MAX_WORDS_3))
+    separated = (prompt, "blue", "the colour of the sky on a clear day")
+    equal = (prompt, "blue", "red")
+    unchecked = ("Name a colour.", "blue", "red")
+
+    decided = composite.compare([separated, equal, unchecked])
+
+    assert composite.label_name == "verifier+self:logprob"
+    assert decided[0].raw["decided_by"] == "verifier" and decided[0].preference == 1.0 and len(decided[0].raw["levels"]) == 1
+    by_self = alone.compare([equal, unchecked])
+    for comparison, reference in zip(decided[1:], by_self, strict=True):
+        assert [level["judge"] for level in comparison.raw["levels"]][-1] == "self:logprob"
+        assert comparison.preference == pytest.approx(reference.preference)
+        assert comparison.verdict == reference.verdict
+        assert "position_preference" in comparison.raw["levels"][-1]["raw"]  # the swap-averaged numbers are kept
+
+    answers = ["blue", "red", "green light of a traffic signal", "the colour of the sky"]
+    combined = composite.score([(prompt, a) for a in answers])
+    self_scores = [s.value for s in alone.score([(prompt, a) for a in answers])]
+    satisfied = [1.0, 1.0, 0.0, 0.0]
+    expected_order = sorted(range(4), key=lambda i: (satisfied[i], self_scores[i]))
+    assert sorted(range(4), key=lambda i: combined[i].value) == expected_order
+    # Between two compliant answers the difference is the self-judge's own.
+    assert combined[0].value - combined[1].value == pytest.approx(self_scores[0] - self_scores[1])
+
+
+# --------------------------------------------------------------------------- frozen
+
+
+def test_the_frozen_judge_loads_its_model_once_per_process(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = small_cycle_settings(tmp_path, tiny_model_dir)
+    calls: list[str] = []
+    other_policy = tmp_path / "not-loaded"
+    for _ in range(2):
+        judge = build_judge(settings, "gate", policy_path=str(other_policy), load_model=_loader(calls), initial_path=str(tiny_model_dir), backends=["frozen"])
+        [comparison] = judge.compare([("Name a colour.", "blue", "red")])
+        assert comparison.judge == "frozen:logprob" and comparison.verdict in {"a", "b", "tie"}
+    assert calls == [str(tiny_model_dir)]  # the initial model, loaded once; never the policy
+    assert str(tiny_model_dir) in frozen.pinned_paths()
