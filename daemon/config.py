@@ -100,20 +100,15 @@ class JudgeWarningSettings(Section):
 
 
 def _known_judges(value: str | list[str]) -> str | list[str]:
-    """Every name must be a registered judge backend (workers/judges/, one module each).
-
-    The registry is read without importing torch: judge modules keep the model side out of their
-    module level, so validating a configuration stays as light as the rest of config loading.
-    """
-    from workers.judges.registry import judge_names
+    """Every name must be a judge backend (workers/judges/, one module each; names in policies.judges)."""
+    from policies import judges
 
     names = [value] if isinstance(value, str) else list(value)
     if not names:
         raise ValueError("name at least one judge")
-    allowed = judge_names()
-    unknown = [name for name in names if name not in allowed]
+    unknown = judges.unknown(names)
     if unknown:
-        raise ValueError(f"unknown judge {', '.join(map(repr, unknown))}; allowed values: {', '.join(allowed)}")
+        raise ValueError(f"unknown judge {', '.join(map(repr, unknown))}; allowed values: {', '.join(judges.allowed())}")
     return value
 
 

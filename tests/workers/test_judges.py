@@ -14,6 +14,7 @@ from sqlalchemy import select
 from daemon.config import ConfigError, load_settings
 from daemon.db.engine import transaction
 from daemon.db.models import Judgment
+from policies import judges
 from tests.factories import lineage_with_responses, small_cycle_settings
 from workers.judges import Comparison, Judge, JudgePrompt, Score, build_judge, register_judge
 from workers.judges import frozen
@@ -38,7 +39,8 @@ def _loader(calls: list[str] | None = None):
 
 
 def test_every_backend_is_discovered_and_unknown_names_fail_config_load_listing_them() -> None:
-    assert {"self", "frozen", "openai", "implicit", "verifier"} <= set(judge_names())
+    # The config's list of built-in names and the registered backends agree.
+    assert set(judge_names()) == set(judges.BACKENDS)
     with pytest.raises(ConfigError, match=r"judge\.backend: .*unknown judge 'opnai'; allowed values: .*openai.*verifier"):
         load_settings(None, judge={"backend": ["verifier", "opnai"]})
     with pytest.raises(ConfigError, match=r"gate\.judge: .*unknown judge 'gpt'"):
@@ -47,7 +49,10 @@ def test_every_backend_is_discovered_and_unknown_names_fail_config_load_listing_
 
 
 def test_discovering_the_judges_and_loading_config_leave_torch_unloaded() -> None:
-    code = "import sys; from daemon.config import load_settings; load_settings(None); assert 'torch' not in sys.modules, 'torch loaded'"
+    code = (
+        "import sys; from daemon.config import load_settings; load_settings(None, judge={'backend': ['verifier', 'openai']}); "
+        "from workers.judges.registry import judge_names; judge_names(); assert 'torch' not in sys.modules, 'torch loaded'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 

@@ -12,9 +12,8 @@ A backend implements what it can; the others raise :class:`JudgeCapabilityError`
 backend and the operation. A prompt is a plain string or a :class:`JudgePrompt` that also
 carries verifiable constraints (``policies.constraints`` JSON), which code-checking judges read.
 
-Module level stays torch-free: the registry imports every backend module to learn the judge
-names when the configuration is validated (``kaizen status`` must not load torch). Backends
-import the model side inside their methods.
+Backends load the model side inside their methods: the registry imports every backend module,
+and a process that only uses a judge without a model (verifier, openai) need not load torch.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ A backend is one module in this package that registers its class::
     class MyJudge(Judge): ...
 
 Every module of the package that is not infrastructure (``_INFRASTRUCTURE``) is imported the
-first time the names are needed, so a new backend needs no list to be edited: one file, then
-its name in ``judge.backend`` / ``gate.judge``. A backend with several modes (the self-judge's
+first time a judge is built, so the package keeps no list of its modules. The configuration,
+which cannot import this side, validates names against ``policies.judges.BACKENDS`` (one line
+per built-in backend) plus whatever registered at run time (a plugin, a test's stub). A backend with several modes (the self-judge's
 ``logprob`` and ``text``) registers one class per mode; ``judge.mode`` chooses among them.
 
-Importing this module, or discovering the backends, does not import torch (see ``base``).
+Discovering the backends does not import torch (see ``base``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pkgutil
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from policies import judges as judge_names_list
 from workers.judges.base import ROLES, Judge, JudgeContext, ModelLoader, Role
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ def register_judge(name: str, *, mode: str | None = None) -> Callable[[J], J]:
             raise ValueError(f"judge {name!r} (mode {mode!r}) is already registered by {existing.__module__}.{existing.__qualname__}")
         cls.name = name
         modes[mode] = cls
+        judge_names_list.allow(name)
         return cls
 
     return decorate
@@ -53,6 +56,7 @@ def register_judge(name: str, *, mode: str | None = None) -> Callable[[J], J]:
 def unregister_judge(name: str) -> None:
     """Remove a judge (tests that register a stub clean up with this)."""
     _registry.pop(name, None)
+    judge_names_list.forget(name)
 
 
 def _discover() -> None:
