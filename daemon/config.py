@@ -313,6 +313,9 @@ class ServeSettings(Section):
     poll_seconds: float = Field(1.0, gt=0.0, description="how often the server checks the champion pointer")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="default and upper limit of max_tokens")
     api_key: str | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    max_batch_size: int = Field(16, ge=1, le=512, description="sequences decoded together in one batch")
+    max_queue: int = Field(256, ge=1, description="sequences waiting for a batch slot before requests get 503 + Retry-After")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 above)")
     genarm: GenArmServeSettings = GenArmServeSettings()
 
 

@@ -12,6 +12,7 @@ scored pair is exact (prompt and completion are tokenised separately and the ids
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import inspect
@@ -26,8 +27,18 @@ from typing import Any
 
 import structlog
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.utils import logging as hf_logging
+
+from workers.sampling import TemperatureTopPWarper
 
 # Load bars per checkpoint would flood worker logs; the CLI shows its own progress.
 hf_logging.disable_progress_bar()
@@ -106,6 +117,26 @@ def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype | str:
 
 def _chunks(seq: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+class GeneratedTextStop(StoppingCriteria):
+    """Stops a row once its generated text (not the prompt) contains a stop string.
+
+    transformers' own ``stop_strings`` matches the tail of prompt + output, so a stop string that
+    straddles the boundary ("is Paris" after a prompt ending in "is") stopped generation at once.
+    Only the last few generated tokens are decoded each step: a stop string of c characters ends
+    within the last c + 2 tokens.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, [s for s in stops if s], prompt_width
+        self.window = max((len(s) for s in self.stops), default=0) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        tails = generated[:, -self.window :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class ModelRuntime:
@@ -200,7 +231,7 @@ class ModelRuntime:
     def encode_completion(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _context_ids(self, prompt: str) -> list[int]:
+    def context_ids(self, prompt: str) -> list[int]:
         ids = self.encode_prompt(prompt)
         if not ids:  # nothing to condition on: use BOS (or EOS) as the start of the sequence
             start = self.tokenizer.bos_token_id
@@ -274,8 +305,9 @@ class ModelRuntime:
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
-            **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}),
-            **({"stop_strings": stops} if stops else {}),
+            # Temperature and top-p run in TemperatureTopPWarper (a top-k prefilter instead of
+            # sorting the vocabulary); transformers' own warpers are switched off.
+            **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}),
         )
         per_prompt = num_samples if do_sample else 1  # sequences actually decoded per prompt
         # Generation-config fields (min_new_tokens, repetition_penalty, ...) go into the config;
@@ -286,17 +318,24 @@ class ModelRuntime:
         devices = []
         if self.device.type == "cuda":
             devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-        with self._lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        # A seed gives a reproducible result without touching the process's RNG; without one the
+        # global RNG advances, so two unseeded calls give fresh samples.
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
+        with self._lock, torch.inference_mode(), rng:
             if seed is not None:
                 torch.manual_seed(seed)
             for chunk in _chunks(prompts, prompts_per_chunk):
-                input_ids, attention_mask = self._left_pad([self._context_ids(p) for p in chunk])
+                input_ids, attention_mask = self._left_pad([self.context_ids(p) for p in chunk])
+                processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
+                if do_sample:
+                    processors.append(TemperatureTopPWarper(temperature, top_p))
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
-                    **({"tokenizer": self.tokenizer} if stops else {}),
-                    **({"logits_processor": LogitsProcessorList(logits_processors(input_ids, attention_mask))} if logits_processors else {}),
+                    **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
+                    # Stop strings are matched on the generated text only, never across the prompt.
+                    **({"stopping_criteria": StoppingCriteriaList([GeneratedTextStop(self.tokenizer, stops, input_ids.shape[1])])} if stops else {}),
                     **passthrough,
                 )
                 new_tokens = out[:, input_ids.shape[1] :].tolist()
@@ -352,7 +391,7 @@ class ModelRuntime:
         """Per-token ``log p(completion token | prompt, previous completion tokens)`` for each pair."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        pairs = [(self._context_ids(p), self.encode_completion(c)) for p, c in zip(prompts, completions, strict=True)]
+        pairs = [(self.context_ids(p), self.encode_completion(c)) for p, c in zip(prompts, completions, strict=True)]
         # Similar lengths together wastes less padding; results are put back in input order.
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         results: list[list[float]] = [[] for _ in pairs]
@@ -418,7 +457,7 @@ class ModelRuntime:
         results: list[list[float]] = []
         with self._lock, torch.inference_mode():
             for chunk in _chunks(prompts, max(1, batch_size)):
-                input_ids, attention_mask = self._left_pad([self._context_ids(p) for p in chunk])
+                input_ids, attention_mask = self._left_pad([self.context_ids(p) for p in chunk])
                 logits = self._forward_logits(input_ids, attention_mask, keep_last=1)[:, -1, :]
                 probs = torch.softmax(logits.index_select(-1, cand_ids), dim=-1)
                 results.extend(probs.cpu().tolist())
@@ -464,7 +503,7 @@ class ModelRuntime:
         return [results[i] for i in range(len(prompts))]
 
     def _split_continuations(self, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-        encoded = [self._context_ids(prompt + continuation) for continuation in continuations]
+        encoded = [self.context_ids(prompt + continuation) for continuation in continuations]
         shared = _common_prefix_length(encoded)
         if shared == 0:
             raise ValueError(f"prompt {prompt[:40]!r}... shares no token with its continuations {list(continuations)!r}")

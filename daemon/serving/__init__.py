@@ -13,7 +13,12 @@ def build_app(settings: Settings) -> FastAPI:
     from daemon.db.engine import open_lineage
     from daemon.serving.app import create_serving_app
     from daemon.serving.champion import ChampionWatcher, load_verified
+    from workers.runtime import configure_cpu_threads
     from workers.steering import SteeringMethods, SteeringResources
+
+    # The server holds a model like any worker: model.cpu_threads applies here too (torch's
+    # default of one thread per core was ~11x slower on a loaded machine).
+    configure_cpu_threads(settings.model.cpu_threads)
 
     device = None if settings.model.device == "auto" else settings.model.device
     sessions = open_lineage(settings)

@@ -1,86 +1,54 @@
 """OpenAI-compatible HTTP API for the current champion, with per-request steering.
 
-Endpoints: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (both streaming with
-SSE when ``stream`` is true), ``/healthz`` (the process is up; reports swap errors) and ``/readyz``
-(a model is loaded). Every completion names the checkpoint that produced it in
-``system_fingerprint`` and in the extra ``kaizen`` object.
+Endpoints: ``/v1/models`` and ``/v1/models/{id}``, ``/v1/chat/completions``, ``/v1/completions``
+(both streaming with SSE when ``stream`` is true), ``/healthz`` (the process is up; reports swap
+errors and queue depth), ``/readyz`` (a model is loaded) and ``/metrics`` (Prometheus text). Every
+completion names the checkpoint that produced it in ``system_fingerprint`` and in the extra
+``kaizen`` object. Every error, whatever its status, has OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+
+The routes are thin: :class:`daemon.serving.service.Serving` holds the state and the batch engines,
+:mod:`daemon.serving.completions` builds the answers. Handlers are ``async`` and never decode in
+the event loop, so health checks are answered while generations queue.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.config import Settings
-from daemon.serving.champion import ChampionWatcher, ServedModel
-from policies.steering import SteeringError, SteeringSpec
-from workers.steering import DecodeParams, Decoder, SteeringMethods
+from daemon.serving import completions
+from daemon.serving.champion import ChampionWatcher
+from daemon.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
+from daemon.serving.service import Serving
+from workers.steering import SteeringMethods
 
 log = structlog.get_logger(__name__)
 
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
-
-
-class _SamplingRequest(BaseModel):
-    # Unknown OpenAI parameters (logprobs, presence_penalty, ...) are accepted and ignored, as
-    # clients send them by default; the ones below are honoured.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    steering: dict[str, Any] | None = None
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+                         (413, "body too large"), (500, "server error"), (503, "no model loaded or at capacity")]
+}
+_STATUS_KINDS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_SamplingRequest):
-    prompt: str
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    model: ServedModel
-    spec: SteeringSpec
-    params: DecodeParams
-    prompt: str
-    decoder: Decoder
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def _error(status: int, message: str, kind: str | None = None, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = kind or _STATUS_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
 def create_serving_app(settings: Settings, watcher: ChampionWatcher, methods: SteeringMethods) -> FastAPI:
-    serve = settings.serve
+    serving = Serving(settings, watcher, methods)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -88,169 +56,131 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, methods: St
         watcher.start()
         yield
         watcher.stop()
+        serving.stop()
 
-    app = FastAPI(title="kaizen", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse(_error_body(f"{param}: {first['msg']}", "invalid_request_error", param), status_code=400)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if serve.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {serve.api_key}":
-                return JSONResponse(_error_body("invalid or missing API key", "authentication_error"), status_code=401)
-        return await call_next(request)
-
-    def served() -> ServedModel:
-        current = watcher.current
-        if current is None:
-            failure = watcher.last_failure
-            detail = f": {failure.error}" if failure else ""
-            raise ApiError(503, f"no model loaded yet{detail}", kind="service_unavailable")
-        return current
-
-    def steering(raw: dict[str, Any] | None) -> SteeringSpec:
-        try:
-            return methods.parse(raw)
-        except SteeringError as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
-
-    def params(req: _SamplingRequest) -> DecodeParams:
-        limit = serve.max_new_tokens
-        requested = req.max_completion_tokens or req.max_tokens or limit
-        if requested > limit:
-            raise ApiError(400, f"max_tokens {requested} is above this server's limit {limit} (serve.max_new_tokens)", param="max_tokens")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        temperature = settings.generation.temperature if req.temperature is None else req.temperature
-        top_p = settings.generation.top_p if req.top_p is None else req.top_p
-        return DecodeParams(requested, temperature, top_p, req.n, req.seed, tuple(stop))
-
-    def check_model(name: str, model: ServedModel) -> None:
-        if name not in (serve.model_name, model.checkpoint_id):
-            raise ApiError(404, f"model {name!r} is not served here; use {serve.model_name!r} (the current champion)", param="model", kind="not_found_error")
-
-    def decoder(spec: SteeringSpec, model: ServedModel) -> Decoder:
-        try:
-            return methods[spec.method].decoder(model.runtime, spec)
-        except SteeringError as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
-
-    def metadata(model: ServedModel, spec: SteeringSpec) -> dict[str, Any]:
-        return {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()}
+    app = FastAPI(title="kaizen", lifespan=lifespan, responses=_ERRORS)
+    _install_error_handlers(app)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.serve.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.serve.max_body_bytes)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        failure = watcher.last_failure
-        current = watcher.current
-        return {
-            "status": "ok",
-            "checkpoint_id": current.checkpoint_id if current else None,
-            "last_swap_error": None if failure is None else {"checkpoint_id": failure.checkpoint_id, "error": failure.error},
-        }
+    async def healthz() -> dict[str, Any]:
+        return serving.health()
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         current = watcher.current
         if current is None:
             return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse({"ready": True, "checkpoint_id": current.checkpoint_id})
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return _metrics_text(serving)
+
     @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
-        model = served()
-        return {
-            "object": "list",
-            "data": [{"id": serve.model_name, "object": "model", "created": int(model.loaded_at), "owned_by": "kaizen", "checkpoint_id": model.checkpoint_id}],
-        }
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": serving.models()}
 
-    def prepare(req: _SamplingRequest, render: Callable[[ServedModel, SteeringSpec], str]) -> _Prepared:
-        """Everything both completion endpoints check and build before decoding."""
-        model = served()
-        check_model(req.model, model)
-        spec = steering(req.steering)
-        decode_params = params(req)
-        try:
-            prompt = render(model, spec)
-        except ValueError as exc:  # e.g. a URIAL chat that does not end with a user turn
-            raise ApiError(400, str(exc), param="messages") from None
-        return _Prepared(model, spec, decode_params, prompt, decoder(spec, model))
-
-    def respond(job: _Prepared, stream: bool, kind: str, chunks: Callable[..., Iterator[dict[str, Any]]], choice: Callable[[int, Any], dict[str, Any]]) -> dict[str, Any] | StreamingResponse:
-        ident, created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
-        if stream:
-            pieces = job.decoder.stream(job.prompt, _single(job.params))
-            return _sse(chunks(ident, created, serve.model_name, job.model, job.spec, pieces))
-        generations = job.decoder.decode(job.prompt, job.params)
-        return {
-            "id": ident, "object": "chat.completion" if kind == "chatcmpl" else "text_completion", "created": created,
-            "model": serve.model_name, "system_fingerprint": job.model.checkpoint_id,
-            "choices": [choice(i, g) for i, g in enumerate(generations)],
-            "usage": _usage(job.model, job.prompt, generations),
-            "kaizen": metadata(job.model, job.spec),
-        }
+    @app.get("/v1/models/{model_id}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return serving.model_card(model_id)
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages]
-        job = prepare(req, lambda model, spec: methods[spec.method].render_chat(model.runtime, messages, spec))
-        return respond(job, req.stream, "chatcmpl", _chat_chunks, lambda i, g: {
-            "index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": _finish(g), "logprobs": None,
-        })
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
+        return await completions.chat_completion(serving, req, request)
 
     @app.post("/v1/completions", response_model=None)
-    def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        job = prepare(req, lambda model, spec: methods[spec.method].render_completion(model.runtime, req.prompt, spec))
-        return respond(job, req.stream, "cmpl", _text_chunks, lambda i, g: {
-            "index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None,
-        })
+    async def text_completions(req: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
+        return await completions.completion(serving, req, request)
 
     app.state.watcher = watcher
+    app.state.serving = serving
     return app
 
 
-def _single(params: DecodeParams) -> DecodeParams:
-    if params.n != 1:
-        raise ApiError(400, "streaming supports n=1 only", param="n")
-    return params
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return _error(400, f"{param}: {message}" if param else message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("serve.unhandled_error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+        return _error(500, f"internal server error ({type(exc).__name__}); see the server log", "server_error")
 
 
-def _finish(generation: Any) -> str:
-    return "stop" if generation.finished else "length"
+def _metrics_text(serving: Serving) -> str:
+    engines = serving.engines()
+    lines = [
+        "# TYPE kaizen_serve_running gauge", f"kaizen_serve_running {sum(e.running for e in engines)}",
+        "# TYPE kaizen_serve_waiting gauge", f"kaizen_serve_waiting {sum(e.waiting for e in engines)}",
+    ]
+    for stat in ("steps", "tokens", "admitted", "finished", "cancelled"):
+        lines += [f"# TYPE kaizen_serve_{stat}_total counter", f"kaizen_serve_{stat}_total {sum(e.stats[stat] for e in engines)}"]
+    return "\n".join(lines) + "\n"
 
 
-def _usage(model: ServedModel, prompt: str, generations: list[Any]) -> dict[str, int]:
-    prompt_tokens = len(model.runtime.encode_prompt(prompt))
-    completion_tokens = sum(g.num_tokens for g in generations)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+class ApiKeyMiddleware:
+    """``Authorization: Bearer <serve.api_key>`` on /v1/ routes when a key is set (pure ASGI, so
+    streaming responses still see client disconnects)."""
+
+    def __init__(self, app: ASGIApp, api_key: Any) -> None:
+        self.app = app
+        secret = api_key.get_secret_value() if hasattr(api_key, "get_secret_value") else api_key
+        self.expected = f"Bearer {secret}".encode() if secret else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            import hmac
+
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _error(401, "invalid or missing API key", "authentication_error")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
-def _sse(events: Iterator[dict[str, Any]]) -> StreamingResponse:
-    def body() -> Iterator[str]:
-        for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
+class BodyLimitMiddleware:
+    """413 for bodies over ``serve.max_body_bytes``, by Content-Length or as they stream in."""
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
 
-def _chat_chunks(ident: str, created: int, name: str, model: ServedModel, spec: SteeringSpec, pieces: Iterator[str]) -> Iterator[dict[str, Any]]:
-    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": model.checkpoint_id}
-    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-           "kaizen": {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()}}
-    for piece in pieces:
-        yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, self._message(), code="body_too_large")
+            return message
 
+        await self.app(scope, limited, send)
 
-def _text_chunks(ident: str, created: int, name: str, model: ServedModel, spec: SteeringSpec, pieces: Iterator[str]) -> Iterator[dict[str, Any]]:
-    base = {"id": ident, "object": "text_completion", "created": created, "model": name, "system_fingerprint": model.checkpoint_id}
-    for piece in pieces:
-        yield {**base, "choices": [{"index": 0, "text": piece, "finish_reason": None}], "kaizen": {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()}}
-    yield {**base, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    def _message(self) -> str:
+        return f"request body is larger than {self.max_bytes} bytes (serve.max_body_bytes)"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _error(413, self._message(), code="body_too_large")(scope, receive, send)

@@ -8,13 +8,11 @@ overrides only what it changes.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from policies.steering import SteeringSpec, check_keys
-from policies.stop_stream import StopStringStream
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -25,12 +23,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DecodeParams:
+    """What one request asks of the decoder (per choice; ``n`` choices decode independently)."""
+
     max_tokens: int
     temperature: float
     top_p: float
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    json_schema: dict[str, Any] | None = field(default=None, hash=False, compare=False)  # {}: any JSON object
 
 
 @dataclass(frozen=True)
@@ -43,15 +48,26 @@ class SteeringResources:
 
 
 class Decoder:
-    """Decodes one rendered prompt; ``stream`` yields text pieces that join to ``decode``'s text."""
+    """How one request of a method decodes.
+
+    The server's batch engine (workers/batch_engine.py) uses the hooks: ``stops`` (the caller's
+    stop strings plus the method's), ``finish`` (trims the text; streamed pieces are cut the same
+    way, so streamed and plain answers are equal) and ``processors`` (per-sequence score
+    processors, e.g. GenARM's guidance, run token by token). ``decode`` is the one-call path.
+    """
+
+    extra_stops: tuple[str, ...] = ()
+    finish: Callable[[str], str] | None = None
+
+    def stops(self, requested: Sequence[str]) -> list[str]:
+        stops = [s for s in requested if s]
+        return stops + [s for s in self.extra_stops if s not in stops]
+
+    def processors(self, prompt_ids: list[int]) -> list[Callable[..., Any]]:
+        return []
 
     def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
         raise NotImplementedError
-
-    def stream(self, prompt: str, params: DecodeParams) -> Iterator[str]:
-        text = self.decode(prompt, replace(params, n=1))[0].text
-        if text:
-            yield text
 
 
 class SamplingDecoder(Decoder):
@@ -62,10 +78,6 @@ class SamplingDecoder(Decoder):
         self.extra_stops = tuple(extra_stops)
         self.finish = finish
 
-    def stops(self, requested: Sequence[str]) -> list[str]:
-        stops = [s for s in requested if s]
-        return stops + [s for s in self.extra_stops if s not in stops]
-
     def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
         generations = self.runtime.generate(
             [prompt], num_samples=params.n, max_new_tokens=params.max_tokens, temperature=params.temperature,
@@ -74,37 +86,6 @@ class SamplingDecoder(Decoder):
         if self.finish is not None:
             generations = [replace(g, text=self.finish(g.text)) for g in generations]
         return generations
-
-    def stream(self, prompt: str, params: DecodeParams) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        stops = self.stops(params.stop)
-        streamer = TextIteratorStreamer(self.runtime.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.runtime.generate(
-                    [prompt], num_samples=1, max_new_tokens=params.max_tokens, temperature=params.temperature,
-                    top_p=params.top_p, seed=params.seed, stop_strings=stops, streamer=streamer,
-                )
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-                failure.append(exc)
-                streamer.end()
-
-        worker = threading.Thread(target=run, name="stream-decode", daemon=True)
-        worker.start()
-        gate = StopStringStream(stops)
-        for piece in streamer:
-            out = gate.push(piece)
-            if out:
-                yield out
-        worker.join()
-        if failure:
-            raise failure[0]
-        tail = gate.flush()
-        if tail:
-            yield tail
 
 
 class SteeringMethod:

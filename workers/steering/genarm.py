@@ -36,10 +36,22 @@ def latest_loop_reward_model(session: Session) -> str | None:
 
 
 class GuidedDecoder(Decoder):
-    """One guided completion per sample (seeds ``seed``, ``seed + 1``, ...); streamed as one piece."""
+    """One guided completion per sample (seeds ``seed``, ``seed + 1``, ...). In the server each
+    sequence gets its own guidance processor (reward-model KV caches), so it streams token by token."""
 
     def __init__(self, runtime: ModelRuntime, guides: list[tuple[ModelRuntime, float]], beta: float) -> None:
         self.runtime, self.guides, self.beta = runtime, guides, beta
+
+    def processors(self, prompt_ids: list[int]) -> list[Any]:
+        active = [(guide, weight) for guide, weight in self.guides if weight > 0]  # weight 0: the base alone
+        if not active:
+            return []
+        import torch
+
+        from workers.genarm import RewardGuidanceProcessor
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        return [RewardGuidanceProcessor([g.model for g, _ in active], [w for _, w in active], self.beta, ids, torch.ones_like(ids))]
 
     def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
         from workers.genarm import guided_generate

@@ -1,0 +1,41 @@
+"""A job's choices as batch-engine sequences: sampling settings, seeds, score processors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.serving.protocol import DecodeParams
+from workers.batch_engine import RowProcessor, SamplingSpec
+from workers.runtime import ModelRuntime
+from workers.steering import Decoder
+
+
+def sampling_spec(params: DecodeParams, decoder: Decoder, seed: int | None) -> SamplingSpec:
+    return SamplingSpec(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, seed=seed,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        logit_bias=params.logit_bias, logprobs=params.logprobs, stops=tuple(decoder.stops(params.stop)),
+    )
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Choice i of a seeded request uses seed + i (wrapped into the generator's range), so choices differ."""
+    if seed is None:
+        return [None] * n
+    return [((seed + i + 2**63) % 2**64) - 2**63 for i in range(n)]
+
+
+def processors_for(runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int) -> list[RowProcessor]:
+    """Per-sequence score processors, in order: the steering method's (GenARM), then the JSON grammar."""
+    processors: list[RowProcessor] = list(decoder.processors(prompt_ids))
+    if params.json_schema is not None:
+        from workers.grammar import json_schema_processor
+
+        processors.append(json_schema_processor(runtime.tokenizer, vocab, params.json_schema, len(prompt_ids)))
+    return processors
+
+
+def vocab_width(runtime: ModelRuntime) -> int:
+    """The width of the model's logits (can exceed the tokenizer's length)."""
+    embeddings: Any = runtime.model.get_output_embeddings()
+    return int(embeddings.weight.shape[0]) if embeddings is not None else len(runtime.tokenizer)

@@ -1,0 +1,77 @@
+"""``response_format`` json_object / json_schema: decoding constrained by llguidance.
+
+llguidance compiles the JSON schema to a grammar and gives, at every step, the set of tokens that
+keep the output a valid prefix of a matching JSON document. Tokens outside it get -inf before
+sampling; once the document is complete only EOS is allowed. Whitespace between JSON tokens is
+not allowed (``whitespace_flexible: false``): a model cannot then spend its token budget on
+spaces, and the output is compact JSON.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+_COMPILE_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """The schema cannot be compiled to a grammar; the message says why."""
+
+
+def _ll_tokenizer(tokenizer: Any, vocab_width: int) -> Any:
+    import llguidance.hf
+
+    with _tokenizers_lock:  # building one takes about a second: once per loaded tokenizer
+        cached = _tokenizers.get(tokenizer)
+        if cached is None or cached[0] != vocab_width:
+            cached = (vocab_width, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_width))
+            _tokenizers[tokenizer] = cached
+        return cached[1]
+
+
+def json_schema_processor(tokenizer: Any, vocab_width: int, schema: dict[str, Any], prompt_length: int) -> JsonConstraint:
+    """A per-sequence processor for the engine; ``schema`` ``{}`` means any JSON object."""
+    import llguidance
+
+    target = schema if schema else {"type": "object"}
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(target, defaults=_COMPILE_OPTIONS)
+    except ValueError as exc:
+        raise GrammarError(f"response_format json_schema is not a valid JSON schema: {exc}") from None
+    matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_width), grammar, log_level=0)
+    if matcher.is_error():
+        raise GrammarError(f"response_format json_schema cannot be used: {matcher.get_error()}")
+    return JsonConstraint(matcher, vocab_width, prompt_length)
+
+
+class JsonConstraint:
+    """Masks the scores of one sequence to what its grammar allows next."""
+
+    def __init__(self, matcher: Any, vocab_width: int, prompt_length: int) -> None:
+        import llguidance.torch
+
+        self.matcher = matcher
+        self.vocab_width = vocab_width
+        self._consumed = prompt_length
+        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_width)
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import llguidance.torch
+
+        for token in input_ids[0, self._consumed :].tolist():
+            self.matcher.consume_token(int(token))
+        self._consumed = input_ids.shape[1]
+        if self.matcher.is_error():
+            return scores  # an inconsistent state: leave the scores alone rather than mask everything
+        llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        allowed = ((self._bitmask[0].unsqueeze(-1) >> self._bits) & 1).flatten()[: scores.shape[-1]].bool()
+        if allowed.shape[0] < scores.shape[-1]:
+            allowed = torch.cat([allowed, allowed.new_zeros(scores.shape[-1] - allowed.shape[0])])
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
