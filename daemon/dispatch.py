@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -214,8 +213,3 @@ def make_dispatcher(
         return EagerDispatcher(settings, sessions)
     return CeleryDispatcher(settings, sessions, worker_health=worker.health if worker else None)
 
-
-def data_dir_ready(settings: Settings) -> Path:
-    path = settings.resolved_data_dir
-    path.mkdir(parents=True, exist_ok=True)
-    return path

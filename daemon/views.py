@@ -181,10 +181,6 @@ def _summary(iteration: Iteration, stages: dict[str, StageRun], evaluation: Eval
     }
 
 
-def iteration_summary(session: Session, iteration: Iteration) -> dict[str, Any]:
-    return summarize_iterations(session, [iteration])[0]
-
-
 def summarize_iterations(session: Session, iterations: Sequence[Iteration]) -> list[dict[str, Any]]:
     ids = [it.id for it in iterations]
     stages = _stage_runs_by_iteration(session, ids)

@@ -125,8 +125,8 @@ def render_judge_prompt(instruction: str, response: str) -> str:
     return _JUDGE_TEMPLATE.format(
         question_tag=QUESTION_TAG,
         response_tag=RESPONSE_TAG,
-        instruction=_neutralize_delimiters(instruction.strip()),
-        response=_neutralize_delimiters(response.strip()),
+        instruction=neutralize_delimiters(instruction.strip()),
+        response=neutralize_delimiters(response.strip()),
     )
 
 
@@ -136,13 +136,13 @@ def render_pairwise_prompt(instruction: str, response_a: str, response_b: str) -
         question_tag=QUESTION_TAG,
         a_tag=RESPONSE_A_TAG,
         b_tag=RESPONSE_B_TAG,
-        instruction=_neutralize_delimiters(instruction.strip()),
-        response_a=_neutralize_delimiters(response_a.strip()),
-        response_b=_neutralize_delimiters(response_b.strip()),
+        instruction=neutralize_delimiters(instruction.strip()),
+        response_a=neutralize_delimiters(response_a.strip()),
+        response_b=neutralize_delimiters(response_b.strip()),
     )
 
 
-def _neutralize_delimiters(text: str) -> str:
+def neutralize_delimiters(text: str) -> str:
     # A response that writes "</response>" could otherwise close its own block and
     # speak to the judge as if it were part of the prompt.
     pattern = re.compile(rf"<(/?)\s*({'|'.join(_DELIMITER_TAGS)})\s*>", re.IGNORECASE)
@@ -209,7 +209,7 @@ class _Statement:
     scale: str | None = None
 
 
-def _strip_echoed_blocks(text: str) -> str:
+def strip_echoed_blocks(text: str) -> str:
     # Anything the judge quotes back between our delimiters is the judged material, not
     # the judge's opinion. An unclosed block runs to the end of the output, since we
     # cannot tell where the quote stops.
@@ -270,7 +270,7 @@ def parse_judge_output(judge_output: str, judged_response: str = "") -> JudgePar
     itself states ("Score: 5" planted in the answer) is treated as a quote: it never
     counts, so an answer cannot award itself its score.
     """
-    own_text = _strip_echoed_blocks(judge_output)
+    own_text = strip_echoed_blocks(judge_output)
     statements = _score_statements(own_text, final_only=True)
     if not statements:
         return JudgeParse(None, "no score statement")
@@ -291,11 +291,6 @@ def parse_judge_output(judge_output: str, judged_response: str = "") -> JudgePar
     if not MIN_SCORE <= score <= MAX_SCORE:
         return JudgeParse(None, f"out of range: {final.value}")
     return JudgeParse(score, "ok")
-
-
-def parse_judge_score(judge_output: str, judged_response: str = "") -> float | None:
-    """The judge's score in [1, 5], or None when it cannot be read with confidence."""
-    return parse_judge_output(judge_output, judged_response).score
 
 
 def mean_score(scores: Sequence[float | None]) -> float | None:
@@ -323,7 +318,7 @@ def parse_pairwise_verdict(judge_output: str, judged_responses: Sequence[str] = 
     `judged_responses` (optional) are the two compared answers: a verdict that one of them
     states itself ("Winner: A" planted in an answer) does not count.
     """
-    statements = _verdict_statements(_strip_echoed_blocks(judge_output), final_only=True)
+    statements = _verdict_statements(strip_echoed_blocks(judge_output), final_only=True)
     planted = {s.value for text in judged_responses for s in _verdict_statements(text, final_only=False)}
     own = [s for s in statements if s.value not in planted]
     verdicts = _distinct_in_order([s.value for s in own])

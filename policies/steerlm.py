@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 # The score judge's own defences, reused so both judges treat the judged text the same way: a response
 # cannot close its delimiter block, and whatever the judge quotes inside our tags is not its opinion.
-from policies.rubric import QUESTION_TAG, RESPONSE_TAG, _neutralize_delimiters, _strip_echoed_blocks
+from policies.rubric import QUESTION_TAG, RESPONSE_TAG, neutralize_delimiters, strip_echoed_blocks
 
 ATTRIBUTES: tuple[str, ...] = (
     "quality",
@@ -218,8 +218,8 @@ def render_attribute_rubric_prompt(instruction: str, response: str) -> str:
         attribute_lines="\n".join(f"- {name}: {ATTRIBUTE_DESCRIPTIONS[name]}" for name in ATTRIBUTES),
         question_tag=QUESTION_TAG,
         response_tag=RESPONSE_TAG,
-        instruction=_neutralize_delimiters(instruction.strip()),
-        response=_neutralize_delimiters(response.strip()),
+        instruction=neutralize_delimiters(instruction.strip()),
+        response=neutralize_delimiters(response.strip()),
         count=len(ATTRIBUTES),
     )
 
@@ -310,7 +310,7 @@ def parse_attribute_labels(judge_output: str, judged_response: str = "") -> Attr
     attribute is a copy and never counts. Conflicting labels, values outside 0..4, fractions
     and scales other than 4 give no label for that attribute.
     """
-    own_text = _strip_echoed_blocks(judge_output)
+    own_text = strip_echoed_blocks(judge_output)
     found: dict[str, list[_Label]] = {}
     unknown: list[str] = []
     for line in own_text.splitlines():

@@ -400,13 +400,13 @@ def _tokenize_pairs(tokenizer: Any, examples: Sequence[PreferenceExample], max_l
     """[(prompt ids, completion ids)] for chosen then rejected of each example, in order."""
     # The DPO stage's split (chat template; completion = the rendered assistant turn with its end
     # marker), so the ARM scores answers exactly as the loop renders them.
-    from workers.training import _prompt_completion_ids
+    from workers.training import prompt_completion_ids
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequences = []
     for example in examples:
         for answer in (example.chosen, example.rejected):
-            prompt, completion = _prompt_completion_ids(tokenizer, example, answer)
+            prompt, completion = prompt_completion_ids(tokenizer, example, answer)
             if not prompt:  # the first completion token needs a position that predicts it
                 prompt = [int(start)]
             sequences.append(truncate_prompt_completion(prompt, completion, max_length))

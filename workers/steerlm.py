@@ -61,7 +61,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_KIND = "steerlm_sft_lora_merged"
-STAGE_NAME = "steerlm_sft"
 # Keeps this stage's sampling seed apart from the seeds of the stages in STAGE_ORDER.
 _SEED_OFFSET = 7919
 

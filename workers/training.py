@@ -121,7 +121,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _prompt_completion_ids(tokenizer, ex: PreferenceExample, answer: str) -> tuple[list[int], list[int]]:
+def prompt_completion_ids(tokenizer, ex: PreferenceExample, answer: str) -> tuple[list[int], list[int]]:
     """Same split as TRL's DPO preprocessing: the completion starts where prompt and prompt+answer diverge."""
     if has_chat_template(tokenizer):
         msgs = ex.prompt_messages()
@@ -145,7 +145,7 @@ def sequence_logprobs(model, tokenizer, examples: Sequence[PreferenceExample]) -
     for ex in examples:
         pair = []
         for answer in (ex.chosen, ex.rejected):
-            prompt_ids, completion_ids = _prompt_completion_ids(tokenizer, ex, answer)
+            prompt_ids, completion_ids = prompt_completion_ids(tokenizer, ex, answer)
             if not completion_ids:
                 pair.append(0.0)
                 continue
