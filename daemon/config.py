@@ -175,21 +175,36 @@ class PairSettings(Section):
     length_normalise: bool = False
 
 
-class LoraTrainingSettings(Section):
-    """What every LoRA fine-tuning stage (DPO, SteerLM SFT) is tuned with."""
+# The LoRA adapter every trainer (DPO, SteerLM SFT, GenARM reward model) starts from.
+LORA_R = 8
+LORA_ALPHA = 16
+
+
+class LoraSettings(Section):
+    lora_r: int = Field(LORA_R, ge=1)
+    lora_alpha: int = Field(LORA_ALPHA, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # PEFT's target_modules: "all-linear" or a list of module names.
+    lora_target_modules: str | list[str] = "all-linear"
+
+
+class LoraTrainingSettings(LoraSettings):
+    """What every TRL LoRA fine-tuning stage (DPO, SteerLM SFT) is tuned with; the trainers take
+    their section as it is (workers.lora_training.training_arguments maps it onto TRL's config)."""
 
     learning_rate: float = Field(5e-4, gt=0.0)
+    lr_scheduler_type: str = Field("linear", description="a transformers scheduler name: linear, constant, cosine, ...")
     epochs: int = Field(1, ge=1)
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs")
     batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
     max_length: int = Field(512, ge=16)
 
 
 class TrainingSettings(LoraTrainingSettings):
     beta: float = Field(0.1, gt=0.0)
+    # Iterative RPO: weight of the NLL term on the chosen answers (null: plain DPO).
+    rpo_alpha: float | None = Field(None, ge=0.0)
     min_pairs: int = Field(1, ge=1, description="fewer pairs than this skips training and rejects the cycle")
     # The DPO KL anchor: the champion being trained (adapter disabled), or the first model of the
     # lineage kept across rounds.
@@ -263,7 +278,7 @@ class SteerLMStageSettings(LoraTrainingSettings):
     min_examples: int = Field(1, ge=1, description="fewer fully labelled answers than this skips the SFT")
 
 
-class GenArmStageSettings(Section):
+class GenArmStageSettings(LoraSettings):
     """The optional genarm_train stage: an autoregressive reward model trained on the cycle's pairs
     (Bradley-Terry on beta * sum log p), served for GenARM steering as reward model "loop"."""
 
@@ -272,8 +287,7 @@ class GenArmStageSettings(Section):
     learning_rate: float = Field(5e-4, gt=0)
     max_steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
-    lora_r: int = Field(8, ge=0, description="0: full fine-tune (tiny models)")
-    lora_alpha: int = Field(16, ge=1)
+    lora_r: int = Field(LORA_R, ge=0, description="0: full fine-tune (tiny models)")
     max_length: int = Field(512, ge=16)
     # Weak-to-strong: train the reward model from a smaller model that shares the champion's
     # tokenizer; null starts from the iteration's parent checkpoint.

@@ -34,8 +34,8 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
     StageSpec("respond", "respond", "respond", "gpu", "workers.stages.respond:respond"),
     StageSpec("judge", "judge", "judge", "gpu", "workers.stages.judge:judge"),
     StageSpec("build_pairs", "pairs", "pairs", "cpu", "workers.stages.build_pairs:build_pairs"),
-    StageSpec("steerlm_sft", "SteerLM SFT", "steerlm", "gpu", "workers.stages.optional:steerlm_sft", optional_section="steerlm"),
-    StageSpec("genarm_train", "GenARM RM", "arm", "gpu", "workers.stages.optional:genarm_train", optional_section="genarm"),
+    StageSpec("steerlm_sft", "SteerLM SFT", "steerlm", "gpu", "workers.stages.steerlm_sft:steerlm_sft", optional_section="steerlm"),
+    StageSpec("genarm_train", "GenARM RM", "arm", "gpu", "workers.stages.genarm_train:genarm_train", optional_section="genarm"),
     StageSpec("dpo_update", "DPO", "dpo", "gpu", "workers.stages.dpo_update:dpo_update"),
     StageSpec("evaluate_gate", "gate", "gate", "gpu", "workers.stages.evaluate_gate:evaluate_gate"),
 )

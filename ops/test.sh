@@ -15,4 +15,6 @@ if [ ! -x /usr/bin/chromium ]; then
     $as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium chromium-driver
 fi
+# The import-linter contracts in pyproject.toml: layers import downwards only, no torch on the ops side.
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

@@ -11,18 +11,20 @@ the same kind and parent is reused instead of training again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+
+if TYPE_CHECKING:
+    from daemon.config import LoraTrainingSettings
 
 __all__ = [
     "ADAPTER_SUBDIR",
@@ -31,7 +33,6 @@ __all__ = [
     "TrainResult",
     "existing_checkpoint",
     "has_chat_template",
-    "jsonable_settings",
     "probe_logits",
     "progress_bars",
     "summarise_history",
@@ -129,17 +130,13 @@ def existing_checkpoint(out: Path, base_model_path: str, kind: str) -> dict[str,
     return meta
 
 
-def jsonable_settings(settings) -> dict[str, Any]:
-    raw = dataclasses.asdict(settings)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
-
-
-def training_arguments(settings, *, output_dir: str, seed: int, progress: bool) -> dict[str, Any]:
-    """The TRL config arguments both trainers share (settings: the LoRA fields of DPOSettings/SteerLMSettings)."""
+def training_arguments(settings: LoraTrainingSettings, *, output_dir: str, seed: int, progress: bool) -> dict[str, Any]:
+    """The TRL config arguments both trainers share, from their config section (training / steerlm)."""
     use_cuda = torch.cuda.is_available()
     return {
         "output_dir": output_dir,  # nothing is saved here (save_strategy="no"); the merged model is committed by write_checkpoint
         "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": settings.lr_scheduler_type,
         "num_train_epochs": settings.epochs,
         "max_steps": settings.max_steps,
         "per_device_train_batch_size": settings.batch_size,
@@ -165,7 +162,7 @@ def training_arguments(settings, *, output_dir: str, seed: int, progress: bool) 
 def train_lora_checkpoint(
     base_model_path: str,
     out: Path,
-    settings,
+    settings: LoraTrainingSettings,
     *,
     kind: str,
     trainer_cls,
@@ -237,7 +234,7 @@ def train_lora_checkpoint(
         "kind": kind,
         "parent": str(base_model_path),
         "num_examples": num_examples,
-        "settings": jsonable_settings(settings),
+        "settings": settings.model_dump(mode="json"),
         "metrics": metrics,
         "log_history": history,
         "train_seconds": train_seconds,

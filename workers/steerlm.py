@@ -18,25 +18,21 @@
    The adapter is merged and the merged model written atomically with
    ``workers.checkpoints.write_checkpoint`` (reloaded logits checked against the in-memory model
    before commit, the plumbing shared with ``workers.training`` in ``workers.lora_training``).
-3. :func:`steerlm_sft` is the stage: label the iteration's responses, SFT the parent checkpoint on
-   the labelled ones, register the result as a checkpoint. It takes a :class:`SteerLMSettings`
-   (bind it with ``functools.partial``); it is not in ``STAGE_ORDER``.
+3. The ``steerlm_sft`` stage (``workers/stages/steerlm_sft.py``) labels the iteration's responses,
+   SFTs the parent checkpoint on the labelled ones with the config's ``steerlm`` section and
+   publishes the result through the artifact store.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from daemon.db.models import Checkpoint, CheckpointStatus, Prompt, Response
 from policies.steerlm import (
     ATTRIBUTES,
     MAX_VALUE,
@@ -45,53 +41,22 @@ from policies.steerlm import (
     steerlm_messages,
 )
 from workers import lora_training as lora
-from workers.stage_runner import StageContext, StageOutput
+
+if TYPE_CHECKING:
+    from daemon.config import LoraTrainingSettings
 
 __all__ = [
     "CHECKPOINT_KIND",
     "SteerExample",
-    "SteerLMSettings",
     "SteerTrainResult",
     "sft_attribute_conditioned",
     "sft_lora_update",
     "steerlm_checkpoint_id",
-    "steerlm_sft",
 ]
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_KIND = "steerlm_sft_lora_merged"
-# Keeps this stage's sampling seed apart from the seeds of the stages in STAGE_ORDER.
-_SEED_OFFSET = 7919
-
-
-@dataclass(frozen=True)
-class SteerLMSettings:
-    """Labelling and SFT settings of the SteerLM stage (the coordinator maps config onto these)."""
-
-    # SFT + LoRA
-    learning_rate: float = 5e-4
-    lr_scheduler_type: str = "linear"  # any transformers scheduler name: "linear", "constant", "cosine", ...
-    epochs: int = 1
-    max_steps: int = -1
-    batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
-    max_length: int = 1024
-    seed: int | None = None  # None: derived from the config seed and the iteration, like other stages
-    # Labelling (the judge's own settings, steerlm.judge_samples and steerlm.judge_max_new_tokens, come from the config)
-    response_kinds: tuple[str, ...] | None = None  # None: every response of the iteration (RLCD ones too)
-    min_examples: int = 1  # fewer fully labelled responses than this skips training
-    # Lineage: make the SteerLM checkpoint the iteration's candidate for the gate.
-    register_as_candidate: bool = False
-
-    def __post_init__(self) -> None:
-        if self.min_examples < 1:
-            raise ValueError(f"min_examples must be >= 1, got {self.min_examples}")
-
 
 @dataclass(frozen=True)
 class SteerExample(lora.ChatPrompt):
@@ -136,12 +101,15 @@ def sft_attribute_conditioned(
     base_model_path: str,
     examples: Sequence[SteerExample],
     out_dir: Path,
-    settings: SteerLMSettings,
+    settings: LoraTrainingSettings,
     *,
+    seed: int = 0,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> SteerTrainResult:
     """SFT ``base_model_path`` on attribute-conditioned examples; write the merged model to ``out_dir``.
+
+    ``settings`` is the config's ``steerlm`` section (any LoRA training section), taken as it is.
 
     Every example needs all attributes (``ValueError`` otherwise). The manifest metadata records
     the attribute set and the conditioning prefix, so a server can tell a SteerLM checkpoint apart.
@@ -155,6 +123,7 @@ def sft_attribute_conditioned(
         out_dir,
         settings,
         kind=CHECKPOINT_KIND,
+        seed=seed,
         extra_metadata={
             "steerlm": {
                 "attributes": list(ATTRIBUTES),
@@ -172,9 +141,10 @@ def sft_lora_update(
     base_model_path: str,
     records: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
-    settings: SteerLMSettings,
+    settings: LoraTrainingSettings,
     *,
     kind: str,
+    seed: int = 0,
     extra_metadata: Mapping[str, Any] | None = None,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
@@ -194,7 +164,7 @@ def sft_lora_update(
             out, existing, reused=True, num_examples=int(existing.get("num_examples", 0))
         )
     with lora.progress_bars(progress):
-        return _train(base_model_path, list(records), out, settings, kind, dict(extra_metadata or {}), log_callback, progress)
+        return _train(base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress)
 
 
 def _sft_metrics(steps: list[dict[str, Any]]) -> dict[str, float]:
@@ -213,8 +183,9 @@ def _train(
     base_model_path: str,
     records: list[Mapping[str, Any]],
     out: Path,
-    settings: SteerLMSettings,
+    settings: LoraTrainingSettings,
     kind: str,
+    seed: int,
     extra_metadata: dict[str, Any],
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
@@ -232,14 +203,11 @@ def _train(
         kind=kind,
         trainer_cls=SFTTrainer,
         config_cls=SFTConfig,
-        config_kwargs={
-            "lr_scheduler_type": settings.lr_scheduler_type,
-            "completion_only_loss": True,  # learn the answer given the attributes, not the prompt
-        },
+        config_kwargs={"completion_only_loss": True},  # learn the answer given the attributes, not the prompt
         rows=dataset_rows,
         num_examples=len(records),
         summarise=_summarise,
-        seed=settings.seed if settings.seed is not None else 0,
+        seed=seed,
         scratch_prefix="kaizen-steerlm-",
         log_callback=log_callback,
         progress=progress,
@@ -251,94 +219,6 @@ def _train(
     return SteerTrainResult.from_checkpoint(path, metadata, num_examples=len(records))
 
 
-# --------------------------------------------------------------------------- stage
-
-
 def steerlm_checkpoint_id(iteration_id: int) -> str:
     """The SteerLM checkpoint of an iteration; fixed per iteration so a re-run reuses it."""
     return f"ckpt-{iteration_id:04d}-steerlm"
-
-
-def _stage_seed(ctx: StageContext) -> int:
-    return (ctx.settings.seed * 1_000_003 + ctx.iteration_id * 101 + _SEED_OFFSET) % (2**31)
-
-
-def _labelled_rows(ctx: StageContext, kinds: tuple[str, ...] | None):
-    query = (
-        select(Response.id, Response.text, Prompt.text)
-        .join(Prompt, Prompt.id == Response.prompt_id)
-        .where(Response.iteration_id == ctx.iteration_id)
-        .order_by(Response.id)
-    )
-    if kinds is not None:
-        query = query.where(Response.kind.in_(kinds))
-    with ctx.sessions() as session:
-        return session.execute(query).all()
-
-
-def steerlm_sft(ctx: StageContext, settings: SteerLMSettings | None = None) -> StageOutput:
-    """Label the iteration's responses with the parent checkpoint, then SteerLM-SFT the parent on them.
-
-    Writes a ``candidate`` checkpoint row ``ckpt-NNNN-steerlm`` whose parent is the iteration's
-    parent checkpoint (and, with ``register_as_candidate``, makes it the iteration's candidate).
-    The stage result records, per response id, the attribute string it was trained with, and
-    per attribute how many responses could not be labelled. Too few fully labelled responses
-    (``min_examples``) skip training with the reason in the result.
-    """
-    from workers.stages.common import jsonable, parent_checkpoint, stage_judge
-
-    s = settings or SteerLMSettings()
-    seed = s.seed if s.seed is not None else _stage_seed(ctx)
-    with ctx.sessions() as session:
-        parent = parent_checkpoint(ctx, session)
-        parent_path = parent.path
-        labeller = stage_judge(ctx, session, "label", parent, seed=seed)
-    rows = _labelled_rows(ctx, s.response_kinds)
-    labels = labeller.label([(prompt, text) for _, text, prompt in rows], ATTRIBUTES)
-    examples = [
-        (response_id, SteerExample(prompt, text, dict(label.values)))
-        for (response_id, text, prompt), label in zip(rows, labels, strict=True)
-        if label.complete
-    ]
-    failures = Counter(name for label in labels for name in label.failures)
-    summary: dict[str, Any] = {
-        "judge": labeller.label_name,
-        "responses": len(rows),
-        "labelled": len(examples),
-        "unlabelled": len(rows) - len(examples),
-        "label_failures": {name: failures[name] for name in ATTRIBUTES if failures[name]},
-        "labels": {str(rid): attribute_string(ex.attributes) for rid, ex in examples},
-    }
-    log.info("steerlm.labelled", iteration_id=ctx.iteration_id, **{k: v for k, v in summary.items() if k != "labels"})
-    if len(examples) < s.min_examples:
-        return StageOutput({**summary, "skipped": f"{len(examples)} fully labelled responses, fewer than min_examples={s.min_examples}"})
-
-    checkpoint_id = steerlm_checkpoint_id(ctx.iteration_id)
-    out_dir = ctx.settings.artifacts_dir / "checkpoints" / checkpoint_id
-    trained = sft_attribute_conditioned(parent_path, [ex for _, ex in examples], out_dir, dataclasses.replace(s, seed=seed))
-
-    def write(session: Session) -> dict[str, Any]:
-        parent_row = parent_checkpoint(ctx, session)
-        # A re-run must not reset the status the gate or an operator gave the checkpoint since.
-        if session.get(Checkpoint, checkpoint_id) is None:
-            session.add(
-                Checkpoint(
-                    id=checkpoint_id, parent_id=parent_row.id, base_model=parent_row.base_model,
-                    path=str(trained.checkpoint_path), adapter_path=str(trained.adapter_path),
-                    status=CheckpointStatus.candidate, created_iteration_id=ctx.iteration_id,
-                    metrics=jsonable(trained.metrics),
-                )
-            )
-            session.flush()
-        if s.register_as_candidate:
-            ctx.iteration(session).candidate_checkpoint_id = checkpoint_id
-        return {}
-
-    result = {
-        **summary,
-        "checkpoint_id": checkpoint_id,
-        "examples": trained.num_examples,
-        "train_seconds": round(trained.train_seconds, 3),
-        **jsonable(trained.metrics),
-    }
-    return StageOutput(result, write)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,9 +46,11 @@ from workers.lora_training import (
     train_lora_checkpoint,
 )
 
+if TYPE_CHECKING:
+    from daemon.config import TrainingSettings
+
 __all__ = [
     "ADAPTER_SUBDIR",
-    "DPOSettings",
     "PreferenceExample",
     "TrainResult",
     "dpo_update",
@@ -57,27 +59,6 @@ __all__ = [
 ]
 
 CHECKPOINT_KIND = "dpo_lora_merged"
-
-
-@dataclass
-class DPOSettings:
-    beta: float = 0.1
-    # Iterative RPO (Pang et al. 2024): weight of an NLL term on the chosen answer added to the
-    # DPO loss, so the chosen log-prob does not fall while the margin grows. None = plain DPO.
-    # TRL 1.16 has no `rpo_alpha` any more; the same loss is loss_type ["sigmoid", "sft"] with
-    # weights [1, rpo_alpha] (the "sft" term is the mean per-token NLL of the chosen answers).
-    rpo_alpha: float | None = None
-    learning_rate: float = 5e-4
-    epochs: int = 1
-    max_steps: int = -1
-    batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    max_length: int = 512
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,7 +170,11 @@ def _summarise(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return summarise_history(log_history, step_keys=("loss", "rewards/margins"), step_metrics=_reward_metrics)
 
 
-def _loss_kwargs(settings: DPOSettings) -> dict[str, Any]:
+def _loss_kwargs(settings: TrainingSettings) -> dict[str, Any]:
+    # Iterative RPO (Pang et al. 2024): an NLL term on the chosen answer added to the DPO loss, so
+    # the chosen log-prob does not fall while the margin grows. TRL 1.16 has no `rpo_alpha` any
+    # more; the same loss is loss_type ["sigmoid", "sft"] with weights [1, rpo_alpha] (the "sft"
+    # term is the mean per-token NLL of the chosen answers).
     if not settings.rpo_alpha:
         return {}
     return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float(settings.rpo_alpha)]}
@@ -206,13 +191,16 @@ def dpo_update(
     base_model_path: str,
     examples: list[PreferenceExample],
     out_dir: str | Path,
-    settings: DPOSettings,
+    settings: TrainingSettings,
     *,
+    seed: int = 0,
     reference_model_path: str | None = None,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` with DPO from ``base_model_path``; write the merged model.
+
+    ``settings`` is the config's ``training`` section, taken as it is (like TRL's DPOConfig).
 
     The checkpoint at ``out_dir`` (written atomically, see workers.checkpoints) holds the merged
     full model + tokenizer as safetensors, and the adapter alone under ``adapter/``. Before the
@@ -228,14 +216,15 @@ def dpo_update(
     if existing is not None:
         return TrainResult.from_checkpoint(out, existing, reused=True)
     with progress_bars(progress):
-        return _dpo_update(base_model_path, examples, out, settings, reference_model_path, log_callback, progress)
+        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress)
 
 
 def _dpo_update(
     base_model_path: str,
     examples: list[PreferenceExample],
     out: Path,
-    settings: DPOSettings,
+    settings: TrainingSettings,
+    seed: int,
     reference_model_path: str | None,
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
@@ -262,7 +251,7 @@ def _dpo_update(
         rows=lambda tokenizer: _to_trl_records(examples, tokenizer),
         num_examples=len(examples),
         summarise=_summarise,
-        seed=settings.seed,
+        seed=seed,
         scratch_prefix="kaizen-dpo-",
         log_callback=log_callback,
         progress=progress,

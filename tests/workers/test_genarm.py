@@ -11,12 +11,12 @@ import torch
 from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from daemon.config import GenArmStageSettings
 from policies.genarm import GuidanceError
 from policies.self_instruct import load_seed_prompts
 from workers.checkpoints import CheckpointError, verify_checkpoint
 from workers.genarm import (
     ARM_CHECKPOINT_KIND,
-    ArmTrainSettings,
     RewardGuidanceProcessor,
     RewardGuide,
     TokenizerMismatchError,
@@ -32,7 +32,7 @@ from workers.tiny_model import build_tiny_model
 from workers.training import PreferenceExample
 
 BETA = 0.1
-ARM_SETTINGS = ArmTrainSettings(beta=BETA, learning_rate=5e-3, max_steps=30, batch_size=8, lora_r=8, lora_alpha=16, max_length=96)
+ARM_SETTINGS = GenArmStageSettings(beta=BETA, learning_rate=5e-3, max_steps=30, batch_size=8, lora_r=8, lora_alpha=16, max_length=96)
 FILLER = "the sea is clear and cold we like to walk along the shore every day with some people from the town".split()
 DECODE = {"beta": BETA, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 0}
 
@@ -159,17 +159,17 @@ def test_training_again_into_the_same_directory_reuses_the_arm(tiny_model_dir: P
 
 
 def test_full_fine_tune_without_lora_also_learns_the_preference(tiny_model_dir: Path, tmp_path: Path) -> None:
-    settings = ArmTrainSettings(beta=BETA, learning_rate=2e-3, max_steps=8, batch_size=8, lora_r=0, max_length=96)
+    settings = GenArmStageSettings(beta=BETA, learning_rate=2e-3, max_steps=8, batch_size=8, lora_r=0, max_length=96)
     result = train_autoregressive_reward_model(str(tiny_model_dir), marker_pairs("water", "five", n=8), tmp_path / "arm", settings)
     assert result.loss_after < result.loss_before
     assert result.accuracy_after > result.accuracy_before
 
 
 def test_training_settings_and_inputs_are_validated(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(GuidanceError, match="beta"):
-        ArmTrainSettings(beta=0)
+    with pytest.raises(ValueError, match="beta"):
+        GenArmStageSettings(beta=0)
     with pytest.raises(ValueError, match="lora_r"):
-        ArmTrainSettings(lora_r=-1)
+        GenArmStageSettings(lora_r=-1)
     with pytest.raises(ValueError, match="at least one preference pair"):
         train_autoregressive_reward_model(str(tiny_model_dir), [], tmp_path / "arm", ARM_SETTINGS)
 
@@ -417,16 +417,17 @@ def test_the_stage_trains_an_arm_on_the_iterations_pairs(tmp_path: Path, tiny_mo
     from daemon.bootstrap import initialise
     from tests.factories import small_cycle_settings
     from workers.artifacts import checkpoint_staging_dir
-    from workers.genarm import arm_checkpoint_id, genarm_train
+    from workers.genarm import arm_checkpoint_id
+    from workers.stages.genarm_train import genarm_train
     from workers.stage_runner import StageContext
 
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir, training={"min_pairs": 4})
     sessions = initialise(settings)
     examples = marker_pairs("water", "five", n=8)
     ctx = StageContext(settings=settings, sessions=sessions, iteration_id=_iteration_with_pairs(sessions, examples))
-    arm_settings = ArmTrainSettings(beta=BETA, learning_rate=5e-3, max_steps=10, batch_size=4, max_length=96)
+    settings.genarm = GenArmStageSettings(enabled=True, beta=BETA, learning_rate=5e-3, max_steps=10, batch_size=4, max_length=96)
 
-    result = genarm_train(ctx, settings=arm_settings).result
+    result = genarm_train(ctx).result
 
     assert result["path"] == str(checkpoint_staging_dir(settings, arm_checkpoint_id(ctx.iteration_id)))
     assert result["pairs"] == 8 and result["base_model_path"] == str(tiny_model_dir)
@@ -435,11 +436,11 @@ def test_the_stage_trains_an_arm_on_the_iterations_pairs(tmp_path: Path, tiny_mo
     assert result["pair_accuracy_after"] > result["pair_accuracy_before"]
     assert verify_checkpoint(result["path"]).metadata["num_pairs"] == 8
     # A redelivered stage finds the finished ARM and trains nothing.
-    again = genarm_train(ctx, settings=arm_settings).result
+    again = genarm_train(ctx).result
     assert again["reused"] and again["path"] == result["path"] and again["loss_after"] == result["loss_after"]
 
     too_few = StageContext(settings=settings, sessions=sessions, iteration_id=_iteration_with_pairs(sessions, examples[:3]))
-    skipped = genarm_train(too_few, settings=arm_settings).result
+    skipped = genarm_train(too_few).result
     assert "path" not in skipped and skipped["pairs"] == 3 and "min_pairs=4" in skipped["skipped"]
 
 
@@ -448,14 +449,15 @@ def test_under_a_remote_artifacts_url_the_stage_publishes_the_arm(tmp_path: Path
     from daemon.bootstrap import initialise
     from tests.factories import small_cycle_settings
     from workers.artifacts import local_checkpoint
-    from workers.genarm import genarm_train
+    from workers.stages.genarm_train import genarm_train
     from workers.stage_runner import StageContext
 
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir, artifacts_url=f"memory://genarm-{tmp_path.name}")
     sessions = initialise(settings)
     ctx = StageContext(settings=settings, sessions=sessions, iteration_id=_iteration_with_pairs(sessions, marker_pairs("water", "five", n=4)))
 
-    result = genarm_train(ctx, settings=ArmTrainSettings(beta=BETA, learning_rate=5e-3, max_steps=2, batch_size=4, max_length=96)).result
+    settings.genarm = GenArmStageSettings(enabled=True, beta=BETA, learning_rate=5e-3, max_steps=2, batch_size=4, max_length=96)
+    result = genarm_train(ctx).result
 
     assert result["path"].startswith(settings.artifacts_url + "/")
     fetched = local_checkpoint(settings, result["path"])  # downloaded and verified against its manifest

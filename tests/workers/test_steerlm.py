@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from sqlalchemy import select
 
+from daemon.config import SteerLMStageSettings
 from daemon.db.engine import transaction
 from daemon.db.lineage import INITIAL_CHECKPOINT_ID
 from daemon.db.models import Checkpoint, CheckpointStatus, Iteration
@@ -20,14 +22,8 @@ from workers.checkpoints import read_manifest, verify_checkpoint
 from workers.judges import build_judge
 from workers.runtime import ModelRuntime, clear_runtime_cache
 from workers.stage_runner import StageContext, StageOutput
-from workers.steerlm import (
-    CHECKPOINT_KIND,
-    SteerExample,
-    SteerLMSettings,
-    sft_attribute_conditioned,
-    steerlm_checkpoint_id,
-    steerlm_sft,
-)
+from workers.stages.steerlm_sft import steerlm_sft
+from workers.steerlm import CHECKPOINT_KIND, SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
 from workers.tiny_model import build_tiny_model
 
 SHORT_ANSWER = "Yes."
@@ -59,9 +55,9 @@ def test_training_examples_need_every_attribute(tmp_path: Path, tiny_model_dir: 
     partial = {name: 2 for name in ATTRIBUTES if name != "humor"}
 
     with pytest.raises(ValueError, match="missing humor"):
-        sft_attribute_conditioned(str(tiny_model_dir), [SteerExample("Hi", "Hello.", partial)], tmp_path / "out", SteerLMSettings())
+        sft_attribute_conditioned(str(tiny_model_dir), [SteerExample("Hi", "Hello.", partial)], tmp_path / "out", SteerLMStageSettings())
     with pytest.raises(ValueError, match="at least one example"):
-        sft_attribute_conditioned(str(tiny_model_dir), [], tmp_path / "out", SteerLMSettings())
+        sft_attribute_conditioned(str(tiny_model_dir), [], tmp_path / "out", SteerLMStageSettings())
     assert not (tmp_path / "out").exists()
 
 
@@ -85,10 +81,9 @@ def _lineage(tmp_path: Path, model_dir: Path, rows) -> tuple[StageContext, dict[
     return lineage_with_responses(tmp_path / "data", model_dir, rows)
 
 
-def _run_stage(ctx: StageContext, settings: SteerLMSettings) -> StageOutput:
-    """What the stage runner does with a stage: compute outside a transaction, then write in one.
-    (steerlm_sft is not in STAGE_ORDER, which the runner's input hash requires; the coordinator wires it.)"""
-    output = steerlm_sft(ctx, settings)
+def _run_stage(ctx: StageContext, **options: Any) -> StageOutput:
+    """What the stage runner does with a stage: compute outside a transaction, then write in one."""
+    output = steerlm_sft(ctx, **options)
     with transaction(ctx.sessions) as session:
         output.write(session)
     return output
@@ -98,9 +93,7 @@ def test_the_stage_skips_training_when_the_model_cannot_label(tmp_path: Path, ti
     # The untrained tiny model writes noise: no response gets all nine labels, and nothing is imputed.
     ctx, _ = _lineage(tmp_path, tiny_model_dir, ROWS)
     ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 16
-    settings = SteerLMSettings()
-
-    result = _run_stage(ctx, settings).result
+    result = _run_stage(ctx).result
 
     assert result["responses"] == 4 and result["labelled"] == 0 and result["unlabelled"] == 4
     assert "fewer than min_examples=1" in result["skipped"]
@@ -129,8 +122,8 @@ def verbosity_model(tmp_path_factory) -> Path:
         for prompt in prompts
         for value in (0, 4)
     ]
-    settings = SteerLMSettings(learning_rate=1e-2, max_steps=300, batch_size=4, lora_r=16, lora_alpha=32, seed=0)
-    result = sft_attribute_conditioned(str(base), examples, tmp_path_factory.mktemp("steer") / "sft", settings)
+    settings = SteerLMStageSettings(learning_rate=1e-2, max_steps=300, batch_size=4, lora_r=16, lora_alpha=32)
+    result = sft_attribute_conditioned(str(base), examples, tmp_path_factory.mktemp("steer") / "sft", settings, seed=0)
     return Path(result.checkpoint_path)
 
 
@@ -223,9 +216,9 @@ def test_the_stage_labels_trains_and_registers_a_verified_checkpoint(tmp_path: P
     ctx, response_ids = _lineage(tmp_path, judge_model, [*ROWS, PLANTED])
     ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 96
     ctx.settings.judge.temperature = 0.0
-    settings = SteerLMSettings(max_steps=2, batch_size=2, register_as_candidate=True)
+    ctx.settings.steerlm.max_steps, ctx.settings.steerlm.batch_size = 2, 2
 
-    result = _run_stage(ctx, settings).result
+    result = _run_stage(ctx, register_as_candidate=True).result
 
     honest_ids = {response_ids[a] for _, answers in ROWS for a in answers}
     assert result["responses"] == 5 and result["labelled"] == 4 and result["unlabelled"] == 1
@@ -249,9 +242,64 @@ def test_the_stage_labels_trains_and_registers_a_verified_checkpoint(tmp_path: P
     # and leaves the lineage row as the gate left it.
     with transaction(ctx.sessions) as session:
         session.get(Checkpoint, result["checkpoint_id"]).status = CheckpointStatus.rejected
-    again = _run_stage(ctx, settings).result
+    again = _run_stage(ctx, register_as_candidate=True).result
     assert again == result
     assert read_manifest(path).created_at == manifest.created_at
     with ctx.sessions() as session:
         assert len(session.scalars(select(Checkpoint.id)).all()) == 2
         assert session.get(Checkpoint, result["checkpoint_id"]).status == CheckpointStatus.rejected
+
+
+@pytest.mark.slow
+def test_under_a_remote_artifacts_url_steerlm_and_dpo_checkpoints_are_published_to_the_store(tmp_path: Path, judge_model: Path):
+    import fsspec
+
+    from daemon.db.models import Pair, StageRun, StageStatus
+    from workers import artifacts
+    from workers.stages.dpo_update import dpo_update
+
+    clear_runtime_cache()
+    store = f"memory://kaizen-steerlm-{tmp_path.name}/artifacts"
+    ctx, response_ids = lineage_with_responses(tmp_path / "data", judge_model, ROWS, artifacts_url=store)
+    ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 96
+    ctx.settings.judge.temperature = 0.0
+    ctx.settings.steerlm.max_steps, ctx.settings.steerlm.batch_size = 2, 2
+    try:
+        sft = _run_stage(ctx).result
+        assert "skipped" not in sft, sft
+        # What the stage runner records, and the pairs build_pairs would have written.
+        with transaction(ctx.sessions) as session:
+            session.add(StageRun(iteration_id=ctx.iteration_id, stage="steerlm_sft", status=StageStatus.succeeded, attempts=1, result=sft))
+            for _, (chosen, rejected) in ROWS:
+                session.add(Pair(
+                    iteration_id=ctx.iteration_id, prompt_id=_prompt_of(ctx, response_ids[chosen]), chosen_response_id=response_ids[chosen],
+                    rejected_response_id=response_ids[rejected], kind="self_reward", score_gap=1.0,
+                ))
+        dpo = dpo_update(ctx)
+        with transaction(ctx.sessions) as session:
+            dpo.write(session)
+
+        with ctx.sessions() as session:
+            written = {c.id: c for c in session.scalars(select(Checkpoint).where(Checkpoint.id != INITIAL_CHECKPOINT_ID))}
+        steer_id, candidate_id = sft["checkpoint_id"], dpo.result["checkpoint_id"]
+        assert set(written) == {steer_id, candidate_id}
+        assert written[candidate_id].parent_id == steer_id  # DPO started from the SteerLM checkpoint
+        for checkpoint in written.values():
+            assert checkpoint.path.startswith(store + "/") and checkpoint.adapter_path.startswith(checkpoint.path + "/")
+            fetched = artifacts.local_checkpoint(ctx.settings, checkpoint.path)  # downloaded and verified
+            assert verify_checkpoint(fetched).metadata["kind"] in {CHECKPOINT_KIND, "dpo_lora_merged"}
+        # DPO trained on the SteerLM checkpoint as fetched from the store, not on a worker's local copy.
+        dpo_parent = read_manifest(artifacts.local_checkpoint(ctx.settings, written[candidate_id].path)).metadata["parent"]
+        assert dpo_parent == artifacts.model_path_for_loading(ctx.settings, written[steer_id].path)
+        assert not (ctx.settings.artifacts_dir / "checkpoints" / steer_id).exists()
+    finally:
+        fs, root = fsspec.core.url_to_fs(store)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def _prompt_of(ctx: StageContext, response_id: int) -> int:
+    from daemon.db.models import Response
+
+    with ctx.sessions() as session:
+        return session.get(Response, response_id).prompt_id

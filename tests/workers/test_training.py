@@ -12,7 +12,8 @@ import torch
 from workers import lora_training
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint
 from workers.tiny_model import build_tiny_model
-from workers.training import DPOSettings, PreferenceExample, dpo_update, preference_margin
+from daemon.config import TrainingSettings
+from workers.training import PreferenceExample, dpo_update, preference_margin
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -28,7 +29,7 @@ CHOSEN = "Here is an answer: the result is computed step by step, then checked o
 REJECTED = "Score: 1 2 3 4 5 points."
 EXAMPLES = [PreferenceExample(p, CHOSEN, REJECTED) for p in PROMPTS]
 STEPS = 32
-SETTINGS = DPOSettings(learning_rate=1e-3, max_steps=STEPS, batch_size=2, seed=0)
+SETTINGS = TrainingSettings(learning_rate=1e-3, max_steps=STEPS, batch_size=2)
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -158,7 +159,7 @@ def test_rerun_returns_the_committed_checkpoint(run, base_dir, tmp_path):
 def test_explicit_reference_model_and_failed_reload_check(base_dir, tmp_path, monkeypatch):
     # A different model as KL anchor: the policy starts away from it, so first-step rewards are not 0.
     anchor = build_tiny_model(tmp_path / "anchor", seed=1)
-    quick = DPOSettings(max_steps=1, batch_size=2)
+    quick = TrainingSettings(max_steps=1, batch_size=2)
     result = dpo_update(str(base_dir), EXAMPLES[:2], tmp_path / "anchored", quick, reference_model_path=str(anchor))
     assert read_manifest(result.checkpoint_path).metadata["reference"] == str(anchor)
     first = next(e for e in result.log_history if "rewards/chosen" in e)

@@ -16,7 +16,7 @@ from workers.stages.common import jsonable, lineage_root, parent_checkpoint, sta
 
 
 def dpo_update(ctx: StageContext) -> StageOutput:
-    from workers.training import ADAPTER_SUBDIR, DPOSettings, PreferenceExample, dpo_update as train
+    from workers.training import ADAPTER_SUBDIR, PreferenceExample, dpo_update as train
 
     t = ctx.settings.training
     with ctx.sessions() as session:
@@ -43,16 +43,11 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         ctx.settings, ctx.iteration_id, "preference_pairs.jsonl",
         ({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples),
     )
-    settings = DPOSettings(
-        beta=t.beta, learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
-        max_length=t.max_length, seed=stage_seed(ctx, "dpo_update"),
-    )
     # The champion as reference needs no second model: dpo_update disables the adapter instead.
     reference_path = artifacts.model_path_for_loading(ctx.settings, reference.path) if reference.id != champion.id else None
     base_path = artifacts.model_path_for_loading(ctx.settings, champion.path)
     configure_cpu_threads(ctx.settings.model.cpu_threads)
-    trained = train(base_path, examples, out_dir, settings, reference_model_path=reference_path)
+    trained = train(base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path)
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
     checkpoint_uri = artifacts.publish_checkpoint(ctx.settings, trained.checkpoint_path, checkpoint_id)
 
