@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from daemon.bootstrap import initialise
@@ -20,35 +17,10 @@ from daemon.config import load_settings
 from daemon.db import lineage
 from daemon.db.engine import transaction
 from daemon.db.models import Checkpoint, CheckpointStatus
-from daemon.serving import build_app
+from tests.serving.harness import Server, free_port
 from workers.checkpoints import write_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, settings) -> None:  # type: ignore[no-untyped-def]
-        self.server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.serve.port, log_config=None))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base = f"http://127.0.0.1:{settings.serve.port}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def _checkpoint_copy(src: Path, dest: Path, *, scale: float) -> Path:
@@ -82,7 +54,7 @@ def deployment(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped
         None,
         data_dir=str(tmp_path / "data"),
         model={"path": str(tiny_model_dir)},
-        serve={"port": _free_port(), "poll_seconds": 0.1, "max_new_tokens": 24,
+        serve={"port": free_port(), "poll_seconds": 0.1, "max_new_tokens": 24,
                "genarm": {"reward_models": {"same": {"path": str(tiny_model_dir)}}}},
     )
     sessions = initialise(settings)
