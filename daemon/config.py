@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from policies.steering import DEFAULT_METHOD as DEFAULT_STEERING
@@ -227,6 +227,38 @@ class GateSettings(Section):
     max_parse_failure_rate: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class EvalSettings(Section):
+    """Evaluation suites (policies/suites.py, workers/evaluation.py): `kaizen eval` and the
+    evaluate_suites stage, which scores every promoted champion (and the initial model) on `suites`."""
+
+    suites: list[str] = Field(default_factory=lambda: ["instruct-checks"], description="[] evaluates nothing after promotions")
+    # Greedy answers this long are rarely cut on the suites' short tasks (SmolLM2-135M: see README).
+    max_new_tokens: int = Field(192, ge=1, le=8192)
+    batch_size: int = Field(16, ge=1)
+    jsonl_path: str | None = Field(None, description="the `jsonl` suite's file of items")
+    bootstrap_resamples: int = Field(2000, ge=100)
+    pairwise_prompts: int = Field(16, ge=1, description="tasks the pairwise-vs-initial suite compares on")
+    # Evaluate only the first N items of a suite (quick checks, tests); part of the config hash.
+    max_items: int | None = Field(None, ge=1)
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, suites: list[str]) -> list[str]:
+        from policies.suites import SUITES
+
+        for name in suites:
+            if name not in SUITES:
+                allowed = ", ".join(repr(known) for known in SUITES)
+                raise ValueError(f"unknown suite {name!r}, allowed values: {allowed}")
+        return list(dict.fromkeys(suites))
+
+    @model_validator(mode="after")
+    def _jsonl_needs_a_file(self) -> EvalSettings:
+        if "jsonl" in self.suites and not self.jsonl_path:
+            raise ValueError("the jsonl suite needs eval.jsonl_path (a file of {\"prompt\": ...} lines)")
+        return self
+
+
 class ScheduleSettings(Section):
     interval_seconds: float | None = Field(5.0, gt=0.0)
     cron: str | None = None
@@ -354,6 +386,7 @@ class Settings(BaseSettings):
     pairs: PairSettings = PairSettings()
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
+    eval: EvalSettings = EvalSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     worker: WorkerSettings = WorkerSettings()
     steerlm: SteerLMStageSettings = SteerLMStageSettings()
@@ -449,6 +482,8 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "value_error" and "error" in error.get("ctx", {}):
+            message = str(error["ctx"]["error"])
         elif error["type"] == "literal_error":
             allowed = error.get("ctx", {}).get("expected", "")
             message = f"got {error.get('input')!r}, allowed values: {allowed}"

@@ -38,6 +38,8 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
     StageSpec("genarm_train", "GenARM RM", "arm", "gpu", "workers.stages.genarm_train:genarm_train", optional_section="genarm"),
     StageSpec("dpo_update", "DPO", "dpo", "gpu", "workers.stages.dpo_update:dpo_update"),
     StageSpec("evaluate_gate", "gate", "gate", "gpu", "workers.stages.evaluate_gate:evaluate_gate"),
+    # Scores a promoted champion (and the initial model) on eval.suites; a no-op otherwise.
+    StageSpec("evaluate_suites", "suites", "eval", "gpu", "workers.stages.evaluate_suites:evaluate_suites"),
 )
 
 STAGES_BY_NAME: dict[str, StageSpec] = {spec.name: spec for spec in STAGE_SPECS}

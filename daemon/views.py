@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
-from daemon.db import lineage
+from daemon.db import lineage, suite_results
 from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun
 from policies.judge_metrics import WARNING_EVENT_KIND as JUDGE_WARNING_EVENT
 from policies.judge_metrics import iteration_judge_metrics
@@ -203,7 +203,9 @@ def recent_iterations(session: Session, limit: int = 50) -> list[dict[str, Any]]
 # ---------------------------------------------------------------- checkpoints and the lineage
 
 
-def _checkpoint_entry(c: Checkpoint, iteration: Iteration | None, evaluation: Evaluation | None) -> dict[str, Any]:
+def _checkpoint_entry(
+    c: Checkpoint, iteration: Iteration | None, evaluation: Evaluation | None, suites: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "id": c.id,
         "parent": c.parent_id,
@@ -215,6 +217,8 @@ def _checkpoint_entry(c: Checkpoint, iteration: Iteration | None, evaluation: Ev
         "decision": iteration.decision if iteration else None,
         "win_rate": evaluation.win_rate if evaluation else None,
         "win_rate_lower_bound": evaluation.win_rate_lower_bound if evaluation else None,
+        # The newest result per evaluation suite: score, n and its 95% interval.
+        "suites": suites or {},
     }
 
 
@@ -225,8 +229,11 @@ def _checkpoint_entries(session: Session, checkpoints: Sequence[Checkpoint]) -> 
         query = select(Iteration).options(defer(Iteration.config_snapshot)).where(Iteration.id.in_(chunk))
         iterations.update((it.id, it) for it in session.scalars(query))
     evaluations = _evaluations_by_iteration(session, ids)
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    for chunk in _chunks([c.id for c in checkpoints]):  # type: ignore[arg-type]
+        scores.update(suite_results.latest_scores(session, chunk))
     return [
-        _checkpoint_entry(c, iterations.get(c.created_iteration_id), evaluations.get(c.created_iteration_id))  # type: ignore[arg-type]
+        _checkpoint_entry(c, iterations.get(c.created_iteration_id), evaluations.get(c.created_iteration_id), scores.get(c.id))  # type: ignore[arg-type]
         for c in checkpoints
     ]
 
@@ -240,7 +247,13 @@ def lineage_view(session: Session) -> dict[str, Any]:
         "champion": champion.id if champion else None,
         "checkpoints": _checkpoint_entries(session, checkpoints),
         "iterations": summarize_iterations(session, iterations),
+        "suite_history": suite_history(session),
     }
+
+
+def suite_history(session: Session) -> dict[str, list[dict[str, Any]]]:
+    """Per suite, the scores along the champion history (initial first, current last)."""
+    return suite_results.champion_score_history(session)
 
 
 def lineage_graph(session: Session, limit: int = 60) -> dict[str, Any]:

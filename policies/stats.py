@@ -32,7 +32,10 @@ def proportion_ci(successes: float, n: int, confidence: float = 0.95) -> tuple[f
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     margin = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - margin), min(1.0, centre + margin)
+    # At 0 or n successes the bound is exactly 0 or 1; float rounding would leave 1e-17.
+    low = 0.0 if successes == 0 else max(0.0, centre - margin)
+    high = 1.0 if successes == n else min(1.0, centre + margin)
+    return low, high
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 
 from policies.constraints import Constraint, check_all
 from policies.self_instruct import normalize_prompt
-from policies.stats import proportion_ci
+from policies.stats import minimum_detectable_difference, paired_bootstrap, proportion_ci
 
 SUITE_INSTRUCT_CHECKS = "instruct-checks"
 SUITE_JSONL = "jsonl"
@@ -65,6 +65,8 @@ class SuiteItem:
     prompt: str
     constraints: tuple[Constraint, ...] = ()
     reference: str | None = None
+    # The bare task when the prompt is a task plus rendered constraint sentences.
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def load_instruct_checks() -> list[SuiteItem]:
 
 def instruct_check_tasks() -> list[str]:
     """The task stems of the instruct-checks items (what training must never see)."""
-    return sorted({json.loads(line)["task"] for line in instruct_checks_text().splitlines() if line.strip()})
+    return sorted({item.task or item.prompt for item in load_instruct_checks()})
 
 
 def parse_items(text: str, source: str) -> list[SuiteItem]:
@@ -137,7 +139,8 @@ def _parse_item(data: Any, default_id: str) -> SuiteItem:
     raw = data["constraints"]
     if not isinstance(raw, list) or not raw:
         raise ValueError("\"constraints\" must be a non-empty list of {\"kind\": ...} objects")
-    return SuiteItem(item_id, data["prompt"], constraints=tuple(Constraint.from_json(c) for c in raw))
+    task = data.get("task") if isinstance(data.get("task"), str) else None
+    return SuiteItem(item_id, data["prompt"], constraints=tuple(Constraint.from_json(c) for c in raw), task=task)
 
 
 # --- Scoring --------------------------------------------------------------------------
@@ -181,3 +184,45 @@ def config_hash(suite: str, decoding: Mapping[str, Any], content: str) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Checkpoint A against checkpoint B on the items both answered: scores, A - B with its
+    paired-bootstrap interval, and the smallest difference n items can detect."""
+
+    n: int
+    a_score: float
+    b_score: float
+    difference: float
+    low: float
+    high: float
+    minimum_detectable: float
+    confidence: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.__dataclass_fields__}
+
+
+def paired_difference(
+    a_items: Sequence[Mapping[str, Any]],
+    b_items: Sequence[Mapping[str, Any]],
+    n_resamples: int,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> PairedDifference:
+    """Pairs the two results' per-item scores by item id (items scored None, e.g. an
+    unreadable pairwise verdict, and items only one side has are left out)."""
+    b_by_id = {item["id"]: item.get("score") for item in b_items}
+    pairs = [(item["score"], b_by_id[item["id"]]) for item in a_items
+             if item.get("score") is not None and b_by_id.get(item["id"]) is not None]
+    if not pairs:
+        raise ValueError("the two results share no scored items; were they evaluated on the same suite?")
+    a_scores, b_scores = [a for a, _ in pairs], [b for _, b in pairs]
+    difference, low, high = paired_bootstrap(a_scores, b_scores, n_resamples, seed, confidence)
+    pooled = (sum(a_scores) + sum(b_scores)) / (2 * len(pairs))
+    return PairedDifference(
+        n=len(pairs), a_score=sum(a_scores) / len(pairs), b_score=sum(b_scores) / len(pairs),
+        difference=difference, low=low, high=high,
+        minimum_detectable=minimum_detectable_difference(len(pairs), pooled, confidence), confidence=confidence,
+    )

@@ -17,6 +17,7 @@ def small_cycle_config(data_dir: Path, model_path: Path, **overrides) -> dict:
         "judge": {"num_samples": 1, "max_new_tokens": 12},
         "training": {"max_steps": 2, "batch_size": 2, "max_length": 128},
         "gate": {"heldout_prompts": 4, "min_comparisons": 2},
+        "eval": {"max_items": 8, "max_new_tokens": 16},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

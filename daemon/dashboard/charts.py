@@ -111,28 +111,30 @@ def line_chart(
     *,
     chart_id: str,
     lower: Sequence[float | None] | None = None,
+    upper: Sequence[float | None] | None = None,
     reference: tuple[float, str] | None = None,
     y_min: float | None = None,
     y_max: float | None = None,
     unit: str = "",
 ) -> Markup:
-    """Lines with dots; ``lower`` draws a whisker from each point of the first series down to it
-    (a confidence bound), ``reference`` a dashed horizontal line (a threshold)."""
+    """Lines with dots; ``lower`` (and ``upper``) draw a whisker from each point of the first series
+    down (up) to it (a confidence bound), ``reference`` a dashed horizontal line (a threshold)."""
     values = [v for s in series for v in s.values if v is not None]
-    values += [v for v in (lower or []) if v is not None] + ([reference[0]] if reference else [])
+    values += [v for v in (*(lower or []), *(upper or [])) if v is not None] + ([reference[0]] if reference else [])
     frame = Frame(len(labels), *_y_range(values, y_min, y_max))
     body = _axes(frame, labels, unit)
     if reference is not None:
         y = frame.y(reference[0])
         body.append(f'<line class="reference" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"><title>{escape(reference[1])}</title></line>')
-    for index, (value, bound) in enumerate(zip(series[0].values if series else [], lower or [], strict=False)):
-        if value is not None and bound is not None:
-            x = frame.x(index)
-            body.append(
-                f'<line class="whisker s0" x1="{x:.1f}" x2="{x:.1f}" y1="{frame.y(value):.1f}" y2="{frame.y(bound):.1f}">'
-                f"<title>{escape(labels[index])}: lower bound {bound:.3f}</title></line>"
-            )
-            body.append(f'<line class="whisker-cap s0" x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{frame.y(bound):.1f}" y2="{frame.y(bound):.1f}"/>')
+    for side, bounds in (("lower", lower), ("upper", upper)):
+        for index, (value, bound) in enumerate(zip(series[0].values if series else [], bounds or [], strict=False)):
+            if value is not None and bound is not None:
+                x = frame.x(index)
+                body.append(
+                    f'<line class="whisker s0" x1="{x:.1f}" x2="{x:.1f}" y1="{frame.y(value):.1f}" y2="{frame.y(bound):.1f}">'
+                    f"<title>{escape(labels[index])}: {side} bound {bound:.3f}</title></line>"
+                )
+                body.append(f'<line class="whisker-cap s0" x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{frame.y(bound):.1f}" y2="{frame.y(bound):.1f}"/>')
     for number, s in enumerate(series):
         body.extend(_polyline(frame, labels, s, f"s{number}"))
     return _figure(title, body, [s.name for s in series], chart_id, empty=not values)

@@ -45,6 +45,8 @@ def _tooltip(node: dict[str, Any], champion: str | None) -> str:
         parts.append(f"win rate {node['win_rate']:.2f}" + (f" (lower bound {bound:.2f})" if bound is not None else ""))
     if node.get("decision"):
         parts.append(f"decision {node['decision']}")
+    for suite, result in sorted((node.get("suites") or {}).items()):
+        parts.append(f"{suite} {result['score']:.3f} [{result['ci_low']:.2f}, {result['ci_high']:.2f}]")
     return " · ".join(parts)
 
 

@@ -50,6 +50,18 @@ def _iteration_charts(iterations: list[dict[str, Any]], settings: Settings) -> d
     }
 
 
+def suite_charts(history: dict[str, list[dict[str, Any]]]) -> list[Markup]:
+    """One chart per evaluation suite: its score along the champion history, 95% interval as whiskers."""
+    charts = []
+    for number, (suite, points) in enumerate(sorted(history.items())):
+        charts.append(line_chart(
+            f"{suite} over the champion history (whiskers: 95% interval)", [p["checkpoint"] for p in points],
+            [Series(suite, [p["score"] for p in points])], chart_id=f"chart-suite-{number}",
+            lower=[p["ci_low"] for p in points], upper=[p["ci_high"] for p in points], y_min=0.0, y_max=1.0,
+        ))
+    return charts
+
+
 def _notice(session: Session, done: int | None, unchanged: str | None) -> str | None:
     if unchanged:
         return f"{unchanged}: nothing to change"
@@ -72,6 +84,8 @@ def overview_context(session: Session, settings: Settings, window: int, done: in
         "graph_truncated": graph["truncated"],
         "promotable": promotable,
         "charts": _iteration_charts(iterations, settings),
+        "suite_charts": suite_charts(views.suite_history(session)),
+        "suite_scores": [(n["id"], n["suites"]) for n in reversed(graph["nodes"]) if n["suites"]][:25],
         "iterations": list(reversed(iterations))[:25],
         "events": views.recent_events(session, 50),
         "notice": _notice(session, done, unchanged),

@@ -121,6 +121,17 @@ def reject(session: Session, checkpoint_id: str, *, actor: str, reason: str, ite
     session.add(Event(kind="rejection", checkpoint_id=checkpoint_id, iteration_id=iteration_id, actor=actor, reason=reason))
 
 
+def lineage_root(session: Session, checkpoint: Checkpoint) -> Checkpoint:
+    """The first model of ``checkpoint``'s lineage (following parents to the one without)."""
+    seen = {checkpoint.id}
+    while checkpoint.parent_id is not None:
+        parent = session.get(Checkpoint, checkpoint.parent_id)
+        assert parent is not None and parent.id not in seen, "checkpoint parents form a tree by foreign key"
+        seen.add(parent.id)
+        checkpoint = parent
+    return checkpoint
+
+
 def gate_promotion_blocker(session: Session, parent_id: str) -> str | None:
     """Why the gate must not promote a candidate trained from ``parent_id``, or None.
 

@@ -211,6 +211,28 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class SuiteResult(Base):
+    """A checkpoint's score on one evaluation suite (workers/evaluation.py), one row per
+    (checkpoint, suite, config hash): the hash covers what changes results (the suite's items,
+    the decoding settings), so a cached row is reused until one of those changes."""
+
+    __tablename__ = "suite_results"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "suite", "config_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), index=True)
+    suite: Mapped[str] = mapped_column(String(64))
+    config_hash: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    ci_low: Mapped[float] = mapped_column(Float)
+    ci_high: Mapped[float] = mapped_column(Float)
+    # {"items": [{id, answer, passed, score, ...}], "per_kind": {kind: rate}, "config": {...}, ...}
+    items: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Event(Base):
     """Promotions, rollbacks, rejections and manual actions: who, when, why."""
 

@@ -49,7 +49,9 @@ POLICY_SAMPLES = 4  # respond.num_samples
 JUDGE_SAMPLES = 2  # judge.num_samples
 HELDOUT = 16
 # Typical compute seconds of each stage on a real GPU model; the seeded values vary around them.
-STAGE_SECONDS = {"generate_prompts": 40.0, "respond": 120.0, "judge": 150.0, "build_pairs": 0.8, "dpo_update": 300.0, "evaluate_gate": 90.0}
+STAGE_SECONDS = {"generate_prompts": 40.0, "respond": 120.0, "judge": 150.0, "build_pairs": 0.8, "dpo_update": 300.0, "evaluate_gate": 90.0, "evaluate_suites": 0.5}
+# A no-op without a promotion; added after the seeded lineage's shape was fixed by its rng draws.
+FIXED_TIME_STAGES = ("evaluate_suites",)
 TABLES = (Iteration, StageRun, Prompt, Response, Judgment, Pair, Checkpoint, Evaluation, Event)
 
 
@@ -130,6 +132,10 @@ def _iteration_rows(rows: _Rows, state: _State, number: int, judgments: int, sta
     clock = started
     stage_rows = []
     for stage in CORE_STAGES:
+        if stage in FIXED_TIME_STAGES:  # draws nothing, so the seeded lineage is what it was before the stage existed
+            stage_rows.append((stage, clock, clock + timedelta(seconds=STAGE_SECONDS[stage]), STAGE_SECONDS[stage]))
+            clock += timedelta(seconds=STAGE_SECONDS[stage])
+            continue
         seconds = STAGE_SECONDS[stage] * rng.uniform(0.7, 1.4)
         stage_rows.append((stage, clock, clock + timedelta(seconds=seconds), seconds))
         clock += timedelta(seconds=seconds + rng.uniform(0.05, 0.3))
@@ -199,6 +205,7 @@ def _iteration_rows(rows: _Rows, state: _State, number: int, judgments: int, sta
         "build_pairs": {"pairs": pair_rows, "self_reward_pairs": pair_rows - n_prompts, "rlcd_pairs": n_prompts},
         "dpo_update": {"skipped": "0 pairs, fewer than training.min_pairs=1", "pairs": 0} if skipped else {"checkpoint_id": candidate, "pairs": pair_rows, "train_seconds": round(stage_rows[4][3], 3), "steps": 8.0, "loss": round(loss, 6), "rewards/margins": round(margin, 6), "rewards/accuracies": round(min(1.0, 0.5 + quality / 2), 6), "final_rewards/margins": round(margin * 1.2, 6)},
         "evaluate_gate": {"decision": decision_name, **decision.as_dict()},
+        "evaluate_suites": {"evaluated": [], "skipped": "no promotion"},
     }
     rows.add(Iteration, id=number, parent_checkpoint_id=parent, candidate_checkpoint_id=candidate, status=IterationStatus.completed, decision=decision_name, config_snapshot=config, error=None, started_at=started, finished_at=finished)
     for stage, begin, end, seconds in stage_rows:

@@ -80,7 +80,7 @@ def test_an_interrupted_cycle_resumes_without_rerunning_finished_stages(env) -> 
     resumed = RecordingDispatcher(settings, sessions)
     report = run_cycle(sessions, settings, resumed)
     assert report.resumed_from == "judge"
-    assert resumed.ran == ["judge", "build_pairs", "dpo_update", "evaluate_gate"]
+    assert resumed.ran == ["judge", "build_pairs", "dpo_update", "evaluate_gate", "evaluate_suites"]
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Iteration)) == 1
         assert _count(session, Prompt) == prompts_before

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_disabled_optional_stages_are_not_part_of_an_iteration(tmp_path: Path, tiny_model_dir: Path) -> None:
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir)
-    assert stages_for(settings) == ("generate_prompts", "respond", "judge", "build_pairs", "dpo_update", "evaluate_gate")
+    assert stages_for(settings) == ("generate_prompts", "respond", "judge", "build_pairs", "dpo_update", "evaluate_gate", "evaluate_suites")
 
 
 def test_enabled_stages_run_in_order_and_the_reward_model_is_served_as_loop(tmp_path: Path, tiny_model_dir: Path) -> None:

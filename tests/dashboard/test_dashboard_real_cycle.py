@@ -26,7 +26,7 @@ def test_a_real_iteration_shows_its_stages_scores_training_log_and_samples(tmp_p
     client = TestClient(create_dashboard_app(settings, sessions))
 
     detail = client.get(f"/api/iterations/{report.iteration_id}").json()
-    assert set(detail["stages"]) == {"generate_prompts", "respond", "judge", "build_pairs", "dpo_update", "evaluate_gate"}
+    assert set(detail["stages"]) == {"generate_prompts", "respond", "judge", "build_pairs", "dpo_update", "evaluate_gate", "evaluate_suites"}
     assert detail["mean_response_tokens"] > 0
     assert sum(detail["score_histogram"].values()) == detail["judge"]["judgments"] > 0
     assert detail["samples"] and detail["samples"][0]["responses"]

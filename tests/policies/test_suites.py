@@ -4,12 +4,14 @@ import pytest
 
 from ops.make_instruct_checks import EVAL_STEMS, build_items, render_jsonl
 from policies.constraints import KINDS, Constraint, check
+from policies.stats import minimum_detectable_difference
 from policies.suites import (
     SUITES,
     ItemResult,
     config_hash,
     instruct_checks_text,
     load_instruct_checks,
+    paired_difference,
     parse_items,
     reference_matches,
     score_item,
@@ -120,3 +122,18 @@ def test_some_suite_items_are_satisfiable_by_a_plain_answer():
     singles = [item for item in load_instruct_checks() if len(item.constraints) == 1]
     assert any(check(item.constraints[0], plain) for item in singles)
     assert isinstance(singles[0].constraints[0], Constraint)
+
+
+def test_paired_difference_matches_items_by_id_and_reports_power():
+    a = [{"id": str(i), "score": 1.0} for i in range(30)] + [{"id": "gone", "score": 1.0}]
+    b = [{"id": str(i), "score": 1.0 if i < 10 else 0.0} for i in reversed(range(30))] + [{"id": "x", "score": None}]
+
+    paired = paired_difference(a, b, n_resamples=1000, seed=0)
+
+    assert paired.n == 30
+    assert (paired.a_score, paired.b_score) == (1.0, pytest.approx(1 / 3))
+    assert paired.difference == pytest.approx(2 / 3)
+    assert 0 < paired.low < paired.difference <= paired.high
+    assert paired.minimum_detectable == pytest.approx(minimum_detectable_difference(30, 2 / 3))
+    with pytest.raises(ValueError, match="share no scored items"):
+        paired_difference(a[:1], [{"id": "other", "score": 1.0}], n_resamples=100)

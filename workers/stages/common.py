@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from daemon.db import lineage
 from daemon.db.models import Checkpoint, Event, Prompt, StageRun, StageStatus
 from daemon.stage_specs import stage_index
 from policies import judge_metrics
@@ -17,14 +18,22 @@ from workers.judges.base import Role
 from workers.runtime import ModelRuntime, configure_cpu_threads, get_runtime
 from workers.stage_runner import StageContext
 
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
 log = structlog.get_logger(__name__)
 
 
 def runtime_for(ctx: StageContext, checkpoint_path: str) -> ModelRuntime:
-    configure_cpu_threads(ctx.settings.model.cpu_threads)
-    device = None if ctx.settings.model.device == "auto" else ctx.settings.model.device
+    return load_runtime(ctx.settings, checkpoint_path)
+
+
+def load_runtime(settings: Settings, checkpoint_path: str) -> ModelRuntime:
+    """The process's runtime for a checkpoint, on the configured device and CPU threads."""
+    configure_cpu_threads(settings.model.cpu_threads)
+    device = None if settings.model.device == "auto" else settings.model.device
     # A checkpoint kaizen wrote is verified against its manifest (and fetched if remote) first.
-    return get_runtime(artifacts.model_path_for_loading(ctx.settings, checkpoint_path), device=device)
+    return get_runtime(artifacts.model_path_for_loading(settings, checkpoint_path), device=device)
 
 
 def parent_checkpoint(ctx: StageContext, session: Session) -> Checkpoint:
@@ -87,24 +96,13 @@ def record_warnings(session: Session, ctx: StageContext, checkpoint_id: str, war
         )
 
 
-def lineage_root(session: Session, checkpoint: Checkpoint) -> Checkpoint:
-    """The first model of ``checkpoint``'s lineage (following parents to the one without)."""
-    seen = {checkpoint.id}
-    while checkpoint.parent_id is not None:
-        parent = session.get(Checkpoint, checkpoint.parent_id)
-        assert parent is not None and parent.id not in seen, "checkpoint parents form a tree by foreign key"
-        seen.add(parent.id)
-        checkpoint = parent
-    return checkpoint
-
-
 def stage_judge(ctx: StageContext, session: Session, role: Role, policy: Checkpoint, *, seed: int) -> Judge:
     """The judge configured for ``role``, with ``policy`` as its "self" and the lineage's first model
     and ``policy``'s parent at hand (frozen and implicit judges use them). Models load on first use."""
     parent = session.get(Checkpoint, policy.parent_id) if policy.parent_id else None
     return build_judge(
         ctx.settings, role, policy_path=policy.path, load_model=lambda path: runtime_for(ctx, path),
-        initial_path=lineage_root(session, policy).path, parent_path=parent.path if parent else None, seed=seed,
+        initial_path=lineage.lineage_root(session, policy).path, parent_path=parent.path if parent else None, seed=seed,
     )
 
 

@@ -12,7 +12,7 @@ from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Respons
 from workers import artifacts
 from workers.runtime import configure_cpu_threads
 from workers.stage_runner import StageContext, StageOutput
-from workers.stages.common import jsonable, lineage_root, parent_checkpoint, stage_seed, steerlm_checkpoint
+from workers.stages.common import jsonable, parent_checkpoint, stage_seed, steerlm_checkpoint
 
 
 def dpo_update(ctx: StageContext) -> StageOutput:
@@ -23,7 +23,7 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         champion = steerlm_checkpoint(ctx, session) or parent_checkpoint(ctx, session)
         # "initial" keeps the lineage's first model as the KL anchor across rounds, so drift is
         # measured from where the loop started rather than from the last champion.
-        reference = lineage_root(session, champion) if t.reference == "initial" else champion
+        reference = lineage.lineage_root(session, champion) if t.reference == "initial" else champion
         rows = session.execute(
             select(Prompt.text, Pair.chosen_response_id, Pair.rejected_response_id)
             .join(Prompt, Prompt.id == Pair.prompt_id)
