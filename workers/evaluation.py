@@ -27,7 +27,7 @@ from policies import suites
 from policies.stats import proportion_ci
 from workers.judges import build_judge
 from workers.runtime import Generation
-from workers.stages.common import load_runtime, user_prompt
+from workers.loading import load_runtime, user_prompt
 
 if TYPE_CHECKING:
     from daemon.config import Settings

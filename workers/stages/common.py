@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import select
@@ -12,28 +12,17 @@ from daemon.db import lineage
 from daemon.db.models import Checkpoint, Event, Prompt, StageRun, StageStatus
 from daemon.stage_specs import stage_index
 from policies import judge_metrics
-from workers import artifacts
 from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
-from workers.runtime import ModelRuntime, configure_cpu_threads, get_runtime
+from workers.loading import load_runtime, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
+from workers.runtime import ModelRuntime
 from workers.stage_runner import StageContext
-
-if TYPE_CHECKING:
-    from daemon.config import Settings
 
 log = structlog.get_logger(__name__)
 
 
 def runtime_for(ctx: StageContext, checkpoint_path: str) -> ModelRuntime:
     return load_runtime(ctx.settings, checkpoint_path)
-
-
-def load_runtime(settings: Settings, checkpoint_path: str) -> ModelRuntime:
-    """The process's runtime for a checkpoint, on the configured device and CPU threads."""
-    configure_cpu_threads(settings.model.cpu_threads)
-    device = None if settings.model.device == "auto" else settings.model.device
-    # A checkpoint kaizen wrote is verified against its manifest (and fetched if remote) first.
-    return get_runtime(artifacts.model_path_for_loading(settings, checkpoint_path), device=device)
 
 
 def parent_checkpoint(ctx: StageContext, session: Session) -> Checkpoint:
@@ -75,10 +64,6 @@ def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int
         seed=seed,
         batch_size=g.batch_size,
     )
-
-
-def user_prompt(runtime: ModelRuntime, content: str) -> str:
-    return runtime.render_chat([{"role": "user", "content": content}])
 
 
 def warning_thresholds(ctx: StageContext) -> judge_metrics.WarningThresholds:
