@@ -12,12 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from daemon.bootstrap import initialise
-from daemon.config import load_settings
 from daemon.db import lineage
 from daemon.db.engine import transaction
 from daemon.db.models import Checkpoint, CheckpointStatus
-from tests.serving.harness import Server, free_port
+from tests.serving.harness import Server, openai_client
 from workers.checkpoints import write_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -48,24 +46,6 @@ def _promote(sessions, checkpoint_id: str) -> None:  # type: ignore[no-untyped-d
         lineage.promote(session, checkpoint_id, actor="test", reason="test")
 
 
-@pytest.fixture()
-def deployment(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    settings = load_settings(
-        None,
-        data_dir=str(tmp_path / "data"),
-        model={"path": str(tiny_model_dir)},
-        serve={"port": free_port(), "poll_seconds": 0.1, "max_new_tokens": 24,
-               "genarm": {"reward_models": {"same": {"path": str(tiny_model_dir)}}}},
-    )
-    sessions = initialise(settings)
-    with Server(settings) as server:
-        yield settings, sessions, server
-
-
-def _client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def _chat(client: openai.OpenAI, **kwargs):  # type: ignore[no-untyped-def]
     return client.chat.completions.create(
         model="kaizen", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, seed=7, **kwargs
@@ -85,7 +65,7 @@ def _wait_for_fingerprint(client: openai.OpenAI, expected: str, timeout: float =
 
 def test_plain_chat_completion_and_models(deployment) -> None:  # type: ignore[no-untyped-def]
     _, _, server = deployment
-    client = _client(server)
+    client = openai_client(server)
     models = client.models.list()
     assert [m.id for m in models.data] == ["kaizen"]
     reply = _chat(client)
@@ -100,7 +80,7 @@ def test_plain_chat_completion_and_models(deployment) -> None:  # type: ignore[n
 
 def test_streaming_joins_to_the_same_text_as_a_plain_request(deployment) -> None:  # type: ignore[no-untyped-def]
     _, _, server = deployment
-    client = _client(server)
+    client = openai_client(server)
     whole = _chat(client, temperature=0).choices[0].message.content
     pieces = [c.choices[0].delta.content or "" for c in _chat(client, temperature=0, stream=True) if c.choices]
     assert "".join(pieces) == whole
@@ -111,7 +91,7 @@ def test_streaming_joins_to_the_same_text_as_a_plain_request(deployment) -> None
 
 def test_each_steering_method_answers(deployment) -> None:  # type: ignore[no-untyped-def]
     _, _, server = deployment
-    client = _client(server)
+    client = openai_client(server)
     urial = _chat(client, extra_body={"steering": {"method": "urial"}})
     assert "# Query:" not in urial.choices[0].message.content
     assert urial.model_extra["kaizen"]["steering"] == {"method": "urial"}
@@ -137,14 +117,14 @@ def test_each_steering_method_answers(deployment) -> None:  # type: ignore[no-un
 def test_bad_steering_is_a_400_that_says_what_is_allowed(deployment, steering, message) -> None:  # type: ignore[no-untyped-def]
     _, _, server = deployment
     with pytest.raises(openai.BadRequestError) as error:
-        _chat(_client(server), extra_body={"steering": steering})
+        _chat(openai_client(server), extra_body={"steering": steering})
     assert error.value.status_code == 400
     assert message in error.value.message
 
 
 def test_promotion_is_followed_and_a_broken_checkpoint_does_not_take_the_server_down(deployment, tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings, sessions, server = deployment
-    client = _client(server)
+    client = openai_client(server)
     assert _chat(client).system_fingerprint == "ckpt-0000"
 
     good = _checkpoint_copy(tiny_model_dir, settings.artifacts_dir / "checkpoints" / "ckpt-0001", scale=1.5)
@@ -175,7 +155,7 @@ def test_promotion_is_followed_and_a_broken_checkpoint_does_not_take_the_server_
 
 def test_unknown_model_and_oversized_max_tokens_are_refused(deployment) -> None:  # type: ignore[no-untyped-def]
     _, _, server = deployment
-    client = _client(server)
+    client = openai_client(server)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="serve.max_new_tokens"):
