@@ -299,8 +299,7 @@ def eval_command(
 def _evaluate_report(settings: Settings, sessions: Any, checkpoint_id: str, suite: str, baseline: str | None, **options: Any) -> dict[str, Any]:
     """Evaluate (or reuse) one suite result, and the paired difference against `baseline`."""
     from daemon.db.suite_results import report_of
-    from policies.suites import paired_difference
-    from workers.evaluation import cached_result, evaluate_checkpoint
+    from workers.evaluation import cached_result, compare_checkpoints, evaluate_checkpoint
 
     quiet, force, file = options["quiet"], options["force"], options["file"]
 
@@ -315,8 +314,8 @@ def _evaluate_report(settings: Settings, sessions: Any, checkpoint_id: str, suit
         row, cached = run(checkpoint_id)
         report = {**report_of(row), "cached": cached}
         if baseline is not None and baseline != checkpoint_id:
-            base_row, _ = run(baseline)
-            paired = paired_difference(row.items["items"], base_row.items["items"], settings.eval.bootstrap_resamples, seed=settings.seed)
+            run(baseline)  # with its own progress bar; compare_checkpoints then reuses both rows
+            _, _, paired = compare_checkpoints(settings, sessions, checkpoint_id, baseline, suite, file=file)
             report["against"] = {"checkpoint": baseline, **paired.to_json()}
     except ValueError as exc:
         raise _fail(str(exc)) from None
@@ -505,6 +504,9 @@ def _print_iteration(d: dict[str, Any]) -> None:
     console.print(f"prompts: {prompts}\npairs: {pairs}")
     console.print(f"gate: {_gate_cell(d['gate'])}" + ("".join(f"\n  - {r}" for r in d["gate"]["reasons"]) if d["gate"] else " not gated"))
     _print_judge_metrics(d.get("judge_metrics", {}), d.get("judge_warnings", []))
+    for checkpoint, suites in d.get("suite_scores", {}).items():
+        cells = [f"{suite} {r['score']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']}]" for suite, r in sorted(suites.items())]
+        console.print(f"suite scores of {checkpoint}: " + "; ".join(cells), markup=False)
     histogram = d["score_histogram"]
     widest = max(histogram.values(), default=0) or 1
     console.print("judge scores:")

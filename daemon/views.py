@@ -359,6 +359,9 @@ def iteration_detail(session: Session, iteration_id: int, samples: int = 3) -> d
     detail["comparisons"] = (evaluation.comparisons.get("items", []) if evaluation else [])[:samples]
     detail["training_log"] = _training_log(session, iteration.candidate_checkpoint_id)
     detail["config"] = iteration.config_snapshot
+    # The newest suite results of the champion it started from and of its candidate.
+    checkpoints = [c for c in (iteration.parent_checkpoint_id, iteration.candidate_checkpoint_id) if c]
+    detail["suite_scores"] = suite_results.latest_scores(session, checkpoints)
     return detail
 
 

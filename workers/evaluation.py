@@ -186,3 +186,22 @@ def _pairwise(settings: Settings, path: str, initial_path: str, prepared: Prepar
     summary = suites.SuiteSummary(sum(scored) / len(scored) if scored else 0.0, len(scored), low, high)
     payload = {"items": items, "unreadable": len(items) - len(scored), **_truncation(answers)}
     return payload, summary
+
+
+def compare_checkpoints(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    checkpoint: Checkpoint | str,
+    baseline: Checkpoint | str,
+    suite_name: str,
+    *,
+    file: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[SuiteResult, SuiteResult, suites.PairedDifference]:
+    """Both checkpoints' results on `suite_name` (cached ones reused) and checkpoint - baseline,
+    item by item: the paired-bootstrap interval (eval.bootstrap_resamples, seeded by `seed`)
+    and the smallest difference the items can detect. What the gate and `kaizen eval --against` use."""
+    row = evaluate_checkpoint(settings, session_factory, checkpoint, suite_name, file=file, progress=progress)
+    base = evaluate_checkpoint(settings, session_factory, baseline, suite_name, file=file, progress=progress)
+    paired = suites.paired_difference(row.items["items"], base.items["items"], settings.eval.bootstrap_resamples, seed=settings.seed)
+    return row, base, paired

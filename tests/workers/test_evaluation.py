@@ -241,6 +241,10 @@ def test_the_stage_evaluates_a_promoted_champion_and_the_initial_model(env: Env,
     assert [(e["checkpoint"], e["suite"]) for e in promoted.result["evaluated"]] == [
         ("ckpt-0000", "instruct-checks"), ("ckpt-0002", "instruct-checks")]
     assert sorted(r.checkpoint_id for r in env.rows()) == ["ckpt-0000", "ckpt-0002"]
+    shown = env.kaizen("show", "2").output
+    score = next(r.score for r in env.rows() if r.checkpoint_id == "ckpt-0002")
+    assert f"suite scores of ckpt-0002: instruct-checks {score:.3f}" in shown
+    assert "suite scores of ckpt-0000: instruct-checks" in shown
 
 
 def test_pairwise_vs_initial_records_the_debiased_preferences(env: Env, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
