@@ -7,7 +7,7 @@ from pathlib import Path
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import SMOLLM2_MODEL, TINY_MODEL, Settings
+from daemon.config import SMOLLM2_MODEL, TINY_MODEL, Settings, redact_url
 from daemon.db import lineage
 from daemon.db.engine import open_lineage, transaction, upgrade_to_head
 
@@ -66,5 +66,5 @@ def initialise(settings: Settings) -> sessionmaker[Session]:
         path, base_model = resolve_initial_model(settings)
         with transaction(sessions) as session:
             champion_id = lineage.register_initial_champion(session, path=path, base_model=base_model, actor="kaizen init").id
-    log.info("lineage.ready", database=settings.resolved_database_url, champion=champion_id)
+    log.info("lineage.ready", database=redact_url(settings.resolved_database_url), champion=champion_id)
     return sessions

@@ -354,6 +354,11 @@ def serve(
 
     overrides = {k: v for k, v in {"host": host, "port": port, "default_steering": steering}.items() if v is not None}
     settings = _settings(config, data_dir, serve=overrides)
+    from daemon.http_security import unauthenticated_bind_problem
+
+    problem = unauthenticated_bind_problem(settings.serve.host, settings.serve.api_key, settings.serve.allow_unauthenticated)
+    if problem:
+        raise _fail(problem)
     _require_lineage_db(settings)
     console.print(f"serving the champion of {settings.resolved_data_dir} on http://{settings.serve.host}:{settings.serve.port}/v1")
     uvicorn.run(build_app(settings), host=settings.serve.host, port=settings.serve.port, log_config=None, access_log=False)

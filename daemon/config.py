@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -334,6 +335,8 @@ class DashboardSettings(Section):
     # No token: the dashboard is read-only (buttons disabled, action POSTs answered 403).
     # SecretStr keeps it out of reprs and of the config snapshot stored with each iteration.
     token: SecretStr | None = None
+    # Host header values accepted (DNS rebinding defence); null: loopback names plus `host`.
+    allowed_hosts: list[str] | None = None
 
 
 class RewardModelSettings(Section):
@@ -358,7 +361,11 @@ class ServeSettings(Section):
     urial_preset: str | None = Field(None, description="a URIAL prompt file replacing the packaged v1")
     poll_seconds: float = Field(1.0, gt=0.0, description="how often the server checks the champion pointer")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="default and upper limit of max_tokens")
-    api_key: str | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    api_key: SecretStr | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    # Without an api_key the server binds loopback addresses only, unless this says it may serve anyone.
+    allow_unauthenticated: bool = False
+    # Host header values accepted (DNS rebinding defence); null: loopback names plus `host`.
+    allowed_hosts: list[str] | None = None
     max_batch_size: int = Field(16, ge=1, le=512, description="sequences decoded together in one batch")
     max_queue: int = Field(256, ge=1, description="sequences waiting for a batch slot before requests get 503 + Retry-After")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 above)")
@@ -429,7 +436,21 @@ class Settings(BaseSettings):
         return self.resolved_data_dir / "models" / "tiny"
 
     def snapshot(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The settings as stored with each iteration: secrets masked, URL passwords masked."""
+        return redact_snapshot(self.model_dump(mode="json"))
+
+    def secret_env(self) -> dict[str, str]:
+        """``KAIZEN_*`` variables carrying every secret set here, for a child process whose
+        config file is a :meth:`snapshot` (environment variables override the file)."""
+        values = {
+            "KAIZEN_DATABASE_URL": self.database_url,
+            "KAIZEN_ARTIFACTS_URL": self.artifacts_url,
+            "KAIZEN_WORKER__BROKER_URL": self.worker.broker_url,
+            "KAIZEN_SERVE__API_KEY": self.serve.api_key.get_secret_value() if self.serve.api_key else None,
+            "KAIZEN_DASHBOARD__TOKEN": self.dashboard.token.get_secret_value() if self.dashboard.token else None,
+        }
+        return {name: value for name, value in values.items() if value}
+
 
     def for_iteration(self, snapshot: Mapping[str, Any]) -> Settings:
         """The settings an iteration computes with: its recorded ``snapshot``, with this machine's
@@ -473,6 +494,42 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         data = data.setdefault(part, {})
     data[last] = value
+
+
+MASK = "**********"  # what pydantic writes for a SecretStr
+# Dotted keys of the settings that may hold a URL with a password in it.
+URL_KEYS = ("database_url", "artifacts_url", "worker.broker_url")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by the mask: safe to log, store or show."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+
+
+def redact_snapshot(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a settings dump with URL passwords and secret fields masked.
+
+    Also applied when showing a stored snapshot, so a lineage recorded before secrets were
+    masked does not show them either.
+    """
+    redacted = copy.deepcopy(snapshot)
+    for dotted in URL_KEYS:
+        *path, key = dotted.split(".")
+        section = redacted
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            section[key] = redact_url(section[key])
+    for section_name, key in (("serve", "api_key"), ("dashboard", "token")):
+        section = redacted.get(section_name)
+        if isinstance(section, dict) and section.get(key):
+            section[key] = MASK
+    return redacted
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

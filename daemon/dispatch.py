@@ -167,6 +167,8 @@ class LocalWorker:
         config_path = self.settings.resolved_data_dir / "worker-config.yaml"
         config_path.write_text(yaml.safe_dump(self.settings.snapshot()))
         env = {k: v for k, v in os.environ.items() if not k.startswith("KAIZEN_")}
+        # The file holds the snapshot, secrets masked; the secrets travel in the environment.
+        env.update(self.settings.secret_env())
         env["KAIZEN_CONFIG"] = str(config_path)
         log_path = self.settings.resolved_data_dir / "worker.log"
         self.process = subprocess.Popen(

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
+from daemon.config import redact_snapshot
 from daemon.db import lineage, suite_results
 from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun
 from policies.judge_metrics import WARNING_EVENT_KIND as JUDGE_WARNING_EVENT
@@ -358,7 +359,7 @@ def iteration_detail(session: Session, iteration_id: int, samples: int = 3) -> d
     evaluation = _evaluations_by_iteration(session, [iteration_id]).get(iteration_id)
     detail["comparisons"] = (evaluation.comparisons.get("items", []) if evaluation else [])[:samples]
     detail["training_log"] = _training_log(session, iteration.candidate_checkpoint_id)
-    detail["config"] = iteration.config_snapshot
+    detail["config"] = redact_snapshot(iteration.config_snapshot)  # a lineage older than the masking too
     # The newest suite results of the champion it started from and of its candidate.
     checkpoints = [c for c in (iteration.parent_checkpoint_id, iteration.candidate_checkpoint_id) if c]
     detail["suite_scores"] = suite_results.latest_scores(session, checkpoints)

@@ -8,7 +8,6 @@ and are audited the same way, with actor ``dashboard@<client address>``.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import metrics, views
+from daemon import http_security, metrics, views
 from daemon.config import Settings
 from daemon.dashboard import pages
 from daemon.db import lineage
@@ -72,20 +71,21 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _presented_token(request: Request, form: dict[str, str]) -> str:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return form.get("token", "").strip()
+    return http_security.bearer_token(request) or form.get("token", "").strip()
 
 
-def _check_token(settings: Settings, request: Request, form: dict[str, str]) -> None:
-    configured = settings.dashboard.token.get_secret_value() if settings.dashboard.token else ""
-    if not configured:
+def _check_token(settings: Settings, request: Request, form: dict[str, str], limiter: http_security.FailureLimiter) -> None:
+    if settings.dashboard.token is None or not settings.dashboard.token.get_secret_value():
         raise ActionRefused(403, NO_TOKEN_MESSAGE)
+    client = http_security.client_address(request)
+    wait = limiter.blocked_for(client)
+    if wait:
+        raise ActionRefused(429, f"too many wrong tokens from {client}: nothing was changed; try again in {wait:.0f}s")
     presented = _presented_token(request, form)
     if not presented:
         raise ActionRefused(401, "a token is required: enter the dashboard token (dashboard.token) to promote, roll back, pause or resume")
-    if not secrets.compare_digest(presented.encode(), configured.encode()):
+    if not http_security.secret_matches(presented, settings.dashboard.token):
+        limiter.failed(client)
         raise ActionRefused(401, "wrong token: nothing was changed")
 
 
@@ -134,6 +134,19 @@ def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | N
 
         sessions = open_lineage(settings)
     app = FastAPI(title="kaizen dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        http_security.TrustedHostMiddleware, allowed_hosts=http_security.allowed_hosts(settings.dashboard.allowed_hosts, settings.dashboard.host)
+    )
+    limiter = http_security.FailureLimiter()
+
+    @app.middleware("http")
+    async def _no_framing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        # The action buttons must not be clickable through another site's invisible frame.
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
     app.state.settings = settings
     app.state.sessions = sessions
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -199,7 +212,7 @@ def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | N
         actor = _actor(request)
         try:
             form = await _form(request)
-            _check_token(settings, request, form)
+            _check_token(settings, request, form, limiter)
             with transaction(sessions) as session:
                 before = _latest_event_id(session, actor)
                 message = perform(session, actor, form)

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon import http_security
 from daemon.config import Settings
 from daemon.serving import completions
 from daemon.serving.champion import ChampionWatcher
@@ -61,6 +62,9 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, methods: St
     app = FastAPI(title="kaizen", lifespan=lifespan, responses=_ERRORS)
     _install_error_handlers(app)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.serve.api_key)
+    # Outermost: a request under a foreign Host name (DNS rebinding) is refused before anything else.
+    allowed = http_security.allowed_hosts(settings.serve.allowed_hosts, settings.serve.host)
+    app.add_middleware(http_security.TrustedHostMiddleware, allowed_hosts=allowed)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.serve.max_body_bytes)
 
     @app.get("/healthz")
@@ -140,13 +144,20 @@ class ApiKeyMiddleware:
         self.app = app
         secret = api_key.get_secret_value() if hasattr(api_key, "get_secret_value") else api_key
         self.expected = f"Bearer {secret}".encode() if secret else None
+        self.failures = http_security.FailureLimiter()  # a few wrong keys a minute per address, then 429
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
             import hmac
 
+            client = (scope.get("client") or ("unknown",))[0]
+            wait = self.failures.blocked_for(client)
+            if wait:
+                await _error(429, f"too many invalid API keys from {client}; try again in {wait:.0f}s", "rate_limit_error")(scope, receive, send)
+                return
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
+                self.failures.failed(client)
                 await _error(401, "invalid or missing API key", "authentication_error")(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -1,7 +1,7 @@
 """Soak benchmark: K tiny cycles back to back in production mode, watching for slow-downs and leaks.
 
 Real services and processes: lineage in PostgreSQL (a scratch database, dropped afterwards),
-Celery over Redis (a scratch DB number, flushed afterwards), one real `kaizen worker` process.
+Celery over Redis (a private redis-server on a free port), one real `kaizen worker` process.
 The daemon side is the daemon's own code (run_cycle + CeleryDispatcher) in this process.
 
 Prints, per cycle: wall time, the sum of stage compute times, the orchestration overhead
@@ -35,7 +35,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import psutil
 import psycopg
-import redis
 import yaml
 
 from daemon.bootstrap import initialise
@@ -43,6 +42,7 @@ from daemon.config import load_settings
 from daemon.cycle import CycleReport, run_cycle
 from daemon.dispatch import CeleryDispatcher
 from daemon.logs import configure_logging
+from ops.services import PrivateRedis
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 MB = 1024 * 1024
@@ -78,18 +78,14 @@ def scratch_postgres() -> Iterator[str]:
 
 
 @contextmanager
-def scratch_redis() -> Iterator[str]:
-    """An empty DB number of the local Redis, claimed with a key, flushed afterwards."""
-    for db in range(15, 0, -1):
-        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-        if client.dbsize() == 0 and client.set("kaizen-soak-claim", str(os.getpid()), nx=True, ex=24 * 3600):
-            break
-    else:
-        raise SystemExit("no empty Redis DB number on 127.0.0.1:6379; pass --broker-url")
+def scratch_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server of the soak's own on a free port, killed afterwards: never a shared Redis DB."""
+    server = PrivateRedis(workdir / "redis")
+    server.start()
     try:
-        yield f"redis://127.0.0.1:6379/{db}"
+        yield server.url
     finally:
-        client.flushdb()
+        server.kill()
 
 
 @dataclass
@@ -211,13 +207,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--database-url", help="PostgreSQL URL (default: a scratch database on 127.0.0.1, dropped afterwards)")
-    parser.add_argument("--broker-url", help="Redis URL (default: an empty DB number of 127.0.0.1:6379, flushed afterwards)")
+    parser.add_argument("--broker-url", help="Redis URL (default: a private redis-server on a free port, killed afterwards)")
     parser.add_argument("--max-steps", type=int, default=2, help="DPO steps per cycle")
     args = parser.parse_args()
     configure_logging("console", "warning")
     with tempfile.TemporaryDirectory(prefix="kaizen-soak-") as tmp:
         with scratch_postgres() if args.database_url is None else _given(args.database_url) as database_url:
-            with scratch_redis() if args.broker_url is None else _given(args.broker_url) as broker_url:
+            with scratch_redis(Path(tmp)) if args.broker_url is None else _given(args.broker_url) as broker_url:
                 soak(args.cycles, database_url, broker_url, args.max_steps, Path(tmp))
 
 

@@ -17,7 +17,7 @@ from .conftest import TOKEN, Seeded
 
 
 def client(seeded: Seeded) -> TestClient:
-    return TestClient(create_dashboard_app(seeded.settings, seeded.sessions))
+    return TestClient(create_dashboard_app(seeded.settings, seeded.sessions), base_url="http://127.0.0.1")
 
 
 def test_the_overview_draws_every_seeded_checkpoint_and_marks_champion_and_rejected(seeded: Seeded) -> None:

@@ -23,7 +23,7 @@ def test_a_real_iteration_shows_its_stages_scores_training_log_and_samples(tmp_p
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir)
     sessions = initialise(settings)
     report = run_cycle(sessions, settings, EagerDispatcher(settings, sessions))
-    client = TestClient(create_dashboard_app(settings, sessions))
+    client = TestClient(create_dashboard_app(settings, sessions), base_url="http://127.0.0.1")
 
     detail = client.get(f"/api/iterations/{report.iteration_id}").json()
     assert set(detail["stages"]) == {"generate_prompts", "respond", "judge", "build_pairs", "dpo_update", "evaluate_gate", "evaluate_suites"}

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.db.engine import make_engine, make_session_factory
-from tests.production.harness import PrivateRedis, Processes, scratch_database, scratch_redis_db
+from tests.production.harness import PrivatePostgres, PrivateRedis, Processes, RedisForTests, scratch_database
 
 
 @pytest.fixture()
@@ -25,9 +25,17 @@ def pg_sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()  # DROP DATABASE needs every connection gone
 
 
+@pytest.fixture(scope="session")
+def test_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisForTests]:
+    # One redis-server for the session (or KAIZEN_TEST_REDIS_URL): never the machine's shared one.
+    services = RedisForTests(tmp_path_factory.mktemp("redis"))
+    yield services
+    services.close()
+
+
 @pytest.fixture()
-def redis_url() -> Iterator[str]:
-    with scratch_redis_db() as url:
+def redis_url(test_redis: RedisForTests) -> Iterator[str]:
+    with test_redis.scratch_db() as url:
         yield url
 
 
@@ -37,6 +45,15 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture()
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own, which the test may stop and restart."""
+    server = PrivatePostgres(tmp_path / "postgres")
+    server.start()
+    yield server
+    server.stop("immediate")
 
 
 @pytest.fixture()

@@ -1,9 +1,17 @@
 """Real services and real processes for the production-mode tests.
 
-PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are the machine's own; a
-service found down is started with the commands CI uses. Each test gets its own database
-(random name, dropped afterwards) and its own Redis DB number (flushed before and after), or a
-private ``redis-server`` on a free port when the test restarts Redis.
+The tests never touch a service they did not create:
+
+* **Redis.** ``KAIZEN_TEST_REDIS_URL`` names a Redis DB set aside for tests; each test deletes
+  only the keys that appeared during it. Unset (the default), the test session starts its own
+  ``redis-server`` on a free port (no persistence, killed at the end) and each test gets a DB
+  number of that server, flushed before and after: it is nobody else's.
+* **PostgreSQL.** ``KAIZEN_TEST_DATABASE_URL`` names a server (any database on it, e.g.
+  ``postgresql://postgres@db:5432/postgres``) where each test creates a database of a random
+  name and drops it afterwards. Unset, the machine's server at 127.0.0.1:5432 (trust auth) is
+  used the same way; it is started with the commands CI uses if it is down. Nothing else on the
+  server is dropped. :class:`PrivatePostgres` is a server of a test's own (initdb in its tmp dir)
+  for tests that restart or stop PostgreSQL.
 
 Daemons and workers are the real `kaizen run` / `kaizen worker` commands, each started in a
 process group of its own so a test can ``kill -9`` exactly the processes it started.
@@ -14,22 +22,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import redis
 import yaml
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,145 +43,103 @@ from daemon.db.models import (
     Checkpoint, CheckpointStatus, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun,
     StageStatus,
 )
+# Re-exported: the production tests take every service helper from here.
+from ops.services import PrivatePostgres, PrivateRedis, free_port, libpq_url, postgres_up, redis_up, wait_for  # noqa: F401
 from tests.factories import small_cycle_config
 from daemon.stage_specs import CORE_STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- services
+TEST_REDIS_ENV = "KAIZEN_TEST_REDIS_URL"
+TEST_DATABASE_ENV = "KAIZEN_TEST_DATABASE_URL"
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_DB_COUNT = 16  # redis-server's default `databases`
 
 
-def _pg_up() -> bool:
-    try:
-        with psycopg.connect(PG_DSN, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
+# --------------------------------------------------------------------------- PostgreSQL
 
 
-def ensure_postgres() -> None:
-    if _pg_up():
+def _database_url(server_url: str, name: str) -> str:
+    """The SQLAlchemy URL of database ``name`` on the server of ``server_url``."""
+    return make_url(server_url).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+
+
+def postgres_server_for_tests() -> str:
+    """The server tests create their databases on: KAIZEN_TEST_DATABASE_URL, or the machine's own."""
+    configured = os.environ.get(TEST_DATABASE_ENV)
+    if configured:
+        if not postgres_up(configured):
+            raise RuntimeError(f"{TEST_DATABASE_ENV}={make_url(configured)!r} does not accept connections")
+        return configured
+    ensure_local_postgres()
+    return DEFAULT_TEST_DATABASE_URL
+
+
+def ensure_local_postgres() -> None:
+    if postgres_up(DEFAULT_TEST_DATABASE_URL):
         return
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
-    wait_for(_pg_up, 60, "PostgreSQL to accept connections")
-
-
-def _redis_up(port: int = REDIS_PORT) -> bool:
-    try:
-        return bool(redis.Redis(host=REDIS_HOST, port=port, socket_connect_timeout=2).ping())
-    except redis.RedisError:
-        return False
-
-
-def ensure_redis() -> None:
-    if _redis_up():
-        return
-    subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", str(REDIS_PORT), "--save", "",
-         "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"],
-        check=True,
-    )
-    wait_for(_redis_up, 30, "Redis to answer PING")
+    wait_for(lambda: postgres_up(DEFAULT_TEST_DATABASE_URL), 60, "PostgreSQL to accept connections")
 
 
 @contextlib.contextmanager
-def scratch_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test; its SQLAlchemy URL."""
-    ensure_postgres()
+def scratch_database(server_url: str | None = None) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (created here, dropped afterwards); its SQLAlchemy URL."""
+    server_url = server_url or postgres_server_for_tests()
     name = f"kaizen_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield PG_URL.format(name=name)
+        yield _database_url(server_url, name)
     finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _free_redis_db() -> int:
-    """A Redis DB number no other test of this run uses right now (an empty one, claimed by a key)."""
-    for _ in range(100):
-        number = 1 + uuid.uuid4().int % 15
-        db = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number)
-        if db.set("kaizen-test-claim", str(os.getpid()), nx=True, ex=3600):
-            return number
-    raise RuntimeError("no free Redis DB number (1-15) for this test")
+# --------------------------------------------------------------------------- Redis
 
 
-@contextlib.contextmanager
-def scratch_redis_db() -> Iterator[str]:
-    """A Redis DB number of the shared server for one test; its broker URL."""
-    ensure_redis()
-    number = _free_redis_db()
-    db = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number)
-    for key in db.keys("*"):
-        if key != b"kaizen-test-claim":
-            db.delete(key)
-    try:
-        yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{number}"
-    finally:
-        db.flushdb()
+class RedisForTests:
+    """Where the tests' brokers live: the Redis DB of KAIZEN_TEST_REDIS_URL, or DBs of a private server."""
 
+    def __init__(self, workdir: Path) -> None:
+        self.external = os.environ.get(TEST_REDIS_ENV)
+        self.private: PrivateRedis | None = None
+        self._next_db = 0
+        if self.external is None:
+            self.private = PrivateRedis(workdir)
+            self.private.start()
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    @contextlib.contextmanager
+    def scratch_db(self) -> Iterator[str]:
+        """A broker URL for one test; whatever the test leaves there is removed, and nothing else."""
+        if self.private is not None:
+            number = self._next_db % REDIS_DB_COUNT
+            self._next_db += 1
+            db = self.private.client(number)
+            db.flushdb()  # our own server: a killed earlier test may have left messages
+            try:
+                yield self.private.db_url(number)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    db.flushdb()
+            return
+        assert self.external is not None
+        db = redis.Redis.from_url(self.external)
+        before = set(db.scan_iter(count=1000))
+        try:
+            yield self.external
+        finally:
+            created = [key for key in db.scan_iter(count=1000) if key not in before]
+            if created:
+                db.delete(*created)
 
-
-@dataclass
-class PrivateRedis:
-    """A redis-server of this test's own, without persistence: a restart loses every message."""
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        wait_for(lambda: _redis_up(self.port), 30, "the private redis-server")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
+    def close(self) -> None:
+        if self.private is not None:
+            self.private.kill()
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass

@@ -39,6 +39,11 @@ def test_the_compose_file_runs_every_role_with_valid_kaizen_commands() -> None:
         env = services[name]["environment"]
         assert env["KAIZEN_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["KAIZEN_WORKER__BROKER_URL"].startswith("redis://")
+    # The published server needs an API key: compose's ${VAR:?message} refuses to start without one.
+    server = services["server"]
+    assert "0.0.0.0" in server["command"]
+    assert server["environment"]["KAIZEN_SERVE__API_KEY"].startswith("${KAIZEN_SERVE__API_KEY:?")
+    assert server["environment"]["KAIZEN_DATABASE_URL"] == services["daemon"]["environment"]["KAIZEN_DATABASE_URL"]
 
 
 @pytest.mark.parametrize("unit", sorted(p.name for p in (DEPLOY / "systemd").glob("*.service")))
