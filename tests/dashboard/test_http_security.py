@@ -96,8 +96,10 @@ def test_kaizen_serve_refuses_a_public_bind_without_a_key(tmp_path: Path) -> Non
     from typer.testing import CliRunner
 
     from daemon.cli import app
+    from daemon.logs import configure_logging
 
     result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--host", "0.0.0.0"])
+    configure_logging()  # the CLI bound the logs to the runner's stream, closed now
     assert result.exit_code == 1 and "refusing to serve on 0.0.0.0 without an API key" in result.output
     settings = load_settings(None, data_dir=str(tmp_path), serve={"api_key": "k"})
     assert unauthenticated_bind_problem("0.0.0.0", settings.serve.api_key, settings.serve.allow_unauthenticated) is None
