@@ -298,6 +298,9 @@ class WorkerSettings(Section):
     redispatch_seconds: float = Field(60.0, gt=0)
     # How long the daemon keeps retrying to publish to an unreachable broker before the cycle fails.
     publish_retry_seconds: float = Field(10.0, ge=0)
+    # Claims of one stage of one iteration before it fails for good, whether its attempts raised
+    # (the daemon parks the iteration) or their workers died mid-stage (the next delivery gives up).
+    max_stage_attempts: int = Field(3, ge=1)
 
 
 class SteerLMStageSettings(LoraTrainingSettings):

@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Settings
 from daemon.db import lineage
 from daemon.db.engine import transaction
-from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus, utcnow
+from daemon.db.models import Event, Iteration, IterationStatus, StageRun, StageStatus, utcnow
 from daemon.stage_specs import STAGE_ORDER, stages_for
 
 log = structlog.get_logger(__name__)
 
-MAX_STAGE_ATTEMPTS = 3
+PARKED_EVENT = "parked"
 
 ProgressFn = Callable[[str, str], None]
 
@@ -123,7 +123,7 @@ def run_cycle(
         try:
             dispatcher.run_stage(iteration_id, stage)
         except Exception as exc:
-            _give_up_if_exhausted(sessions, iteration_id, stage, exc)
+            _give_up_if_exhausted(sessions, settings, iteration_id, stage, exc)
             raise CycleError(f"iteration {iteration_id}: stage {stage} failed: {exc}") from exc
         if progress:
             progress(stage, "done")
@@ -135,10 +135,15 @@ def run_cycle(
     return report
 
 
-def _give_up_if_exhausted(sessions: sessionmaker[Session], iteration_id: int, stage: str, exc: Exception) -> None:
-    """A stage that keeps failing parks its iteration instead of looping forever."""
-    with sessions() as session:
+def _give_up_if_exhausted(sessions: sessionmaker[Session], settings: Settings, iteration_id: int, stage: str, exc: Exception) -> None:
+    """A stage that keeps failing parks its iteration (with an event) instead of looping forever."""
+    with transaction(sessions) as session:
+        iteration = session.get(Iteration, iteration_id, with_for_update=True)
         attempts = _stage_rows(session, iteration_id)[stage].attempts
-    if attempts >= MAX_STAGE_ATTEMPTS:
-        _finish_iteration(sessions, iteration_id, IterationStatus.failed, f"{stage} failed {attempts} times: {exc}")
-        log.error("cycle.parked", iteration_id=iteration_id, stage=stage, attempts=attempts)
+        if iteration is None or iteration.status != IterationStatus.running or attempts < settings.worker.max_stage_attempts:
+            return  # still retried, or already failed for good by a worker (stage_gave_up)
+        iteration.status = IterationStatus.failed
+        iteration.error = f"{stage} failed {attempts} times: {exc}"
+        iteration.finished_at = utcnow()
+        session.add(Event(kind=PARKED_EVENT, iteration_id=iteration_id, actor="daemon", reason=iteration.error))
+    log.error("cycle.parked", iteration_id=iteration_id, stage=stage, attempts=attempts)

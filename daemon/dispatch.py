@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
-from daemon.db.models import StageRun, StageStatus
+from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus
 from workers.stage_runner import StageContext, execute_stage, lease_is_live, stage_input_hash
 
 log = structlog.get_logger(__name__)
@@ -100,7 +100,7 @@ class CeleryDispatcher:
             row = self._row(iteration_id, stage)
             if row.status == StageStatus.succeeded:
                 return dict(row.result)
-            if row.status == StageStatus.failed and row.attempts > attempts_before:
+            if row.status == StageStatus.failed and (row.attempts > attempts_before or not self._iteration_running(iteration_id)):
                 raise RuntimeError(row.error or "stage failed in the worker")
             problem = self.worker_health() if self.worker_health else None
             if problem:
@@ -137,6 +137,11 @@ class CeleryDispatcher:
                 log.warning("broker.unreachable", stage=stage, error=str(exc), retry_in=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _iteration_running(self, iteration_id: int) -> bool:
+        with self.sessions() as session:
+            iteration = session.get(Iteration, iteration_id)
+            return iteration is not None and iteration.status == IterationStatus.running
 
     def _row(self, iteration_id: int, stage: str) -> StageRun:
         with self.sessions() as session:

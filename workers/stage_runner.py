@@ -15,6 +15,13 @@ lineage DB turns that into exactly-once effects:
   lease waits up to one lease period for the stage to finish (then returns the stored result)
   or for the lease to expire (the holder died: it takes over and computes again); if the holder
   is still alive after that, it leaves the stage to it (:class:`StageHeldElsewhere`).
+* **Only for a running iteration.** A delivery for an iteration that is parked, failed or
+  completed is dropped (and acknowledged) without computing, and a commit re-checks it under the
+  iteration's row lock: a parked iteration never gets a candidate no gate saw.
+* **Attempt cap.** Each claim counts one attempt on the row. A delivery that would take the stage
+  over after ``worker.max_stage_attempts`` claims (each worker died mid-stage: OOM, a crash that
+  kills the process) fails the stage and its iteration for good, with a ``stage_gave_up`` event,
+  instead of letting Celery's requeue loop forever.
 * **Fenced commit.** A stage computes outside any transaction, then writes its outputs and its
   ``succeeded`` row in one transaction that first checks the row is still claimed by this
   worker: a worker whose lease was taken over discards its work (:class:`LeaseLost`), so two
@@ -42,7 +49,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.db.engine import transaction
-from daemon.db.models import Iteration, StageRun, StageStatus, utcnow
+from daemon.db.models import Event, Iteration, IterationStatus, StageRun, StageStatus, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +74,17 @@ class StageNotReady(StageDeliveryDropped):
 
 class StaleStageMessage(StageDeliveryDropped):
     """The message was sent for other inputs than the lineage DB now holds."""
+
+
+class IterationNotRunning(StageDeliveryDropped):
+    """The stage's iteration is parked, failed or completed: nothing of it runs any more."""
+
+
+class StageGaveUp(StageDeliveryDropped):
+    """The stage was claimed worker.max_stage_attempts times without finishing; it failed for good."""
+
+
+GAVE_UP_EVENT = "stage_gave_up"
 
 
 class StageInputMismatch(RuntimeError):
@@ -169,7 +187,7 @@ def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
 
 @dataclass(frozen=True)
 class Claim:
-    state: Literal["done", "mine", "held"]
+    state: Literal["done", "mine", "held", "gave_up"]
     result: dict[str, Any] | None = None
     holder: str | None = None
     lease_expires_at: datetime | None = None
@@ -186,10 +204,39 @@ def _stage_row(session: Session, iteration_id: int, stage: str) -> StageRun:
     return row
 
 
+def _locked_iteration(session: Session, iteration_id: int) -> Iteration:
+    """The iteration, row-locked: always before its stage rows, one lock order for claims and commits."""
+    iteration = session.get(Iteration, iteration_id, with_for_update=True)
+    if iteration is None:
+        raise LookupError(f"iteration {iteration_id} does not exist")
+    return iteration
+
+
+def _require_running(iteration: Iteration, stage: str) -> None:
+    if iteration.status != IterationStatus.running:
+        raise IterationNotRunning(f"iteration {iteration.id} is {iteration.status.value}; its {stage} is not run any more")
+
+
+def _give_up(session: Session, iteration: Iteration, row: StageRun, worker_id: str) -> None:
+    reason = (
+        f"{row.stage} was claimed {row.attempts} times (worker.max_stage_attempts) and no attempt finished or recorded an "
+        "error: each worker died mid-stage (out of memory? killed?); the stage failed for good"
+    )
+    row.status = StageStatus.failed
+    row.error = reason
+    row.finished_at = utcnow()
+    row.lease_expires_at = None
+    iteration.status = IterationStatus.failed
+    iteration.error = reason
+    iteration.finished_at = utcnow()
+    session.add(Event(kind=GAVE_UP_EVENT, iteration_id=iteration.id, actor=worker_id, reason=reason))
+
+
 def _claim(ctx: StageContext, stage: str, worker_id: str, expected_input_hash: str | None) -> Claim:
-    """Return the stored result, take the stage (a new or expired lease), or report its holder."""
+    """Return the stored result, take the stage (a new or expired lease), report its holder, or give up on it."""
     lease = timedelta(seconds=ctx.settings.worker.lease_seconds)
     with transaction(ctx.sessions) as session:
+        iteration = _locked_iteration(session, ctx.iteration_id)
         row = _stage_row(session, ctx.iteration_id, stage)
         input_hash = stage_input_hash(session, ctx.iteration_id, stage)
         if expected_input_hash is not None and expected_input_hash != input_hash:
@@ -204,10 +251,14 @@ def _claim(ctx: StageContext, stage: str, worker_id: str, expected_input_hash: s
                     f"{row.input_hash[:12]} but the stage's inputs are now {input_hash[:12]}; an upstream row was "
                     "changed by hand? Start a new iteration instead of editing a finished one."
                 )
-            return Claim("done", result=dict(row.result))
+            return Claim("done", result=dict(row.result))  # returning a stored result starts nothing
+        _require_running(iteration, stage)
         now = utcnow()
         if lease_is_live(row, now):
             return Claim("held", holder=row.worker_id, lease_expires_at=as_utc(row.lease_expires_at))
+        if row.attempts >= ctx.settings.worker.max_stage_attempts:
+            _give_up(session, iteration, row, worker_id)
+            return Claim("gave_up", holder=row.error)
         if row.status == StageStatus.running:
             log.warning("stage.taking_over", iteration_id=ctx.iteration_id, stage=stage, previous_worker=row.worker_id,
                         lease_expired_at=str(row.lease_expires_at))
@@ -277,6 +328,7 @@ class _LeaseKeeper:
 
 def _commit(ctx: StageContext, stage: str, worker_id: str, output: StageOutput, compute_seconds: float) -> dict[str, Any]:
     with transaction(ctx.sessions) as session:
+        _require_running(_locked_iteration(session, ctx.iteration_id), stage)  # parked while this computed: discard
         row = _stage_row(session, ctx.iteration_id, stage)
         if row.status == StageStatus.succeeded:
             # A concurrent delivery finished first; its outputs stand and ours are discarded.
@@ -335,6 +387,9 @@ def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn, *, expected_
     worker_id = new_worker_id()
     bound = log.bind(iteration_id=ctx.iteration_id, stage=stage, worker_id=worker_id)
     claim = _claim_or_wait(ctx, stage, worker_id, expected_input_hash)
+    if claim.state == "gave_up":
+        bound.error("stage.gave_up", reason=claim.holder)
+        raise StageGaveUp(claim.holder or "gave up")
     if claim.state == "done":
         bound.info("stage.already_done")
         assert claim.result is not None
@@ -352,8 +407,8 @@ def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn, *, expected_
         bound.warning("stage.committing_after_lease_loss")  # the fenced commit decides
     try:
         result = _commit(ctx, stage, worker_id, output, time.perf_counter() - started)
-    except LeaseLost:
-        bound.warning("stage.result_discarded", reason="lease taken over")
+    except (LeaseLost, IterationNotRunning) as exc:
+        bound.warning("stage.result_discarded", reason=str(exc))
         raise
     except Exception as exc:
         bound.error("stage.failed", error=str(exc))

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from daemon.bootstrap import initialise
-from daemon.cycle import MAX_STAGE_ATTEMPTS, CycleError, run_cycle
+from daemon.cycle import PARKED_EVENT, CycleError, run_cycle
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun, StageStatus
 from daemon.dispatch import EagerDispatcher
@@ -118,13 +118,15 @@ def test_a_stage_that_keeps_failing_parks_its_iteration(env) -> None:
             ctx.iteration_id = iteration_id
             return execute_stage(ctx, stage, broken)
 
-    for _ in range(MAX_STAGE_ATTEMPTS):
+    for _ in range(settings.worker.max_stage_attempts):
         with pytest.raises(CycleError, match="model exploded"):
             run_cycle(sessions, settings, Broken(settings, sessions))
     with sessions() as session:
         iteration = session.scalars(select(Iteration)).one()
         assert iteration.status == IterationStatus.failed
         assert "generate_prompts failed 3 times" in iteration.error
+        parked = session.scalars(select(Event).where(Event.kind == PARKED_EVENT)).one()
+        assert parked.iteration_id == iteration.id and parked.reason == iteration.error
         row = session.scalars(select(StageRun).where(StageRun.stage == "generate_prompts")).one()
         assert row.status == StageStatus.failed and "model exploded" in row.error
 
