@@ -1,0 +1,100 @@
+"""`kaizen promote`, `rollback`, `pause` and `resume`: operator actions, each one audited transaction."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from daemon.cli.common import ActorOption, ConfigOption, DataDirOption, ReasonOption, app, console, fail, ops_sessions, settings_from
+from daemon.config import Settings
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return os.environ.get("USER") or f"uid {os.getuid()}"
+
+
+def _lineage_change(settings: Settings, change: Any) -> Any:
+    """Run ``change(session)`` in one transaction; a refused change exits 1 with its reason."""
+    from daemon.db.engine import transaction
+    from daemon.db.lineage import LineageError
+
+    sessions = ops_sessions(settings)
+    try:
+        with transaction(sessions) as session:
+            return change(session)
+    except LineageError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def promote(
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint id, e.g. ckpt-0042 (`kaizen lineage` lists them)")],
+    reason: ReasonOption = None,
+    actor: ActorOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make CHECKPOINT the champion (one transaction, audited). Rejected checkpoints are refused."""
+    from daemon.db import lineage
+
+    settings = settings_from(config, data_dir)
+    who = _actor(actor)
+    target, previous = _lineage_change(settings, lambda s: lineage.manual_promote(s, checkpoint, actor=who, reason=reason))
+    console.print(f"promoted {target.id} to champion (previous champion {previous}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="an earlier champion to restore (default: the previous one)")] = None,
+    reason: ReasonOption = None,
+    actor: ActorOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Restore the previous champion (or --to an earlier one); one transaction, audited."""
+    from daemon.db import lineage
+
+    settings = settings_from(config, data_dir)
+    who = _actor(actor)
+    restored, replaced = _lineage_change(settings, lambda s: lineage.rollback(s, actor=who, reason=reason, to=to))
+    console.print(f"rolled back: champion is {restored.id} again (was {replaced}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
+
+
+def _set_paused(paused: bool, reason: str | None, actor: str | None, config: Path | None, data_dir: Path | None) -> None:
+    from daemon.db import lineage
+    from daemon.views import status_view
+
+    settings = settings_from(config, data_dir)
+    who = _actor(actor)
+    changed, status = _lineage_change(settings, lambda s: (lineage.set_paused(s, paused, actor=who, reason=reason), status_view(s)))
+    if not changed:
+        state = f"already paused (by {status['paused_by']} at {status['paused_at']})" if paused else "not paused"
+        console.print(f"the daemon is {state}; nothing changed")
+        return
+    if paused:
+        running = status["running_iteration"]
+        tail = f"; iteration {running} is in progress and finishes its cycle" if running else ""
+        console.print(f"paused by {who}: the daemon starts no new cycle and resumes no interrupted one until `kaizen resume`{tail}")
+    else:
+        console.print(f"resumed by {who}: the daemon starts cycles again on its schedule")
+
+
+@app.command()
+def pause(reason: ReasonOption = None, actor: ActorOption = None, config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Stop the daemon from starting (or resuming) cycles; audited. Undo with `kaizen resume`."""
+    _set_paused(True, reason, actor, config, data_dir)
+
+
+@app.command()
+def resume(reason: ReasonOption = None, actor: ActorOption = None, config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Let a paused daemon start cycles again; audited."""
+    _set_paused(False, reason, actor, config, data_dir)
