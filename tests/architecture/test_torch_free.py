@@ -68,7 +68,7 @@ def test_kaizen_status_and_a_dashboard_page_leave_torch_unloaded(tmp_path: Path)
         from daemon.dashboard import create_dashboard_app
 
         status = CliRunner().invoke(app, ["status", "--data-dir", {str(data_dir)!r}])
-        client = TestClient(create_dashboard_app(load_settings(None, data_dir={str(data_dir)!r})))
+        client = TestClient(create_dashboard_app(load_settings(None, data_dir={str(data_dir)!r})), base_url="http://127.0.0.1")
         page, metrics = client.get("/"), client.get("/metrics")
         result = {{"status": [status.exit_code, status.output], "page": page.status_code, "metrics": metrics.status_code}}
         """,
