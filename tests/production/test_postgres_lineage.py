@@ -129,3 +129,25 @@ def test_model_output_with_nul_characters_is_stored_on_postgres(pg_url: str, pg_
     with pg_sessions() as session:
         assert session.scalars(select(Response.text)).one() == "a\ufffdb"
         assert session.scalars(select(Judgment.raw_output)).one() == "\ufffdscore: 5"
+
+
+def test_suite_results_are_recorded_replaced_and_read_back_on_postgres(pg_url: str, pg_sessions) -> None:  # type: ignore[no-untyped-def]
+    from daemon.db import suite_results
+    from daemon.db.models import SuiteResult
+
+    upgrade_to_head(pg_url)
+    with transaction(pg_sessions) as session:
+        lineage.register_initial_champion(session, path="/models/base", base_model="base", actor="test")
+    fields = {"checkpoint_id": "ckpt-0000", "suite": "instruct-checks", "config_hash": "abc", "n": 2, "seconds": 1.0}
+    with transaction(pg_sessions) as session:
+        suite_results.record_suite_result(session, score=0.5, ci_low=0.1, ci_high=0.9, items={"items": [{"id": "a", "answer": "x\x00y"}]}, **fields)
+    with transaction(pg_sessions) as session:  # a forced re-evaluation overwrites the same key
+        suite_results.record_suite_result(session, score=1.0, ci_low=0.3, ci_high=1.0, items={"items": [{"id": "a", "answer": "ok"}]}, **fields)
+
+    with pg_sessions() as session:
+        rows = list(session.scalars(select(SuiteResult)))
+        assert [(r.score, r.items["items"][0]["answer"]) for r in rows] == [(1.0, "ok")]
+        assert suite_results.latest_scores(session)["ckpt-0000"]["instruct-checks"]["ci_low"] == 0.3
+        assert suite_results.champion_score_history(session) == {
+            "instruct-checks": [{"checkpoint": "ckpt-0000", "score": 1.0, "ci_low": 0.3, "ci_high": 1.0}]
+        }
