@@ -208,7 +208,7 @@ def test_lineage_and_dashboard_show_suite_scores(env: Env, tmp_path: Path, tiny_
 
     from daemon.dashboard import create_dashboard_app
 
-    html = TestClient(create_dashboard_app(env.settings, env.sessions)).get("/").text
+    html = TestClient(create_dashboard_app(env.settings, env.sessions), base_url="http://127.0.0.1").get("/").text
     assert 'id="chart-suite-0"' in html and "instruct-checks over the champion history" in html
     assert html.count('<line class="whisker s0"') >= 2  # an interval per champion
     assert f"<td>ckpt-0001</td><td>instruct-checks</td><td>{rows['ckpt-0001'].score:.3f}</td>" in html
