@@ -169,6 +169,8 @@ JUDGE_METRIC_LABELS = {
     "parse_failure_rate": "parse-failure rate",
     "self_agreement": "self-agreement",
     "position_bias_rate": "position bias (gate)",
+    "position_bias": "debiased position bias (gate)",
+    "mean_candidate_preference": "mean candidate preference (gate)",
     "length_correlation": "score~length correlation",
     "mean_score_gap": "chosen-rejected score gap",
     "mean_length_gap": "chosen-rejected length gap (tokens)",

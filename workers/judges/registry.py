@@ -31,7 +31,7 @@ J = TypeVar("J", bound=type[Judge])
 
 _PACKAGE = "workers.judges"
 # Modules of the package that hold no backend.
-_INFRASTRUCTURE = frozenset({"base", "registry", "composite", "models", "openai_client"})
+_INFRASTRUCTURE = frozenset({"base", "registry", "composite"})
 
 _registry: dict[str, dict[str | None, type[Judge]]] = {}
 _discovered = False
