@@ -16,7 +16,7 @@ from daemon.db.engine import transaction
 from daemon.db.models import Judgment
 from policies import judges
 from tests.factories import lineage_with_responses, small_cycle_settings
-from workers.judges import Comparison, Judge, JudgePrompt, Score, build_judge, register_judge
+from workers.judges import Judge, JudgeCapabilityError, JudgePrompt, Score, build_judge, register_judge
 from workers.judges import frozen
 from workers.judges.registry import judge_names, unregister_judge
 from workers.runtime import ModelRuntime
@@ -151,3 +151,31 @@ def test_the_frozen_judge_loads_its_model_once_per_process(tmp_path: Path, tiny_
         assert comparison.judge == "frozen:logprob" and comparison.verdict in {"a", "b", "tie"}
     assert calls == [str(tiny_model_dir)]  # the initial model, loaded once; never the policy
     assert str(tiny_model_dir) in frozen.pinned_paths()
+
+
+def test_composite_scores_fall_back_to_the_next_level_where_the_first_cannot_score(tmp_path: Path, tiny_model_dir: Path) -> None:
+    register_judge("length_stub")(LengthStub)
+    try:
+        composite = _judge(small_cycle_settings(tmp_path, tiny_model_dir), "verifier", "length_stub", policy=tiny_model_dir)
+        checked = JudgePrompt("Name a colour.", tuple(MAX_WORDS_3))
+        scores = composite.score([
+            (checked, "the colour of the sky"), (checked, "pale blue"), (checked, "blue"),  # 0, 1, 1 satisfied
+            ("Name a colour.", "pale blue"), ("Name a colour.", "the colour of the sky"),  # nothing to check
+        ])
+    finally:
+        unregister_judge("length_stub")
+    values = [s.value for s in scores]
+    # Checked prompt: compliance first, then length (the stub) among the compliant answers.
+    assert values[0] < values[2] < values[1]
+    assert values[1] - values[2] == pytest.approx(1.0)  # the stub's own gap (2 words vs 1)
+    # Unchecked prompt: the stub's values as they are.
+    assert values[3:] == [2.0, 5.0]
+    assert all(s.judge == "verifier+length_stub" for s in scores)
+
+
+def test_a_judge_asked_for_what_it_cannot_do_says_which_setting_to_change(tmp_path: Path, tiny_model_dir: Path) -> None:
+    implicit = build_judge(
+        small_cycle_settings(tmp_path, tiny_model_dir), "label", policy_path=str(tiny_model_dir), load_model=_loader(), backends=["implicit"]
+    )
+    with pytest.raises(JudgeCapabilityError, match="judge 'implicit' cannot label attributes; choose another judge.label_backend"):
+        implicit.label([("Name a colour.", "blue")], ["helpfulness"])
