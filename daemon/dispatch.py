@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus
-from workers.stage_runner import StageContext, execute_stage, lease_is_live, stage_input_hash
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import StageContext, lease_is_live, stage_input_hash
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ Leadership is checked again before every cycle: a leader whose lock connection b
 daemons ever both act — the old leader in the middle of a cycle when its connection dropped —
 the DB still keeps the effects single: a new iteration is only started under the champion row
 lock after checking for a running one (daemon/cycle.py), and each stage is a lease with a fenced
-commit (workers/stage_runner.py).
+commit (daemon/stage_runner.py).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def lineage_with_responses(data_dir: Path, model_dir: Path, rows, **overrides):
     from daemon.db.engine import transaction
     from daemon.db.lineage import INITIAL_CHECKPOINT_ID
     from daemon.db.models import Iteration, IterationStatus, Prompt, Response
-    from workers.stage_runner import StageContext
+    from daemon.stage_runs import StageContext
 
     settings = small_cycle_settings(data_dir, model_dir, **overrides)
     sessions = initialise(settings)

@@ -36,7 +36,8 @@ from daemon.config import EMBEDDED_TRANSPORT, Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.logs import configure_logging
 import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
-from workers.stage_runner import StageContext, StageDeliveryDropped, execute_stage
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import StageContext, StageDeliveryDropped
 
 TASK_NAME = "kaizen.run_stage"
 

@@ -122,7 +122,7 @@ class StageRun(Base):
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    # Exactly-once over at-least-once delivery (workers/stage_runner.py): the result is keyed by
+    # Exactly-once over at-least-once delivery (daemon/stage_runner.py): the result is keyed by
     # (iteration, stage, input_hash), and a claim is a lease: the worker that holds it renews
     # lease_expires_at while it computes; a delivery that finds the lease expired takes over.
     input_hash: Mapped[str | None] = mapped_column(String(64))

@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 
 A stage result is keyed by (iteration, stage, input hash); a running stage is a lease held by
-one worker that renews it while it computes (see workers/stage_runner.py).
+one worker that renews it while it computes (see daemon/stage_runner.py).
 """
 from typing import Sequence, Union
 

@@ -14,7 +14,8 @@ from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, Iteration
 from daemon.dispatch import EagerDispatcher
 from tests.factories import small_cycle_settings
 from workers.checkpoints import read_manifest
-from workers.stage_runner import StageContext, execute_stage
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import StageContext
 from daemon.stage_specs import CORE_STAGES, stage_function
 
 pytestmark = pytest.mark.slow

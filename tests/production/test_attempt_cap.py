@@ -21,7 +21,7 @@ from daemon.db.models import Checkpoint, Event, Iteration, IterationStatus, Stag
 from tests.production.harness import (
     Processes, assert_lineage_consistent, production_config, spawn_daemon, spawn_python, spawn_worker, stage_row, wait_for,
 )
-from workers.stage_runner import GAVE_UP_EVENT
+from daemon.stage_runs import GAVE_UP_EVENT
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from daemon.db.models import Judgment, Prompt, StageRun, StageStatus
 from tests.production.harness import (
     Processes, assert_lineage_exact, production_config, spawn_daemon, spawn_worker, stage_row, wait_for,
 )
-from workers.stage_runner import stage_input_hash
+from daemon.stage_runs import stage_input_hash
 from daemon.stage_specs import CORE_STAGES
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 on SQLite (the embedded default: BEGIN IMMEDIATE serialises the claims).
 
 The stage functions here are tiny counting stand-ins (no model): what is under test is the
-claim / lease / fenced-commit protocol of workers/stage_runner.py.
+claim / lease / fenced-commit protocol of daemon/stage_runner.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from daemon.cycle import start_or_resume_iteration
 from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
 from daemon.db.models import Iteration, IterationStatus, Prompt, StageRun, StageStatus, utcnow
-from workers.stage_runner import (
-    LeaseLost, StageContext, StageHeldElsewhere, StageInputMismatch, StageNotReady, StageOutput, StaleStageMessage,
-    execute_stage, stage_input_hash,
-)
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import LeaseLost, StageContext, StageHeldElsewhere, StageInputMismatch, StageNotReady, StageOutput, StaleStageMessage, stage_input_hash
 
 
 class CountingStage:

@@ -21,7 +21,8 @@ from daemon.dispatch import EagerDispatcher
 from tests.factories import small_cycle_settings
 from workers import artifacts
 from workers.checkpoints import CheckpointError
-from workers.stage_runner import StageContext, execute_stage
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import StageContext
 from daemon.stage_specs import stage_function
 
 

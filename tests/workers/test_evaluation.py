@@ -23,7 +23,7 @@ from daemon.logs import configure_logging
 from policies.suites import load_instruct_checks, parse_items, score_item
 from workers import evaluation
 from workers.runtime import Generation
-from workers.stage_runner import StageContext
+from daemon.stage_runs import StageContext
 from workers.stages.evaluate_suites import evaluate_suites
 
 MAX_ITEMS = 4

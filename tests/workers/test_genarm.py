@@ -419,7 +419,7 @@ def test_the_stage_trains_an_arm_on_the_iterations_pairs(tmp_path: Path, tiny_mo
     from workers.artifacts import checkpoint_staging_dir
     from workers.genarm import arm_checkpoint_id
     from workers.stages.genarm_train import genarm_train
-    from workers.stage_runner import StageContext
+    from daemon.stage_runs import StageContext
 
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir, training={"min_pairs": 4})
     sessions = initialise(settings)
@@ -450,7 +450,7 @@ def test_under_a_remote_artifacts_url_the_stage_publishes_the_arm(tmp_path: Path
     from tests.factories import small_cycle_settings
     from workers.artifacts import local_checkpoint
     from workers.stages.genarm_train import genarm_train
-    from workers.stage_runner import StageContext
+    from daemon.stage_runs import StageContext
 
     settings = small_cycle_settings(tmp_path / "data", tiny_model_dir, artifacts_url=f"memory://genarm-{tmp_path.name}")
     sessions = initialise(settings)

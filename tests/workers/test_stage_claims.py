@@ -17,9 +17,8 @@ from daemon.cycle import start_or_resume_iteration
 from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
 from daemon.db.models import Checkpoint, Event, Iteration, IterationStatus, StageRun, StageStatus, utcnow
-from workers.stage_runner import (
-    GAVE_UP_EVENT, IterationNotRunning, StageContext, StageGaveUp, StageOutput, execute_stage,
-)
+from daemon.stage_runner import execute_stage
+from daemon.stage_runs import GAVE_UP_EVENT, IterationNotRunning, StageContext, StageGaveUp, StageOutput
 
 STAGE = "generate_prompts"
 

@@ -21,7 +21,7 @@ from tests.factories import lineage_with_responses, small_cycle_settings
 from workers.checkpoints import read_manifest, verify_checkpoint
 from workers.judges import build_judge
 from workers.runtime import ModelRuntime, clear_runtime_cache
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.steerlm_sft import steerlm_sft
 from workers.steerlm import CHECKPOINT_KIND, SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
 from workers.tiny_model import build_tiny_model

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from daemon.stage_specs import STAGE_ORDER, stage_function
 
 if TYPE_CHECKING:
-    from workers.stage_runner import StageFn
+    from daemon.stage_runs import StageFn
 
 
 def load_stages() -> dict[str, StageFn]:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db.models import Judgment, Pair, Response, StageRun, StageStatus
 from policies import judge_metrics, pairs, rubric
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, record_warnings, warning_thresholds
 
 

@@ -16,7 +16,7 @@ from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
 from workers.loading import load_runtime, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
 from workers.runtime import ModelRuntime
-from workers.stage_runner import StageContext
+from daemon.stage_runs import StageContext
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ from daemon.db import lineage
 from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
 from workers import artifacts
 from workers.runtime import configure_cpu_threads
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import jsonable, parent_checkpoint, stage_seed, steerlm_checkpoint
 
 

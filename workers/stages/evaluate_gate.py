@@ -13,7 +13,7 @@ from workers import artifacts
 from workers.checkpoints import CheckpointError
 from workers.judges import Judge, JudgePrompt
 from workers.judges.base import order_verdicts, swap_numbers
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import (
     judge_prompt, parent_checkpoint, prompts_of_role, record_warnings, runtime_for, sample, stage_judge, stage_seed, user_prompt,
     warning_thresholds,

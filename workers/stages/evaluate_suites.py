@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from daemon.db import lineage
 from workers.evaluation import evaluate_checkpoint
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint
 
 

@@ -10,7 +10,7 @@ from daemon.db.models import Pair, Prompt, Response
 from workers import artifacts
 from workers.genarm import arm_checkpoint_id, train_autoregressive_reward_model
 from workers.runtime import configure_cpu_threads
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, stage_seed
 from workers.training import PreferenceExample
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Prompt
 from policies import self_instruct
 from policies.heldout import split_seed_prompts
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, runtime_for, sample, stage_seed, user_prompt
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Judgment, Prompt, Response
 from policies import judge_metrics
 from workers.judges import Score
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import judge_prompt, parent_checkpoint, record_warnings, stage_judge, stage_seed, warning_thresholds
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Prompt, Response
 from policies import principles
 from workers.runtime import ModelRuntime
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, prompts_of_role, runtime_for, sample, stage_seed, user_prompt
 
 

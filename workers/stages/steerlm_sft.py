@@ -16,7 +16,7 @@ from policies.steerlm import ATTRIBUTES, attribute_string
 from workers import artifacts
 from workers.lora_training import ADAPTER_SUBDIR
 from workers.runtime import configure_cpu_threads
-from workers.stage_runner import StageContext, StageOutput
+from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import jsonable, parent_checkpoint, stage_judge, stage_seed
 from workers.steerlm import SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
 
