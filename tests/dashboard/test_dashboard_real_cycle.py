@@ -36,6 +36,9 @@ def test_a_real_iteration_shows_its_stages_scores_training_log_and_samples(tmp_p
 
     page = client.get(f"/iterations/{report.iteration_id}")
     assert page.status_code == 200 and detail["samples"][0]["text"][:20] in page.text
+    if detail["comparisons"]:  # gated: each comparison says who judged it and the debiased preference
+        assert all(c["judge"] == "verifier+self:logprob" and 0.0 <= c["preference"] <= 1.0 for c in detail["comparisons"])
+        assert "verifier+self:logprob" in page.text
     overview = client.get("/")
     assert overview.status_code == 200 and f'data-checkpoint="{detail["parent"]}"' in overview.text
     assert f'kaizen_iterations_total{{decision="{report.decision}",status="completed"}} 1.0' in client.get("/metrics").text

@@ -124,7 +124,6 @@ class JudgeContext:
     initial_path: str | None = None
     parent_path: str | None = None
     seed: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def margin(self) -> float:
