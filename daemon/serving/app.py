@@ -39,6 +39,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
                          (413, "body too large"), (500, "server error"), (503, "no model loaded or at capacity")]
 }
+# A completion is JSON, or an SSE stream when the request says "stream": true.
+_COMPLETION = {200: {"description": "a completion, or its SSE stream", "content": {"application/json": {}, "text/event-stream": {}}}}
 _STATUS_KINDS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -90,11 +92,11 @@ def create_serving_app(settings: Settings, watcher: ChampionWatcher, methods: St
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         return serving.model_card(model_id)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_COMPLETION)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         return await completions.chat_completion(serving, req, request)
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_COMPLETION)
     async def text_completions(req: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         return await completions.completion(serving, req, request)
 

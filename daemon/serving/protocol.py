@@ -8,9 +8,9 @@ the server cannot honour are refused with a 400 naming them rather than accepted
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, StringConstraints, field_validator, model_validator
 
 from workers.steering import DecodeParams
 
@@ -55,13 +55,13 @@ def _refuse_surrogates(text: str, where: str) -> str:
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer"]  # no "tool": tool calls are not implemented
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -69,12 +69,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ApiError(400, f"message content part of type {part.type!r} is not supported; send text parts only", param="messages")
-            parts.append(part.text)
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
     @model_validator(mode="after")
     def _valid_text(self) -> ChatMessage:
@@ -82,9 +77,7 @@ class ChatMessage(BaseModel):
             _refuse_surrogates(self.content, "message content")
         elif self.content:
             for part in self.content:
-                _refuse_surrogates(part.text or "", "message content")
-        if self.role == "tool":
-            raise ValueError("tool messages are not supported: this server does not implement tool calls")
+                _refuse_surrogates(part.text, "message content")
         return self
 
 
@@ -128,17 +121,19 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    # Tool calling is not implemented: the schema says so (no items), and a request with tools is
+    # refused with a 400 that names them instead of being answered as if none were sent.
+    tools: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: Literal["none", "auto"] | None = None
+    functions: list[dict[str, Any]] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: Literal["none", "auto"] | None = None
     steering: dict[str, Any] | None = None
 
     @field_validator("stop")
@@ -151,24 +146,10 @@ class SamplingRequest(BaseModel):
             _refuse_surrogates(stop, "stop")
         return value
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (value or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"logit_bias keys are token ids as strings, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
-        return value
-
     def refuse_unsupported(self) -> None:
         """Tool calling is not implemented: say so instead of answering as if no tools were sent."""
         if self.tools or self.functions:
             raise ApiError(400, "tools/functions are not supported by this server (no tool-call parsing); send the request without them", param="tools")
-        for name in ("tool_choice", "function_call"):
-            choice = getattr(self, name)
-            if choice not in (None, "none", "auto"):
-                raise ApiError(400, f"{name} {choice!r} is not supported by this server (no tool calls); omit it or use 'none'", param=name)
 
     def logprobs_count(self) -> int | None:
         return None
@@ -219,7 +200,7 @@ Prompt = str | list[int]
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | Annotated[list[NonNegativeInt], Field(min_length=1)] | list[Annotated[list[NonNegativeInt], Field(min_length=1)]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None

@@ -179,10 +179,7 @@ class Serving:
 
     def _check_context(self, model: ServedModel, prompts: list[Prompt], params: DecodeParams) -> None:
         limit = int(getattr(model.runtime.model.config, "max_position_embeddings", 0) or 0)
-        width = seqs.vocab_width(model.runtime)
         for prompt in prompts:
-            if any(t >= width for t in prompt.ids):
-                raise ApiError(400, f"prompt token ids must be below the vocabulary size {width}", param="prompt")
             if limit and len(prompt.ids) + params.max_tokens > limit:
                 raise ApiError(
                     400, f"this model's context length is {limit} tokens, but the prompt has {len(prompt.ids)} and max_tokens asks "
@@ -194,6 +191,9 @@ class Serving:
         return Prompt(text, model.runtime.context_ids(text))
 
     def ids_prompt(self, model: ServedModel, ids: list[int]) -> Prompt:
+        width = seqs.vocab_width(model.runtime)
+        if any(t >= width for t in ids):
+            raise ApiError(400, f"prompt token ids must be below the vocabulary size {width}", param="prompt")
         return Prompt(model.runtime.tokenizer.decode(ids, skip_special_tokens=False), list(ids))
 
     # ------------------------------------------------------------------ running
