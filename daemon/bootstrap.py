@@ -63,7 +63,10 @@ def initialise(settings: Settings) -> sessionmaker[Session]:
         champion_id = champion.id if champion is not None else None
     if champion_id is None:
         # Outside any transaction: converting a model takes a while and must not hold the DB.
+        from workers.trust import adopt_initial_model
+
         path, base_model = resolve_initial_model(settings)
+        path = adopt_initial_model(settings, path)  # every registered checkpoint has a manifest
         with transaction(sessions) as session:
             champion_id = lineage.register_initial_champion(session, path=path, base_model=base_model, actor="kaizen init").id
     log.info("lineage.ready", database=redact_url(settings.resolved_database_url), champion=champion_id)

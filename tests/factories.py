@@ -62,3 +62,23 @@ def lineage_with_responses(data_dir: Path, model_dir: Path, rows, **overrides):
                 response_ids[answer] = response.id
         iteration_id = iteration.id
     return StageContext(settings=settings, sessions=sessions, iteration_id=iteration_id), response_ids
+
+
+def stand_in_checkpoint(path: Path) -> str:
+    """A small, complete checkpoint directory (one file and its manifest) for lineages whose
+    models are never loaded: promote and rollback verify the target's files before trusting it."""
+    from workers.checkpoints import write_checkpoint
+
+    return str(write_checkpoint(path, lambda tmp: (tmp / "weights.safetensors").write_bytes(path.name.encode() * 64), {"stand_in": True}))
+
+
+def give_checkpoints_stand_in_files(sessions, root: Path) -> None:  # type: ignore[no-untyped-def]
+    """Point every checkpoint of a seeded lineage at a stand-in checkpoint under ``root``."""
+    from sqlalchemy import select
+
+    from daemon.db.engine import transaction
+    from daemon.db.models import Checkpoint
+
+    with transaction(sessions) as session:
+        for checkpoint in session.scalars(select(Checkpoint)):
+            checkpoint.path = stand_in_checkpoint(root / checkpoint.id)

@@ -71,9 +71,10 @@ def build_tiny_model(
     seed: int = 0,
     extra_corpus: list[str] | None = None,
 ) -> Path:
-    """Write a randomly initialised tiny causal LM plus its tokenizer to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write a randomly initialised tiny causal LM plus its tokenizer to ``out_dir``, as a
+    checkpoint with a manifest (so its corruption is detected like any other checkpoint's)."""
+    from workers.checkpoints import write_checkpoint
+
     tokenizer = build_tokenizer(extra_corpus)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -92,6 +93,9 @@ def build_tiny_model(
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return write_checkpoint(out_dir, write, {"model": "tiny", "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed})

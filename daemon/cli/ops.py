@@ -22,13 +22,26 @@ def _actor(actor: str | None) -> str:
         return os.environ.get("USER") or f"uid {os.getuid()}"
 
 
-def _lineage_change(settings: Settings, change: Any) -> Any:
-    """Run ``change(session)`` in one transaction; a refused change exits 1 with its reason."""
-    from daemon.db.engine import transaction
+def _lineage_change(settings: Settings, change: Any, trusts: Any = None) -> Any:
+    """Run ``change(session)`` in one transaction; a refused change exits 1 with its reason.
+
+    ``trusts(session)`` names the checkpoint the change makes champion: it is hashed against its
+    manifest first (outside the transaction, which must not wait on gigabytes of hashing).
+    """
+    from daemon.db.engine import dry_run, transaction
     from daemon.db.lineage import LineageError
 
     sessions = ops_sessions(settings)
     try:
+        if trusts is not None:
+            from workers.checkpoints import CheckpointError
+            from workers.trust import verify_target
+
+            dry_run(sessions, change)  # the lineage's own refusals first: they are cheap and say more
+            try:
+                verify_target(settings, sessions, trusts)
+            except CheckpointError as exc:
+                raise fail(str(exc)) from None
         with transaction(sessions) as session:
             return change(session)
     except LineageError as exc:
@@ -48,7 +61,9 @@ def promote(
 
     settings = settings_from(config, data_dir)
     who = _actor(actor)
-    target, previous = _lineage_change(settings, lambda s: lineage.manual_promote(s, checkpoint, actor=who, reason=reason))
+    target, previous = _lineage_change(
+        settings, lambda s: lineage.manual_promote(s, checkpoint, actor=who, reason=reason), trusts=lambda _s: checkpoint
+    )
     console.print(f"promoted {target.id} to champion (previous champion {previous}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
 
 
@@ -65,7 +80,9 @@ def rollback(
 
     settings = settings_from(config, data_dir)
     who = _actor(actor)
-    restored, replaced = _lineage_change(settings, lambda s: lineage.rollback(s, actor=who, reason=reason, to=to))
+    restored, replaced = _lineage_change(
+        settings, lambda s: lineage.rollback(s, actor=who, reason=reason, to=to), trusts=lambda s: to or lineage.rollback_target(s)
+    )
     console.print(f"rolled back: champion is {restored.id} again (was {replaced}, now retired); recorded as {who}" + (f": {reason}" if reason else ""))
 
 

@@ -25,7 +25,7 @@ from daemon import http_security, metrics, views
 from daemon.config import Settings
 from daemon.dashboard import pages
 from daemon.db import lineage
-from daemon.db.engine import transaction
+from daemon.db.engine import dry_run, transaction
 from daemon.db.models import Event
 
 log = structlog.get_logger(__name__)
@@ -125,6 +125,22 @@ def _resume(session: Session, actor: str, form: dict[str, str]) -> str:
 
 
 ACTIONS: dict[str, Action] = {"promote": _promote, "rollback": _rollback, "pause": _pause, "resume": _resume}
+# The checkpoint an action makes champion, hashed against its manifest before the action runs.
+TRUSTED_TARGETS: dict[str, Callable[[Session, dict[str, str]], str | None]] = {
+    "promote": lambda _session, form: form.get("checkpoint", "").strip() or None,
+    "rollback": lambda session, form: form.get("to", "").strip() or lineage.rollback_target(session),
+}
+
+
+def _verify_target(settings: Settings, sessions: sessionmaker[Session], name: str, form: dict[str, str]) -> None:
+    from workers.checkpoints import CheckpointError
+    from workers.trust import verify_target
+
+    target_of = TRUSTED_TARGETS[name]
+    try:
+        verify_target(settings, sessions, lambda session: target_of(session, form))
+    except CheckpointError as exc:
+        raise ActionRefused(409, str(exc)) from None
 
 
 def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | None = None) -> FastAPI:
@@ -213,6 +229,9 @@ def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | N
         try:
             form = await _form(request)
             _check_token(settings, request, form, limiter)
+            if name in TRUSTED_TARGETS:
+                dry_run(sessions, lambda session: perform(session, actor, form))  # the lineage's cheap refusals first
+                _verify_target(settings, sessions, name, form)
             with transaction(sessions) as session:
                 before = _latest_event_id(session, actor)
                 message = perform(session, actor, form)

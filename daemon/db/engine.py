@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +63,17 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+def dry_run(factory: sessionmaker[Session], change: Callable[[Session], object]) -> None:
+    """Run ``change`` in a transaction and roll it back: whatever it would refuse is raised, nothing is kept.
+
+    Lets a slow check that must stay outside any transaction (hashing a checkpoint) come after
+    the cheap refusals (unknown id, rejected checkpoint, nothing to roll back to).
+    """
+    with factory() as session, session.begin():
+        change(session)
+        session.rollback()
 
 
 def alembic_config(url: str) -> Config:

@@ -5,7 +5,10 @@ checkpoint is verified and loaded beside the old one, then swapped in with one r
 assignment: a request holds the :class:`ServedModel` it started with, so requests in flight finish
 on the old model, and the old model is freed when the last of them lets go. A checkpoint that fails
 to load is remembered and not retried until the pointer moves again; the old model keeps serving
-and the error is reported on ``/healthz``.
+and the error is reported on ``/healthz``. Every swap hashes the checkpoint's files against its
+manifest (workers.trust), so bit rot that keeps sizes and mtimes is refused too. A fresh server
+whose champion fails serves the newest earlier champion that verifies, and ``/healthz`` says so
+under ``fallback``; the next pointer move that loads ends the fallback.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.db import lineage
+from daemon.db.models import Checkpoint
 from daemon.config import Settings
 from workers.runtime import ModelRuntime
 
@@ -42,11 +47,21 @@ class SwapFailure:
     at: float
 
 
-def load_verified(settings: Settings, path: str, device: str | None = None) -> ModelRuntime:
-    """Load a checkpoint for serving: fetched if remote, and a kaizen checkpoint must match its manifest."""
-    from workers.artifacts import model_path_for_loading
+@dataclass(frozen=True)
+class Fallback:
+    """Serving an earlier champion because the champion itself failed to load (fresh server only)."""
 
-    return ModelRuntime.load(model_path_for_loading(settings, path), device=device)
+    serving: str
+    champion: str
+    reason: str
+
+
+def load_verified(settings: Settings, path: str, device: str | None = None) -> ModelRuntime:
+    """Load a checkpoint for serving, fetched if remote, after hashing every file against its
+    manifest: at every swap, never trusting a memo (bit rot keeps sizes and mtimes)."""
+    from workers.trust import verify_before_trust
+
+    return ModelRuntime.load(verify_before_trust(settings, path), device=device)
 
 
 class ChampionWatcher:
@@ -56,6 +71,7 @@ class ChampionWatcher:
         self.poll_seconds = poll_seconds
         self.current: ServedModel | None = None
         self.last_failure: SwapFailure | None = None
+        self.fallback: Fallback | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
@@ -76,19 +92,44 @@ class ChampionWatcher:
                 return False
             if self.last_failure is not None and self.last_failure.checkpoint_id == checkpoint_id:
                 return False
-            return self._swap_to(checkpoint_id, path)
+            if self._swap_to(checkpoint_id, path):
+                self.fallback = None
+                return True
+            if self.current is None:  # a fresh server: serve something verified rather than nothing
+                return self._fall_back(checkpoint_id)
+            return False
 
-    def _swap_to(self, checkpoint_id: str, path: str) -> bool:
+    def _earlier_champions(self, champion_id: str) -> list[tuple[str, str]]:
+        """The champions before ``champion_id``, newest first, with their paths."""
+        with self.sessions() as session:
+            history = [c for c in reversed(lineage.champion_history(session)) if c != champion_id]
+            paths = {c.id: c.path for c in session.scalars(select(Checkpoint).where(Checkpoint.id.in_(history)))}
+        return [(c, paths[c]) for c in dict.fromkeys(history) if c in paths]
+
+    def _fall_back(self, champion_id: str) -> bool:
+        failure = self.last_failure
+        for checkpoint_id, path in self._earlier_champions(champion_id):
+            if self._swap_to(checkpoint_id, path, keep_failure=True):
+                self.fallback = Fallback(checkpoint_id, champion_id, failure.error if failure else "failed to load")
+                log.error("serve.fallback", serving=checkpoint_id, champion=champion_id, reason=self.fallback.reason)
+                return True
+        return False
+
+    def _swap_to(self, checkpoint_id: str, path: str, *, keep_failure: bool = False) -> bool:
+        """Load and swap in; ``keep_failure``: a fallback load, which must not forget why the champion failed."""
         previous = self.current.checkpoint_id if self.current else None
         started = time.perf_counter()
         try:
             runtime = self.loader(path)
         except Exception as exc:  # noqa: BLE001 - any load failure must leave the old model serving
-            self.last_failure = SwapFailure(checkpoint_id, f"{type(exc).__name__}: {exc}", time.time())
-            log.error("serve.swap_failed", checkpoint_id=checkpoint_id, path=path, error=self.last_failure.error, still_serving=previous)
+            error = f"{type(exc).__name__}: {exc}"
+            if not keep_failure:
+                self.last_failure = SwapFailure(checkpoint_id, error, time.time())
+            log.error("serve.swap_failed", checkpoint_id=checkpoint_id, path=path, error=error, still_serving=previous)
             return False
         self.current = ServedModel(checkpoint_id, path, runtime, time.time())
-        self.last_failure = None
+        if not keep_failure:
+            self.last_failure = None
         log.info("serve.swapped", checkpoint_id=checkpoint_id, previous=previous, load_seconds=round(time.perf_counter() - started, 3))
         return True
 

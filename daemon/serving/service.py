@@ -129,11 +129,13 @@ class Serving:
             eng.retire()
 
     def health(self) -> dict[str, Any]:
-        failure, current = self.watcher.last_failure, self.watcher.current
+        failure, current, fallback = self.watcher.last_failure, self.watcher.current, self.watcher.fallback
         return {
             "status": "ok",
             "checkpoint_id": current.checkpoint_id if current else None,
             "last_swap_error": None if failure is None else {"checkpoint_id": failure.checkpoint_id, "error": failure.error},
+            # Set while a fresh server whose champion failed to verify serves an earlier champion.
+            "fallback": None if fallback is None else {"serving": fallback.serving, "champion": fallback.champion, "reason": fallback.reason},
             "running": sum(e.running for e in self.engines()),
             "waiting": sum(e.waiting for e in self.engines()),
         }

@@ -16,6 +16,7 @@ from daemon.db.engine import make_engine, make_session_factory, transaction, upg
 from daemon.logs import configure_logging
 from daemon.db.models import Checkpoint, CheckpointStatus, Event, Iteration, IterationStatus, Judgment, StageRun
 from daemon.scheduler import Daemon
+from tests.factories import stand_in_checkpoint
 
 
 
@@ -35,13 +36,13 @@ class Lineage:
         upgrade_to_head(self.url)
         self.sessions = make_session_factory(make_engine(self.url))
         with transaction(self.sessions) as session:
-            lineage.register_initial_champion(session, path="/models/base", base_model="tiny", actor="kaizen init")
+            lineage.register_initial_champion(session, path=stand_in_checkpoint(data_dir / "models" / "base"), base_model="tiny", actor="kaizen init")
 
     def candidate(self, checkpoint_id: str, *, gate: str) -> None:
         """A candidate of the current champion, then the gate's verdict on it."""
         with transaction(self.sessions) as session:
             parent = lineage.current_champion(session)
-            session.add(Checkpoint(id=checkpoint_id, parent_id=parent.id, base_model="tiny", path=f"/ckpt/{checkpoint_id}", status=CheckpointStatus.candidate, metrics={}))
+            session.add(Checkpoint(id=checkpoint_id, parent_id=parent.id, base_model="tiny", path=stand_in_checkpoint(self.data_dir / "ckpt" / checkpoint_id), status=CheckpointStatus.candidate, metrics={}))
             session.flush()
             if gate == "promote":
                 lineage.promote(session, checkpoint_id, actor="gate", reason="clear win", iteration_id=None)
@@ -340,7 +341,7 @@ def test_the_migration_rebuilds_the_champion_stack_of_an_older_lineage(tmp_path:
     sessions = make_session_factory(make_engine(url))
     with transaction(sessions) as session:
         for cid, status in (("ckpt-0000", CheckpointStatus.retired), ("ckpt-0001", CheckpointStatus.champion), ("ckpt-0002", CheckpointStatus.retired)):
-            session.add(Checkpoint(id=cid, base_model="tiny", path=f"/{cid}", status=status, metrics={}))
+            session.add(Checkpoint(id=cid, base_model="tiny", path=stand_in_checkpoint(tmp_path / "ckpt" / cid), status=status, metrics={}))
         session.flush()
         session.add(ChampionPointer(id=lineage.CHAMPION_ROW_ID, checkpoint_id="ckpt-0001"))
         for kind, cid in (("init", "ckpt-0000"), ("promotion", "ckpt-0001"), ("rejection", "ckpt-0000"), ("promotion", "ckpt-0002"), ("rollback", "ckpt-0001")):

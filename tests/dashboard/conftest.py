@@ -12,6 +12,7 @@ from daemon.config import Settings, load_settings
 from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, upgrade_to_head
 from daemon.db.models import Checkpoint, Event
+from tests.factories import give_checkpoints_stand_in_files
 
 TOKEN = "correct horse battery staple"
 
@@ -51,7 +52,9 @@ def seed(tmp_path: Path, token: str | None = TOKEN, iterations: int = 14) -> See
     upgrade_to_head(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
     seed_lineage(engine, iterations, 12, seed=5)  # seed 5: two promotions, twelve rejections
-    return Seeded(settings, make_session_factory(engine))
+    sessions = make_session_factory(engine)
+    give_checkpoints_stand_in_files(sessions, tmp_path / "checkpoints")  # promote and rollback verify them
+    return Seeded(settings, sessions)
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from daemon.dashboard import create_dashboard_app
 from daemon.db import lineage
-from daemon.db.models import Iteration, Judgment
+from daemon.db.models import Checkpoint, Iteration, Judgment
 
 from .conftest import TOKEN, Seeded
 
@@ -67,6 +67,22 @@ def test_promote_with_the_token_changes_the_champion_and_audits_the_client(seede
     assert seeded.champion() == target
     (event,) = seeded.events(lineage.MANUAL_PROMOTION_EVENT)
     assert (event.checkpoint_id, event.actor, event.reason) == (target, "dashboard@testclient", "canary looked good")
+
+
+@pytest.mark.parametrize("action", ["promote", "rollback"])
+def test_an_action_whose_target_fails_its_manifest_is_refused_with_409(seeded: Seeded, action: str) -> None:
+    from pathlib import Path
+
+    with seeded.sessions() as session:
+        target = seeded.promotable() if action == "promote" else lineage.rollback_target(session)
+        path = Path(session.get(Checkpoint, target).path)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(bytes(b ^ 1 for b in weights.read_bytes()))  # same size, other content
+    before = seeded.champion()
+    form = {"token": TOKEN} | ({"checkpoint": target} if action == "promote" else {})
+    response = client(seeded).post(f"/actions/{action}", data=form, headers={"accept": "application/json"})
+    assert response.status_code == 409 and f"refusing {target}: it does not verify" in response.json()["error"]
+    assert seeded.champion() == before
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong"])

@@ -362,6 +362,5 @@ def assert_lineage_consistent(sessions: sessionmaker[Session]) -> None:
         assert len(keys) == len(set(keys)), "duplicated stage rows"
         paths = dict(session.execute(select(Checkpoint.id, Checkpoint.path)).all())
     for path in paths.values():
-        # TODO(verify before trust): the initial champion registered from a plain model directory has no manifest yet.
-        if "://" not in path and (Path(path) / "manifest.json").exists():
+        if "://" not in path:  # every registered checkpoint has a manifest, the initial one included
             verify_checkpoint(path)  # raises CheckpointError naming the broken file

@@ -75,3 +75,30 @@ def test_a_failed_load_keeps_serving_and_is_not_retried_until_the_pointer_moves(
     assert watcher.refresh() is True
     assert watcher.current.checkpoint_id == "ckpt-0001"
     assert watcher.last_failure is None
+
+
+def test_a_fresh_server_with_a_broken_champion_serves_the_newest_earlier_champion_that_loads(sessions) -> None:  # type: ignore[no-untyped-def]
+    _promote(sessions, "ckpt-0001")
+    _promote(sessions, "ckpt-0002")  # champion history: 0000, 0001, 0002
+    loader = Loader({"/models/ckpt-0002", "/models/ckpt-0001"})
+    watcher = ChampionWatcher(sessions, loader=loader)
+    assert watcher.refresh() is True
+    assert watcher.current.checkpoint_id == "ckpt-0000"  # 0001 is broken too: the next earlier one
+    assert loader.loads == ["/models/ckpt-0002", "/models/ckpt-0001", "/models/a"]
+    assert watcher.fallback is not None and watcher.fallback.serving == "ckpt-0000" and watcher.fallback.champion == "ckpt-0002"
+    assert "cannot read /models/ckpt-0002" in watcher.fallback.reason
+    assert watcher.last_failure.checkpoint_id == "ckpt-0002"
+    assert watcher.refresh() is False  # the broken champion is not retried until the pointer moves
+    loader.broken.clear()
+    with transaction(sessions) as session:
+        lineage.rollback(session, actor="test", reason=None)  # back to 0001, which loads now
+    assert watcher.refresh() is True
+    assert watcher.current.checkpoint_id == "ckpt-0001" and watcher.fallback is None
+
+
+def test_a_serving_watcher_keeps_its_model_when_the_new_champion_is_broken_and_reports_no_fallback(sessions) -> None:  # type: ignore[no-untyped-def]
+    watcher = ChampionWatcher(sessions, loader=Loader({"/models/ckpt-0001"}))
+    watcher.refresh()
+    _promote(sessions, "ckpt-0001")
+    assert watcher.refresh() is False
+    assert watcher.current.checkpoint_id == "ckpt-0000" and watcher.fallback is None
