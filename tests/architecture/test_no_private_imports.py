@@ -9,13 +9,32 @@ REPO = Path(__file__).resolve().parents[2]
 OURS = ("daemon", "workers", "policies", "migrations", "ops", "tests")
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _is_our_module(dotted: str) -> bool:
+    base = REPO.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
 def _private_imports(path: Path) -> list[str]:
+    """``from ours import _name``, and ``module._name`` on a module of ours imported here."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update({a.asname: a.name for a in node.names if a.asname and a.name.split(".")[0] in OURS})
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
             for alias in node.names:
-                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                if _private(alias.name):
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {alias.name}")
+                elif _is_our_module(f"{node.module}.{alias.name}"):
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules and _private(node.attr):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {modules[node.value.id]}.{node.attr}")
     return found
 
 
