@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.pairs import parse_strategy
 from policies.steering import DEFAULT_METHOD as DEFAULT_STEERING
 from policies.steering import METHODS as STEERING_METHODS
 
@@ -84,6 +85,24 @@ class PromptSettings(Section):
     max_overlap: float = Field(0.7, gt=0.0, le=1.0)
     min_words: int = Field(3, ge=1)
     max_words: int = Field(80, ge=1)
+    # Verifiable self-instruct: every training prompt (generated, seed or task-pool) carries this
+    # many constraints from policies.constraints, so answers can be checked by code. 0: none.
+    constraints_per_prompt: int = Field(1, ge=0, le=3)
+    # Restrict the constraint kinds drawn for training prompts (null: every kind).
+    constraint_kinds: list[str] | None = None
+    # Where prompts come from when self-instruct falls short: "seed" (the rubric seed set) or
+    # "tasks" (policies/data/verifiable_tasks.json, short everyday tasks disjoint from the suite).
+    top_up_from: Literal["seed", "tasks"] = "seed"
+
+    @field_validator("constraint_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str] | None) -> list[str] | None:
+        from policies.constraints import KINDS
+
+        unknown = [k for k in kinds or [] if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown constraint kinds {unknown}; allowed: {', '.join(sorted(KINDS))}")
+        return kinds
 
 
 class RespondSettings(Section):
@@ -167,13 +186,34 @@ class JudgeSettings(Section):
 
 
 class PairSettings(Section):
-    strategy: Literal["self_reward", "rlcd", "both"] = "both"
+    # One of verified, anchored, self_reward, rlcd, both (= self_reward+rlcd), or several joined
+    # by "+": earlier strategies pair a prompt first (policies.pairs.select_pairs).
+    strategy: str = "both"
+    # Meta-Rewarding length control: the chosen answer is the shortest of those within this many
+    # judge-score points of the best one (null: the best one).
+    length_epsilon: float | None = Field(None, ge=0.0)
+    # A verified/anchored chosen answer must have ended before generation.max_new_tokens (a cut
+    # answer that passes the checks would teach cutting off). Off only for models that never end.
+    chosen_must_finish: bool = True
+    # Verified pairs per prompt: each further pair uses answers not yet paired (more correctly
+    # labelled pairs from the same samples).
+    max_per_prompt: int = Field(1, ge=1)
     # Logprob scores are expected values: a 135M judge separates a prompt's answers by 0.05-0.3.
     min_score_gap: float = Field(0.1, ge=0.0)
     # Drop pairs whose chosen answer is more than this many times longer (tokens) than the rejected.
     max_length_ratio: float | None = Field(None, ge=1.0)
     # Take the within-prompt length effect out of the judge scores before picking pairs.
     length_normalise: bool = False
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        parse_strategy(strategy)
+        return strategy
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return parse_strategy(self.strategy)
 
 
 # The LoRA adapter every trainer (DPO, SteerLM SFT, GenARM reward model) starts from.
@@ -210,6 +250,9 @@ class TrainingSettings(LoraTrainingSettings):
     # The DPO KL anchor: the champion being trained (adapter disabled), or the first model of the
     # lineage kept across rounds.
     reference: Literal["champion", "initial"] = "champion"
+    # Also train on the verified/anchored pairs of this many earlier iterations (rejected ones
+    # included), so a rejected cycle still adds evidence; the dpo_update result lists the pair ids.
+    replay_iterations: int = Field(0, ge=0)
 
 
 class GateSettings(Section):
@@ -226,6 +269,14 @@ class GateSettings(Section):
     min_comparisons: int = Field(4, ge=1)
     max_length_ratio: float = Field(1.5, gt=0.0)
     max_parse_failure_rate: float = Field(0.5, ge=0.0, le=1.0)
+    # Suites evaluated on candidate and champion at the gate (paired, greedy); a significant
+    # improvement on one of `improve_suites` promotes, a fall beyond `regression_tolerance` on any
+    # of them blocks. `pairwise: false` skips the judged comparison (only suites decide).
+    suites: list[str] = Field(default_factory=list)
+    improve_suites: list[str] = Field(default_factory=list)
+    suite_min_lower_bound: float = 0.0
+    regression_tolerance: float = Field(0.02, ge=0.0)
+    pairwise: bool = True
 
 
 class EvalSettings(Section):

@@ -223,12 +223,14 @@ def verified_pair(
     epsilon: float = 0.0,
     rejected_pool: Sequence[ScoredResponse] | None = None,
     kind: str = KIND_VERIFIED,
+    chosen_must_finish: bool = True,
 ) -> PreferencePair | None:
     """A pair the constraint checks separate: the chosen answer satisfies every constraint, the
     rejected one does not. Among passing answers the judge breaks the tie (length-controlled, see
     :func:`length_controlled_best`); a truncated answer is never chosen. The rejected answer comes
-    from `rejected_pool` (default: the same answers). None when the checks separate nothing."""
-    passing = [r for r in responses if r.satisfies_all and not r.truncated]
+    from `rejected_pool` (default: the same answers). None when the checks separate nothing.
+    `chosen_must_finish=False` lets a truncated answer be chosen (for models that never stop)."""
+    passing = [r for r in responses if r.satisfies_all and not (chosen_must_finish and r.truncated)]
     failing = [r for r in (responses if rejected_pool is None else rejected_pool) if r.checks and not r.satisfies_all]
     chosen = length_controlled_best(passing, epsilon)
     if chosen is None or not failing:
@@ -242,10 +244,24 @@ def verified_pair(
 def build_verified_pairs(
     responses_by_prompt: Mapping[str, Sequence[ScoredResponse]],
     epsilon: float = 0.0,
+    chosen_must_finish: bool = True,
+    max_per_prompt: int = 1,
 ) -> list[PreferencePair]:
-    """One :func:`verified_pair` per prompt whose answers the checks separate, in prompt order."""
-    pairs = (verified_pair(prompt_id, responses, epsilon) for prompt_id, responses in responses_by_prompt.items())
-    return [p for p in pairs if p is not None]
+    """Up to `max_per_prompt` :func:`verified_pair`s per prompt whose answers the checks separate,
+    in prompt order; each answer takes part in at most one pair (the next pair is made from the
+    answers left over), so one prompt's samples can give several correctly labelled pairs."""
+    if max_per_prompt < 1:
+        raise ValueError(f"max_per_prompt must be >= 1, got {max_per_prompt}")
+    pairs: list[PreferencePair] = []
+    for prompt_id, responses in responses_by_prompt.items():
+        left = list(responses)
+        for _ in range(max_per_prompt):
+            pair = verified_pair(prompt_id, left, epsilon, chosen_must_finish=chosen_must_finish)
+            if pair is None:
+                break
+            pairs.append(pair)
+            left = [r for r in left if r.response_id not in (pair.chosen_id, pair.rejected_id)]
+    return pairs
 
 
 def build_anchored_pairs(
@@ -253,6 +269,7 @@ def build_anchored_pairs(
     anchor_by_prompt: Mapping[str, Sequence[ScoredResponse]],
     min_gap: float,
     epsilon: float = 0.0,
+    chosen_must_finish: bool = True,
 ) -> list[PreferencePair]:
     """Temporal Self-Rewarding: the chosen answer comes from the current model, the rejected one
     from the initial model (`anchor_by_prompt`, the same prompts), so the contrast does not shrink
@@ -265,18 +282,20 @@ def build_anchored_pairs(
     for prompt_id, responses in responses_by_prompt.items():
         anchor = anchor_by_prompt.get(prompt_id, ())
         if any(r.checks for r in responses):
-            pair = verified_pair(prompt_id, responses, epsilon, rejected_pool=anchor, kind=KIND_ANCHORED)
+            pair = verified_pair(prompt_id, responses, epsilon, anchor, KIND_ANCHORED, chosen_must_finish)
         else:
-            pair = _judged_anchored_pair(prompt_id, responses, anchor, min_gap, epsilon)
+            pair = _judged_anchored_pair(prompt_id, responses, anchor, min_gap, epsilon, chosen_must_finish)
         if pair is not None:
             pairs.append(pair)
     return pairs
 
 
 def _judged_anchored_pair(
-    prompt_id: str, responses: Sequence[ScoredResponse], anchor: Sequence[ScoredResponse], min_gap: float, epsilon: float
+    prompt_id: str, responses: Sequence[ScoredResponse], anchor: Sequence[ScoredResponse], min_gap: float, epsilon: float,
+    chosen_must_finish: bool,
 ) -> PreferencePair | None:
-    chosen = length_controlled_best([r for r in responses if r.mean_score is not None and not r.truncated], epsilon)
+    candidates = [r for r in responses if r.mean_score is not None and not (chosen_must_finish and r.truncated)]
+    chosen = length_controlled_best(candidates, epsilon)
     scored_anchor = [r for r in anchor if r.mean_score is not None]
     if chosen is None or not scored_anchor:
         return None

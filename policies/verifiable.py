@@ -42,10 +42,20 @@ def training_rng(seed: int, iteration: int) -> random.Random:
     return random.Random(f"kaizen/verifiable-train/{seed}/{iteration}")
 
 
-def attach_constraints(task: str, rng: random.Random, k: int) -> VerifiablePrompt:
-    """`task` with `k` compatible constraints; the prompt is the task plus their sentences."""
-    constraints = tuple(sample_constraints(rng, k, task=task))
+def attach_constraints(task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None) -> VerifiablePrompt:
+    """`task` with `k` compatible constraints (of `kinds`, default any); the prompt is the task
+    plus their sentences."""
+    constraints = tuple(sample_constraints(rng, k, kinds=kinds, task=task))
     return VerifiablePrompt(task.strip(), constraints, render_prompt(task, constraints))
+
+
+def task_of(prompt: str, constraints: Sequence[Constraint]) -> str:
+    """The task a rendered prompt was made from: `prompt` without its constraint sentences
+    (the inverse of `render_prompt`); `prompt` itself when it does not end with them."""
+    suffix = render_prompt("", constraints).strip()
+    if suffix and prompt.endswith(suffix):
+        return prompt[: -len(suffix)].strip()
+    return prompt.strip()
 
 
 @lru_cache(maxsize=1)

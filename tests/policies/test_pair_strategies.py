@@ -103,3 +103,12 @@ def test_select_pairs_combines_strategies_one_pair_per_prompt_plus_rlcd():
     pairs = select_pairs("verified+self_reward+rlcd", self_reward, rlcd, verified_pairs=verified)
 
     assert [(p.prompt_id, p.kind) for p in pairs] == [("p1", "verified"), ("p2", "self_reward"), ("p1", "rlcd")]
+
+
+def test_several_verified_pairs_per_prompt_use_each_answer_once():
+    responses = {"p": [answer("a", (True,), length=5), answer("b", (True,), length=9), answer("x", (False,)), answer("y", (False,)), answer("z", (False,))]}
+
+    pairs = build_verified_pairs(responses, max_per_prompt=3)
+
+    assert [p.chosen_id for p in pairs] == ["a", "b"]
+    assert len({p.rejected_id for p in pairs}) == 2

@@ -1,4 +1,5 @@
-"""Stage 4: preference pairs from the judged answers (self-reward) and the RLCD answers."""
+"""Stage 4: preference pairs: verified (the constraint checks separate two answers), anchored
+(rejected from the initial model), self-reward (judge scores) and RLCD, as pairs.strategy names."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.db.models import Judgment, Pair, Response, StageRun, StageStatus
+from daemon.db.models import Judgment, Pair, Prompt, Response, StageRun, StageStatus
 from policies import judge_metrics, pairs, rubric
 from daemon.stage_runs import StageContext, StageOutput
+from policies.constraints import Constraint, check_all
 from workers.stages.common import parent_checkpoint, record_warnings, warning_thresholds
 
 
@@ -21,21 +23,33 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         responses = list(session.scalars(select(Response).where(Response.iteration_id == ctx.iteration_id)))
         judgments = list(session.scalars(select(Judgment).where(Judgment.iteration_id == ctx.iteration_id)))
         gap_history = _earlier_score_gaps(session, ctx.iteration_id)
+        constraints = {
+            p.id: [Constraint.from_json(c) for c in (p.constraints or [])]
+            for p in session.scalars(select(Prompt).where(Prompt.iteration_id == ctx.iteration_id))
+        }
+    max_tokens = ctx.settings.generation.max_new_tokens
     scores_by_response: dict[int, list[float | None]] = defaultdict(list)
     for j in judgments:
         scores_by_response[j.response_id].append(j.score)
     lengths = {str(r.id): r.num_tokens for r in responses}
     scored: dict[str, list[pairs.ScoredResponse]] = defaultdict(list)
+    anchor: dict[str, list[pairs.ScoredResponse]] = defaultdict(list)
     rlcd: dict[int, dict[str, Response]] = defaultdict(dict)
     for r in responses:
-        if r.kind == "policy":
+        if r.kind in ("policy", "anchor"):
             mean = rubric.mean_score(scores_by_response.get(r.id, []))
-            scored[str(r.prompt_id)].append(pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens))
+            checks = tuple(check_all(constraints.get(r.prompt_id, []), r.text))
+            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, r.num_tokens >= max_tokens)
+            (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         else:
             rlcd[r.prompt_id][r.kind] = r
     if cfg.length_normalise:
         scored = pairs.length_normalised(scored)
-    self_reward = pairs.build_self_reward_pairs(scored, cfg.min_score_gap)
+    # While the champion is the initial model its own samples are the anchor (see respond).
+    anchor_pool = anchor if anchor else scored
+    self_reward = pairs.build_self_reward_pairs(scored, cfg.min_score_gap, cfg.length_epsilon)
+    verified = pairs.build_verified_pairs(scored, cfg.length_epsilon or 0.0, cfg.chosen_must_finish, cfg.max_per_prompt)
+    anchored = pairs.build_anchored_pairs(scored, anchor_pool, cfg.min_score_gap, cfg.length_epsilon or 0.0, cfg.chosen_must_finish)
     rlcd_pairs = pairs.build_rlcd_pairs(
         [
             pairs.RlcdSample(str(pid), str(k["rlcd_positive"].id), k["rlcd_positive"].text, str(k["rlcd_negative"].id), k["rlcd_negative"].text)
@@ -43,7 +57,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             if {"rlcd_positive", "rlcd_negative"} <= k.keys()
         ]
     )
-    selected = pairs.select_pairs(cfg.strategy, self_reward, rlcd_pairs)
+    selected = pairs.select_pairs(cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored)
     dropped: list[pairs.PreferencePair] = []
     if cfg.max_length_ratio is not None:
         selected, dropped = pairs.cap_length_ratio(selected, lengths, cfg.max_length_ratio)
@@ -63,8 +77,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
 
     result = {
         "pairs": len(selected),
-        "self_reward_pairs": sum(p.kind == "self_reward" for p in selected),
-        "rlcd_pairs": sum(p.kind == "rlcd" for p in selected),
+        **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),

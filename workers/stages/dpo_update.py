@@ -1,14 +1,17 @@
-"""Stage 5: DPO + LoRA on the iteration's pairs; the merged candidate is published as a checkpoint."""
+"""Stage 5: DPO + LoRA on the iteration's pairs (plus, with training.replay_iterations, the verified
+and anchored pairs of earlier iterations); the merged candidate is published as a checkpoint and
+the result lists the ids of every pair that trained it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
+from policies.pairs import KIND_ANCHORED, KIND_VERIFIED
 from workers import artifacts
 from workers.runtime import configure_cpu_threads
 from daemon.stage_runs import StageContext, StageOutput
@@ -24,19 +27,16 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         # "initial" keeps the lineage's first model as the KL anchor across rounds, so drift is
         # measured from where the loop started rather than from the last champion.
         reference = lineage.lineage_root(session, champion) if t.reference == "initial" else champion
-        rows = session.execute(
-            select(Prompt.text, Pair.chosen_response_id, Pair.rejected_response_id)
-            .join(Prompt, Prompt.id == Pair.prompt_id)
-            .where(Pair.iteration_id == ctx.iteration_id)
-            .order_by(Pair.id)
-        ).all()
-        texts = dict(session.execute(select(Response.id, Response.text).where(Response.iteration_id == ctx.iteration_id)).all())
+        rows = _pair_rows(session, Pair.iteration_id == ctx.iteration_id)
+        # Checkable pairs keep their label across iterations (the checks do not drift like a
+        # judge), so earlier cycles' verified/anchored pairs can be trained on again.
+        first = ctx.iteration_id - t.replay_iterations
+        replayed = _pair_rows(
+            session, Pair.iteration_id >= first, Pair.iteration_id < ctx.iteration_id, Pair.kind.in_((KIND_VERIFIED, KIND_ANCHORED))
+        ) if t.replay_iterations else []
     if len(rows) < t.min_pairs:
         return StageOutput({"skipped": f"{len(rows)} pairs, fewer than training.min_pairs={t.min_pairs}", "pairs": len(rows)})
-    examples = [
-        PreferenceExample(prompt=prompt, chosen=texts[c], rejected=texts[r])
-        for prompt, c, r in rows
-    ]
+    examples = [PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected) for _, prompt, chosen, rejected in rows + replayed]
     checkpoint_id = lineage.candidate_checkpoint_id(ctx.iteration_id)
     out_dir = artifacts.checkpoint_staging_dir(ctx.settings, checkpoint_id)
     dataset_uri = artifacts.write_dataset(
@@ -65,7 +65,24 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         return {}
 
     result = {
-        "checkpoint_id": checkpoint_id, "pairs": len(rows), "reference": reference.id, "dataset": dataset_uri,
+        "checkpoint_id": checkpoint_id, "pairs": len(rows), "replayed_pairs": len(replayed), "reference": reference.id,
+        "dataset": dataset_uri, "pair_ids": [r[0] for r in rows], "replayed_pair_ids": [r[0] for r in replayed],
         "train_seconds": round(trained.train_seconds, 3), **jsonable(trained.metrics),
     }
     return StageOutput(result, write)
+
+
+def _pair_rows(session: Session, *conditions) -> list[tuple[int, str, str, str]]:
+    """(pair id, prompt text, chosen text, rejected text) of the pairs matching `conditions`, by id."""
+    chosen, rejected = aliased(Response), aliased(Response)
+    return [
+        tuple(row)
+        for row in session.execute(
+            select(Pair.id, Prompt.text, chosen.text, rejected.text)
+            .join(Prompt, Prompt.id == Pair.prompt_id)
+            .join(chosen, chosen.id == Pair.chosen_response_id)
+            .join(rejected, rejected.id == Pair.rejected_response_id)
+            .where(*conditions)
+            .order_by(Pair.id)
+        ).all()
+    ]

@@ -1,4 +1,5 @@
-"""Stage 1: the champion writes new training tasks (self-instruct), topped up from unused seeds."""
+"""Stage 1: the champion writes new training tasks (self-instruct), topped up from unused seeds;
+every training task gets verifiable constraints attached (policies.verifiable)."""
 
 from __future__ import annotations
 
@@ -9,52 +10,85 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon.db.models import Prompt
-from policies import self_instruct
+from policies import self_instruct, verifiable
+from policies.constraints import Constraint
 from policies.heldout import split_seed_prompts
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, runtime_for, sample, stage_seed, user_prompt
+
+# Self-instruct requests sampled per round: each continuation yields a few tasks, and a 135M
+# model wastes many continuations (answers instead of tasks), so more draws per round raise
+# the self-generated share at little cost (the request prompt is shared).
+SAMPLES_PER_ROUND = 4
+
+
+def prompt_constraints(prompt: Prompt) -> list[Constraint]:
+    return [Constraint.from_json(c) for c in (prompt.constraints or [])]
 
 
 def generate_prompts(ctx: StageContext) -> StageOutput:
     cfg = ctx.settings.prompts
     with ctx.sessions() as session:
         champion = parent_checkpoint(ctx, session)
-        earlier = list(
-            session.scalars(select(Prompt.text).where(Prompt.role == "train", Prompt.iteration_id != ctx.iteration_id))
-        )
+        earlier_rows = list(session.scalars(select(Prompt).where(Prompt.role == "train", Prompt.iteration_id != ctx.iteration_id)))
+        # Few-shot examples and deduplication work on tasks, not on the constraint sentences.
+        earlier = [verifiable.task_of(p.text, prompt_constraints(p)) for p in earlier_rows]
     seeds, heldout = split_seed_prompts(self_instruct.load_seed_prompts(), ctx.settings.gate.heldout_prompts)
+    pool = seeds if cfg.top_up_from == "seed" else verifiable.drop_suite_overlaps(verifiable.load_training_tasks())
     runtime = runtime_for(ctx, champion.path)
     rng = random.Random(stage_seed(ctx, "generate_prompts"))
     accepted: list[str] = []
-    counts = {"parsed": 0, "filtered_out": 0, "duplicates": 0}
+    counts = {"parsed": 0, "filtered_out": 0, "duplicates": 0, "suite_overlaps": 0}
     for round_index in range(cfg.max_rounds):
         if len(accepted) >= cfg.per_cycle:
             break
-        examples = self_instruct.select_few_shot(seeds, earlier + accepted, cfg.few_shot, rng)
+        examples = self_instruct.select_few_shot(pool, earlier + accepted, cfg.few_shot, rng)
         request = user_prompt(runtime, self_instruct.render_self_instruct_prompt(examples, cfg.per_cycle))
-        outputs = sample(ctx, runtime, [request], n=2, seed=stage_seed(ctx, "generate_prompts") + round_index)[0]
+        outputs = sample(ctx, runtime, [request], n=SAMPLES_PER_ROUND, seed=stage_seed(ctx, "generate_prompts") + round_index)[0]
         for output in outputs:
             parsed = self_instruct.parse_generated_prompts(output.text)
             kept = self_instruct.filter_prompts(parsed, min_words=cfg.min_words, max_words=cfg.max_words)
-            fresh = self_instruct.deduplicate(kept, seeds + heldout + earlier + accepted, max_overlap=cfg.max_overlap)
+            fresh = self_instruct.deduplicate(kept, pool + seeds + heldout + earlier + accepted, max_overlap=cfg.max_overlap)
+            # A task the model happens to write that is (nearly) a held-out suite task never trains.
+            clean = verifiable.drop_suite_overlaps(fresh)
             counts["parsed"] += len(parsed)
             counts["filtered_out"] += len(parsed) - len(kept)
             counts["duplicates"] += len(kept) - len(fresh)
-            accepted.extend(fresh[: cfg.per_cycle - len(accepted)])
+            counts["suite_overlaps"] += len(fresh) - len(clean)
+            accepted.extend(clean[: cfg.per_cycle - len(accepted)])
     generated = len(accepted)
-    # A weak model may not yet write usable tasks; unused seed prompts keep the cycle fed, and
+    # A weak model may not yet write usable tasks; unused pool tasks keep the cycle fed, and
     # the source column says which prompts the model wrote itself.
-    unused_seeds = [s for s in seeds if s not in set(earlier)]
-    rng.shuffle(unused_seeds)
-    topped_up = unused_seeds[: cfg.per_cycle - generated]
+    used = set(earlier)
+    unused = [s for s in pool if s not in used]
+    rng.shuffle(unused)
+    topped_up = unused[: cfg.per_cycle - generated]
+    constraint_rng = verifiable.training_rng(ctx.settings.seed, ctx.iteration_id)
+
+    def constrained(task: str) -> verifiable.VerifiablePrompt:
+        return verifiable.attach_constraints(task, constraint_rng, cfg.constraints_per_prompt, cfg.constraint_kinds)
+
+    train = [(constrained(t), "generated") for t in accepted] + [(constrained(t), cfg.top_up_from) for t in topped_up]
 
     def write(session: Session) -> dict[str, Any]:
-        rows = [Prompt(iteration_id=ctx.iteration_id, text=t, role="train", source="generated") for t in accepted]
-        rows += [Prompt(iteration_id=ctx.iteration_id, text=t, role="train", source="seed") for t in topped_up]
+        rows = [
+            Prompt(
+                iteration_id=ctx.iteration_id, text=vp.prompt, role="train", source=source,
+                constraints=[c.to_json() for c in vp.constraints] or None,
+            )
+            for vp, source in train
+        ]
         rows += [Prompt(iteration_id=ctx.iteration_id, text=t, role="heldout", source="seed") for t in heldout]
         session.add_all(rows)
         return {}
 
-    result = {"generated": generated, "from_seed": len(topped_up), "heldout": len(heldout), **counts}
+    total = len(train)
+    result = {
+        "generated": generated,
+        "from_seed": len(topped_up),
+        "self_generated_share": round(generated / total, 4) if total else 0.0,
+        "constrained": sum(1 for vp, _ in train if vp.constraints),
+        "heldout": len(heldout),
+        **counts,
+    }
     return StageOutput(result, write)
-

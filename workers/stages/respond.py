@@ -1,4 +1,8 @@
-"""Stage 2: N sampled answers per training prompt, and the RLCD positive/negative answers."""
+"""Stage 2: N sampled answers per training prompt, the RLCD positive/negative answers, and for the
+anchored strategy N answers of the lineage's initial model.
+
+The result reports the truncation rate (answers that hit generation.max_new_tokens before
+ending) and, for constrained prompts, how often a sample satisfies all its constraints."""
 
 from __future__ import annotations
 
@@ -9,27 +13,37 @@ from sqlalchemy.orm import Session
 
 from daemon.db.models import Prompt, Response
 from policies import principles
+from policies.constraints import Constraint, check_all
+from policies.pairs import KIND_ANCHORED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERIFIED
 from workers.runtime import ModelRuntime
+from daemon.db.lineage import lineage_root
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, prompts_of_role, runtime_for, sample, stage_seed, user_prompt
+
+POLICY_STRATEGIES = {KIND_SELF_REWARD, KIND_VERIFIED, KIND_ANCHORED}
 
 
 def respond(ctx: StageContext) -> StageOutput:
     n = ctx.settings.respond.num_samples
+    strategies = set(ctx.settings.pairs.strategies)
     with ctx.sessions() as session:
         champion = parent_checkpoint(ctx, session)
+        initial = lineage_root(session, champion)
         prompts = prompts_of_role(session, ctx.iteration_id, "train")
     runtime = runtime_for(ctx, champion.path)
     seed = stage_seed(ctx, "respond")
     rows: list[Response] = []
-    if ctx.settings.pairs.strategy in ("self_reward", "both"):
-        samples = sample(ctx, runtime, [user_prompt(runtime, p.text) for p in prompts], n=n, seed=seed)
-        for prompt, outputs in zip(prompts, samples, strict=True):
-            rows += [
-                Response(iteration_id=ctx.iteration_id, prompt_id=prompt.id, kind="policy", sample_index=i, text=o.text, num_tokens=o.num_tokens)
-                for i, o in enumerate(outputs)
-            ]
-    if ctx.settings.pairs.strategy in ("rlcd", "both"):
+    finished: list[bool] = []
+    if strategies & POLICY_STRATEGIES:
+        policy_rows, policy_finished = _sampled_responses(ctx, runtime, prompts, n, seed, "policy")
+        rows += policy_rows
+        finished += policy_finished
+    # Temporal Self-Rewarding's rejected answers come from the initial model; while the champion
+    # is the initial model, its own samples serve (build_pairs reads them as the anchor).
+    if KIND_ANCHORED in strategies and initial.id != champion.id:
+        anchor_rows, _ = _sampled_responses(ctx, runtime_for(ctx, initial.path), prompts, n, seed + 2, "anchor")
+        rows += anchor_rows
+    if KIND_RLCD in strategies:
         rows += _rlcd_responses(ctx, runtime, prompts, seed + 1)
 
     def write(session: Session) -> dict[str, Any]:
@@ -40,7 +54,44 @@ def respond(ctx: StageContext) -> StageOutput:
     for row in rows:
         by_kind[row.kind] += 1
     mean_tokens = sum(r.num_tokens for r in rows) / len(rows) if rows else 0.0
-    return StageOutput({"responses": len(rows), **by_kind, "mean_tokens": round(mean_tokens, 2)}, write)
+    result = {
+        "responses": len(rows), **by_kind, "mean_tokens": round(mean_tokens, 2),
+        "truncation_rate": round(1 - sum(finished) / len(finished), 4) if finished else None,
+        **_satisfaction(prompts, [r for r in rows if r.kind == "policy"]),
+    }
+    return StageOutput(result, write)
+
+
+def _sampled_responses(
+    ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], n: int, seed: int, kind: str
+) -> tuple[list[Response], list[bool]]:
+    """N answers per prompt as Response rows of `kind`, and whether each ended before max_new_tokens."""
+    samples = sample(ctx, runtime, [user_prompt(runtime, p.text) for p in prompts], n=n, seed=seed)
+    rows: list[Response] = []
+    finished: list[bool] = []
+    for prompt, outputs in zip(prompts, samples, strict=True):
+        rows += [
+            Response(iteration_id=ctx.iteration_id, prompt_id=prompt.id, kind=kind, sample_index=i, text=o.text, num_tokens=o.num_tokens)
+            for i, o in enumerate(outputs)
+        ]
+        finished += [o.finished for o in outputs]
+    return rows, finished
+
+
+def _satisfaction(prompts: list[Prompt], responses: list[Response]) -> dict[str, Any]:
+    """How often a policy sample satisfies all of its prompt's constraints, and how many
+    constrained prompts have both a passing and a failing sample (verified pairs available)."""
+    constraints = {p.id: [Constraint.from_json(c) for c in (p.constraints or [])] for p in prompts}
+    passes: dict[int, list[bool]] = defaultdict(list)
+    for r in responses:
+        if constraints.get(r.prompt_id):
+            passes[r.prompt_id].append(all(check_all(constraints[r.prompt_id], r.text)))
+    flags = [f for group in passes.values() for f in group]
+    return {
+        "constrained_prompts": sum(1 for c in constraints.values() if c),
+        "satisfaction_rate": round(sum(flags) / len(flags), 4) if flags else None,
+        "prompts_with_contrast": sum(1 for group in passes.values() if any(group) and not all(group)),
+    }
 
 
 def _rlcd_responses(ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], seed: int) -> list[Response]:
