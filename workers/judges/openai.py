@@ -30,7 +30,7 @@ from policies import rubric
 from policies.steerlm import render_attribute_rubric_prompt
 from workers.judges.base import Comparison, Judge, JudgeUnavailable, Labels, PromptLike, Score, prompt_text
 from workers.judges.registry import register_judge
-from workers.judges.self_text import labels_from_samples, order_preference, swap_comparison
+from workers.judges.self_text import labels_from_samples, order_preference, pairwise_contents, swap_comparison
 
 log = structlog.get_logger(__name__)
 
@@ -173,10 +173,7 @@ class OpenAIJudge(Judge):
         return scores
 
     def compare(self, items: Sequence[tuple[PromptLike, str, str]]) -> list[Comparison]:
-        contents = []
-        for prompt, a, b in items:
-            contents += [rubric.render_pairwise_prompt(prompt_text(prompt), a, b), rubric.render_pairwise_prompt(prompt_text(prompt), b, a)]
-        replies = self._ask(contents, seed_offset=1)
+        replies = self._ask(pairwise_contents(items), seed_offset=1)
         comparisons = []
         for index, (_, a, b) in enumerate(items):
             orders = [self._order(replies[2 * index + k], (a, b)) for k in (0, 1)]

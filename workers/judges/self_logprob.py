@@ -15,7 +15,7 @@ from typing import Any
 from policies import judge_metrics, rubric
 from workers.judges.base import Comparison, PromptLike, Score, prompt_text
 from workers.judges.registry import register_judge
-from workers.judges.self_text import ModelJudge, swap_comparison
+from workers.judges.self_text import ModelJudge, pairwise_contents, swap_comparison
 
 
 @register_judge("self", mode=rubric.JUDGE_MODE_LOGPROB)
@@ -42,7 +42,7 @@ class SelfLogprobJudge(ModelJudge):
         return scores
 
     def compare(self, items: Sequence[tuple[PromptLike, str, str]]) -> list[Comparison]:
-        distributions = self._distributions(self.pairwise_contents(items), rubric.VERDICT_CUE, rubric.VERDICT_CONTINUATIONS)
+        distributions = self._distributions(pairwise_contents(items), rubric.VERDICT_CUE, rubric.VERDICT_CONTINUATIONS)
         comparisons = []
         for index in range(len(items)):
             first, second = distributions[2 * index], distributions[2 * index + 1]

@@ -33,16 +33,17 @@ class ModelJudge(Judge):
     def requests(self, runtime: ModelRuntime, contents: Sequence[str]) -> list[str]:
         return judge_requests(runtime, contents)
 
-    def pairwise_contents(self, items: Sequence[tuple[PromptLike, str, str]]) -> list[str]:
-        """Two requests per item: a shown first, then b shown first."""
-        contents = []
-        for prompt, a, b in items:
-            contents.append(rubric.render_pairwise_prompt(prompt_text(prompt), a, b))
-            contents.append(rubric.render_pairwise_prompt(prompt_text(prompt), b, a))
-        return contents
-
     def label(self, items: Sequence[tuple[PromptLike, str]], attributes: Sequence[str]) -> list[Labels]:
         return label_by_text(self, self.runtime(), items, attributes)
+
+
+def pairwise_contents(items: Sequence[tuple[PromptLike, str, str]]) -> list[str]:
+    """Two pairwise rubric requests per item: a shown first, then b shown first."""
+    contents = []
+    for prompt, a, b in items:
+        contents.append(rubric.render_pairwise_prompt(prompt_text(prompt), a, b))
+        contents.append(rubric.render_pairwise_prompt(prompt_text(prompt), b, a))
+    return contents
 
 
 def sample_texts(judge: Judge, runtime: ModelRuntime, requests: list[str], *, n: int, seed_offset: int = 0, **overrides: Any) -> list[list[str]]:
@@ -127,7 +128,7 @@ class SelfTextJudge(ModelJudge):
 
     def compare(self, items: Sequence[tuple[PromptLike, str, str]]) -> list[Comparison]:
         runtime = self.runtime()
-        texts = [t[0] for t in sample_texts(self, runtime, self.requests(runtime, self.pairwise_contents(items)), n=1, seed_offset=1)]
+        texts = [t[0] for t in sample_texts(self, runtime, self.requests(runtime, pairwise_contents(items)), n=1, seed_offset=1)]
         comparisons = []
         for index, (_, a, b) in enumerate(items):
             first_text, second_text = texts[2 * index], texts[2 * index + 1]
