@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import partial
 
 from fastapi import FastAPI
@@ -26,3 +28,33 @@ def build_app(settings: Settings) -> FastAPI:
     watcher = ChampionWatcher(sessions, loader=loader, poll_seconds=settings.serve.poll_seconds)
     methods = SteeringMethods(SteeringResources(settings.serve, sessions, loader), settings.serve.default_steering)
     return create_serving_app(settings, watcher, methods)
+
+
+class ServerThread:
+    """``kaizen serve``'s app on a loopback port in a background thread (tests, benchmarks).
+
+    ``with ServerThread(settings) as server:`` returns once the server accepts connections;
+    ``server.base`` is its URL and ``server.app`` the app (its ``state.serving`` holds the engines).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        self.app = build_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.serve.port, log_config=None))
+        self.thread = threading.Thread(target=self.server.run, name="kaizen-serve", daemon=True)
+        self.base = f"http://127.0.0.1:{settings.serve.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.base} did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
