@@ -1,4 +1,8 @@
-"""Stage 6: the candidate against the champion on held-out prompts; promote or reject."""
+"""Stage 6: the candidate against the champion; promote or reject.
+
+Two kinds of evidence (policies.gate): the judged pairwise comparison on held-out prompts
+(`gate.pairwise`), and the configured suites (`gate.suites`), each scored on candidate and
+champion with the same greedy decoding, compared item by item with a paired bootstrap."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, Evaluation
-from policies import debias, gate, judge_metrics
+from policies import debias, gate, judge_metrics, stats as paired_stats
 from workers import artifacts
 from workers.checkpoints import CheckpointError
+from workers.evaluation import evaluate_checkpoint
 from workers.judges import Judge, JudgePrompt
 from workers.judges.base import order_verdicts, swap_numbers
 from daemon.stage_runs import StageContext, StageOutput
@@ -25,6 +30,8 @@ def evaluate_gate(ctx: StageContext) -> StageOutput:
     rule = gate.GateRule(
         min_win_rate_lower_bound=g.min_win_rate_lower_bound, z=g.z, min_comparisons=g.min_comparisons,
         max_length_ratio=g.max_length_ratio, max_parse_failure_rate=g.max_parse_failure_rate,
+        improve_suites=tuple(g.improve_suites), suite_min_lower_bound=g.suite_min_lower_bound,
+        regression_tolerance=g.regression_tolerance,
     )
     with ctx.sessions() as session:
         iteration = ctx.iteration(session)
@@ -38,8 +45,13 @@ def evaluate_gate(ctx: StageContext) -> StageOutput:
     refusal = _unloadable_checkpoint(ctx, candidate.path)
     if refusal is not None:
         return _refused_candidate_decision(ctx, candidate.id, champion.id, refusal)
-    comparisons, stats = _compare(ctx, judge, champion.path, candidate.path, heldout)
-    decision = gate.decide(stats, rule)
+    suite_comparisons, suite_lengths = _suite_comparisons(ctx, champion, candidate)
+    if g.pairwise:
+        comparisons, stats = _compare(ctx, judge, champion.path, candidate.path, heldout)
+    else:
+        # No judged comparison: the length check reads the suites' greedy answers instead.
+        comparisons, stats = [], gate.tally([], *suite_lengths)
+    decision = gate.decide(stats, rule, suite_comparisons)
     metrics = _position_metrics(comparisons)
     warnings = judge_metrics.judge_warnings(metrics, warning_thresholds(ctx))
 
@@ -87,6 +99,35 @@ def _compare(ctx: StageContext, judge: Judge, champion_path: str, candidate_path
         )
     stats = gate.tally([c["outcome"] for c in comparisons], [o.num_tokens for o in candidate_out], [o.num_tokens for o in champion_out])
     return comparisons, stats
+
+
+def _suite_comparisons(ctx: StageContext, champion: Checkpoint, candidate: Checkpoint):
+    """Per gate suite, candidate vs champion on the same items (paired bootstrap of the item score
+    differences, with the minimum detectable difference), and both sides' answer lengths in tokens.
+    The champion's rows are cached per (checkpoint, suite, config hash), so it is scored once."""
+    comparisons: list[gate.SuiteComparison] = []
+    lengths: tuple[list[float], list[float]] = ([], [])
+    for index, suite in enumerate(ctx.settings.gate.suites):
+        rows = [evaluate_checkpoint(ctx.settings, ctx.sessions, c.id, suite) for c in (candidate, champion)]
+        items = [{item["id"]: item for item in row.items["items"] if item.get("score") is not None} for row in rows]
+        common = [item_id for item_id in items[0] if item_id in items[1]]
+        if not common:
+            continue
+        cand = [float(items[0][i]["score"]) for i in common]
+        champ = [float(items[1][i]["score"]) for i in common]
+        difference, low, high = paired_stats.paired_bootstrap(
+            cand, champ, n_resamples=ctx.settings.eval.bootstrap_resamples, seed=stage_seed(ctx, "evaluate_gate") + index
+        )
+        champion_score = sum(champ) / len(champ)
+        comparisons.append(
+            gate.SuiteComparison(
+                suite, len(common), sum(cand) / len(cand), champion_score, low, high,
+                paired_stats.minimum_detectable_difference(len(common), min(max(champion_score, 0.0), 1.0)),
+            )
+        )
+        if index == 0:
+            lengths = tuple([float(items[side][i].get("tokens", 0)) for i in common] for side in (0, 1))
+    return comparisons, lengths
 
 
 def _position_metrics(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
