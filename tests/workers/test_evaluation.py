@@ -245,6 +245,10 @@ def test_the_stage_evaluates_a_promoted_champion_and_the_initial_model(env: Env,
     score = next(r.score for r in env.rows() if r.checkpoint_id == "ckpt-0002")
     assert f"suite scores of ckpt-0002: instruct-checks {score:.3f}" in shown
     assert "suite scores of ckpt-0000: instruct-checks" in shown
+    from daemon.dashboard import create_dashboard_app
+
+    page = TestClient(create_dashboard_app(env.settings, env.sessions), base_url="http://127.0.0.1").get("/iterations/2").text
+    assert f"<td>ckpt-0002 (candidate)</td><td>instruct-checks</td><td>{score:.3f}</td>" in page
 
 
 def test_pairwise_vs_initial_records_the_debiased_preferences(env: Env, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
