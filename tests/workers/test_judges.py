@@ -179,3 +179,38 @@ def test_a_judge_asked_for_what_it_cannot_do_says_which_setting_to_change(tmp_pa
     )
     with pytest.raises(JudgeCapabilityError, match="judge 'implicit' cannot label attributes; choose another judge.label_backend"):
         implicit.label([("Name a colour.", "blue")], ["helpfulness"])
+
+
+@pytest.mark.slow
+def test_a_cycle_judged_by_verifier_then_self_checks_the_prompts_constraints(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from daemon.bootstrap import initialise
+    from daemon.cycle import run_cycle
+    from daemon.db.models import Prompt, Response
+    from daemon.dispatch import EagerDispatcher
+    from policies.constraints import Constraint, check_all
+
+    settings = small_cycle_settings(
+        tmp_path / "data", tiny_model_dir, judge={"backend": ["verifier", "self"]}, respond={"num_samples": 4},
+        prompts={"constraints_per_prompt": 2, "constraint_kinds": ["lowercase", "no_commas", "min_words", "max_words"]},
+    )
+    sessions = initialise(settings)
+    run_cycle(sessions, settings, EagerDispatcher(settings, sessions))
+    with sessions() as session:
+        rows = session.execute(
+            select(Judgment.score, Judgment.judge, Response.text, Prompt.id, Prompt.constraints)
+            .join(Response, Response.id == Judgment.response_id).join(Prompt, Prompt.id == Response.prompt_id)
+        ).all()
+    assert rows and {judge for _, judge, *_ in rows} == {"verifier+self:logprob"}
+    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    for score, _, text, prompt_id, constraints in rows:
+        assert constraints, "training prompts carry their constraints"
+        satisfied = check_all([Constraint.from_json(c) for c in constraints], text)
+        by_prompt.setdefault(prompt_id, []).append((sum(satisfied) / len(satisfied), score))
+    separated = 0
+    for answers in by_prompt.values():
+        for share_a, score_a in answers:
+            for share_b, score_b in answers:
+                if share_a > share_b:
+                    separated += 1
+                    assert score_a > score_b  # the checks decide before the self-judge does
+    assert separated > 0, "premise: the checks separate some answers (these kinds vary among the tiny model's samples)"
