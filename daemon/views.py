@@ -328,6 +328,25 @@ def status_view(session: Session) -> dict[str, Any]:
 # ---------------------------------------------------------------- one iteration in depth
 
 
+def iteration_signals(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether the cycle could learn: who judged, how many answers were cut at max_new_tokens,
+    how many training prompts the model wrote itself, how often its samples met their
+    constraints, which pairs trained the candidate, and the gate's suite comparisons."""
+    prompts, respond, judge = results.get("generate_prompts", {}), results.get("respond", {}), results.get("judge", {})
+    dpo, gate_result = results.get("dpo_update", {}), results.get("evaluate_gate", {})
+    return {
+        "judge": judge.get("judge"),
+        "gate_judge": gate_result.get("judge"),
+        "truncation_rate": respond.get("truncation_rate"),
+        "self_generated_share": prompts.get("self_generated_share"),
+        "satisfaction_rate": respond.get("satisfaction_rate"),
+        "trained_pairs": dpo.get("pairs"),
+        "replayed_pairs": dpo.get("replayed_pairs"),
+        "gate_route": gate_result.get("route"),
+        "gate_suites": gate_result.get("suites") or [],
+    }
+
+
 def iteration_detail(session: Session, iteration_id: int, samples: int = 3) -> dict[str, Any]:
     """`kaizen show` and the dashboard's iteration page: everything one cycle did."""
     iteration = session.get(Iteration, iteration_id)
@@ -340,6 +359,7 @@ def iteration_detail(session: Session, iteration_id: int, samples: int = 3) -> d
     detail["stage_results"] = {name: stages[name].result for name in STAGE_ORDER if name in stages}
     detail["stage_errors"] = {name: stages[name].error for name in STAGE_ORDER if name in stages and stages[name].error}
     detail["judge_metrics"] = iteration_judge_metrics(detail["stage_results"])
+    detail["signals"] = iteration_signals(detail["stage_results"])
     detail["judge_warnings"] = list(
         session.scalars(
             select(Event.reason).where(Event.iteration_id == iteration_id, Event.kind == JUDGE_WARNING_EVENT).order_by(Event.id)

@@ -146,6 +146,7 @@ def _print_iteration(d: dict[str, Any]) -> None:
     console.print(f"prompts: {prompts}\npairs: {pairs}")
     console.print(f"gate: {_gate_cell(d['gate'])}" + ("".join(f"\n  - {r}" for r in d["gate"]["reasons"]) if d["gate"] else " not gated"))
     _print_judge_metrics(d.get("judge_metrics", {}), d.get("judge_warnings", []))
+    _print_signals(d.get("signals", {}))
     for checkpoint, suites in d.get("suite_scores", {}).items():
         cells = [f"{suite} {r['score']:.3f} [{r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']}]" for suite, r in sorted(suites.items())]
         console.print(f"suite scores of {checkpoint}: " + "; ".join(cells), markup=False)
@@ -163,6 +164,30 @@ def _print_iteration(d: dict[str, Any]) -> None:
             scores = ", ".join("×" if s is None else f"{s:g}" for s in r["scores"]) or "-"
             text = r["text"].replace("\n", " ")
             console.print(f"  [{r['kind']}] ({r['tokens']} tokens, scores {scores}) {text[:160]}{'…' if len(text) > 160 else ''}", markup=False)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec) if isinstance(value, float) else str(value)
+
+
+def _print_signals(signals: dict[str, Any]) -> None:
+    """The numbers that say whether this cycle could improve the model (daemon.views.iteration_signals)."""
+    if not signals:
+        return
+    console.print(
+        f"signals: judge {_fmt(signals.get('judge'))}, gate judge {_fmt(signals.get('gate_judge'))}; "
+        f"truncation rate {_fmt(signals.get('truncation_rate'))}; self-generated share {_fmt(signals.get('self_generated_share'))}; "
+        f"constraint satisfaction {_fmt(signals.get('satisfaction_rate'))}; trained pairs {_fmt(signals.get('trained_pairs'))} "
+        f"(+{_fmt(signals.get('replayed_pairs'))} replayed); gate route {_fmt(signals.get('gate_route'))}",
+        markup=False,
+    )
+    for s in signals.get("gate_suites", []):
+        console.print(
+            f"  gate suite {s['suite']}: candidate {s['candidate_score']:.3f} vs champion {s['champion_score']:.3f} "
+            f"(n={s['n']}), difference {s['difference']:+.3f}, 95% CI [{s['lower']:+.3f}, {s['upper']:+.3f}], "
+            f"detectable >= {_fmt(s.get('minimum_detectable'))}",
+            markup=False,
+        )
 
 
 JUDGE_METRIC_LABELS = {

@@ -6,6 +6,7 @@ everything after it is the real stage: paired bootstrap, policies.gate, lineage 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,30 @@ def test_a_significant_suite_improvement_promotes(tmp_path, tiny_model_dir, monk
     assert suite["n"] == N and suite["minimum_detectable"] > 0
 
 
+def test_kaizen_show_prints_the_cycle_signals_and_the_gate_suites(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+    from daemon.logs import configure_logging
+
+    scores = {("champion", "instruct-checks"): 0.20, ("candidate", "instruct-checks"): 0.40,
+              ("champion", "jsonl"): 0.50, ("candidate", "jsonl"): 0.50}
+    run_gate(tmp_path, tiny_model_dir, monkeypatch, scores)
+
+    args = ["show", "1", "--data-dir", str(tmp_path / "data")]
+    out = CliRunner().invoke(app, args).stdout
+    signals = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)["signals"]
+    configure_logging()
+
+    with initialise_sessions(tmp_path) as session:
+        results = {r.stage: r.result for r in session.scalars(select(StageRun))}
+    assert signals["truncation_rate"] == results["respond"]["truncation_rate"] is not None
+    assert signals["self_generated_share"] == results["generate_prompts"]["self_generated_share"] is not None
+    assert signals["judge"] == results["judge"]["judge"] and signals["gate_route"] == "suite"
+    assert "self-generated share" in out and "truncation rate" in out and "debiased position bias" in out
+    assert "gate suite instruct-checks: candidate 0.400 vs champion 0.200 (n=120), difference +0.200" in " ".join(out.split())
+
+
 def test_a_regression_on_another_suite_refuses(tmp_path, tiny_model_dir, monkeypatch):
     scores = {("champion", "instruct-checks"): 0.20, ("candidate", "instruct-checks"): 0.40,
               ("champion", "jsonl"): 0.50, ("candidate", "jsonl"): 0.30}
@@ -85,3 +110,9 @@ def test_an_improvement_within_noise_does_not_promote(tmp_path, tiny_model_dir, 
     assert iteration.decision == "rejected"
     suite = next(s for s in result["suites"] if s["suite"] == "instruct-checks")
     assert suite["lower"] <= 0
+
+
+def initialise_sessions(tmp_path: Path):
+    from daemon.db.engine import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(f"sqlite:///{tmp_path / 'data' / 'lineage.db'}"))()
