@@ -87,3 +87,38 @@ def test_healthz_answers_while_64_requests_are_queued(tmp_path: Path, tiny_model
             assert health["status"] == "ok" and health["waiting"] > 0
             assert not all(f.done() for f in futures)
             assert [f.result() for f in futures] == [200] * 64
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with _deploy(tmp_path, tiny_model_dir, max_batch_size=1, max_queue=1, max_new_tokens=2000) as server:
+        long = {"model": "kaizen", "messages": MESSAGES, "max_tokens": 2000, "logit_bias": {"2": -100}}  # 2: EOS
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, f"{server.base}/v1/chat/completions", json=long, timeout=300)
+            engine = None
+            deadline = time.monotonic() + 30
+            while (engine is None or engine.running < 1) and time.monotonic() < deadline:
+                engines = server.app.state.serving.engines()
+                engine = engines[0] if engines else None
+                time.sleep(0.01)
+            waiting = pool.submit(httpx.post, f"{server.base}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=300)
+            while engine.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = httpx.post(f"{server.base}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=60)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "server_overloaded"
+            assert running.result().status_code == 200 and waiting.result().status_code == 200
+
+
+def test_the_server_runs_with_model_cpu_threads(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what torch picks on a 2-core machine; the server must lower it
+    try:
+        settings = serve_settings(tmp_path, tiny_model_dir)
+        settings.model.cpu_threads = 1
+        initialise(settings)
+        with Server(settings):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -171,6 +171,7 @@ def test_models_retrieve_and_tools_are_refused_by_name(client) -> None:  # type:
         ("POST", "/v1/chat/completions", {"model": "kaizen", "messages": [{"role": "user", "content": "\ud800"}]}, 400),
         ("POST", "/v1/completions", {"model": "kaizen", "prompt": [10**9]}, 400),
         ("POST", "/v1/completions", {"model": "kaizen", "prompt": "x", "max_tokens": 24, "stop": "x", "suffix": "y"}, 400),
+        ("POST", "/v1/completions", {"model": "kaizen", "prompt": [5] * 2040, "max_tokens": 24}, 400),  # 2040 + 24 > 2048
     ],
 )
 def test_every_error_has_openais_shape(server, method, path, body, status) -> None:  # type: ignore[no-untyped-def]
@@ -179,6 +180,8 @@ def test_every_error_has_openais_shape(server, method, path, body, status) -> No
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if isinstance(body, dict) and len(body.get("prompt", "")) == 2040:
+        assert error["code"] == "context_length_exceeded" and "2048" in error["message"]
 
 
 def test_inputs_that_used_to_crash_are_answered(server) -> None:  # type: ignore[no-untyped-def]
