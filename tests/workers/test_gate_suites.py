@@ -19,7 +19,7 @@ from daemon.db import lineage
 from daemon.db.models import Iteration, StageRun
 from daemon.dispatch import EagerDispatcher
 from tests.factories import small_cycle_settings
-from workers.stages import evaluate_gate
+from workers import evaluation
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def fake_rows(scores: dict[tuple[str, str], float]):
 
 
 def run_gate(tmp_path: Path, tiny_model_dir: Path, monkeypatch, scores):
-    monkeypatch.setattr(evaluate_gate, "evaluate_checkpoint", fake_rows(scores))
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", fake_rows(scores))
     settings = small_cycle_settings(
         tmp_path / "data", tiny_model_dir,
         gate={"pairwise": False, "suites": ["instruct-checks", "jsonl"], "improve_suites": ["instruct-checks"], "regression_tolerance": 0.02},

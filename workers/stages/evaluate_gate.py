@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, Evaluation
-from policies import debias, gate, judge_metrics, stats as paired_stats
+from policies import debias, gate, judge_metrics
 from workers import artifacts
 from workers.checkpoints import CheckpointError
-from workers.evaluation import evaluate_checkpoint
+from workers.evaluation import compare_checkpoints
 from workers.judges import Judge, JudgePrompt
 from workers.judges.base import order_verdicts, swap_numbers
 from daemon.stage_runs import StageContext, StageOutput
@@ -102,31 +102,21 @@ def _compare(ctx: StageContext, judge: Judge, champion_path: str, candidate_path
 
 
 def _suite_comparisons(ctx: StageContext, champion: Checkpoint, candidate: Checkpoint):
-    """Per gate suite, candidate vs champion on the same items (paired bootstrap of the item score
-    differences, with the minimum detectable difference), and both sides' answer lengths in tokens.
-    The champion's rows are cached per (checkpoint, suite, config hash), so it is scored once."""
+    """Per gate suite, candidate vs champion on the same items (workers.evaluation.compare_checkpoints:
+    paired bootstrap of the item differences and the minimum detectable difference), and both
+    sides' answer lengths in tokens on the first suite. The champion's rows are cached per
+    (checkpoint, suite, config hash), so it is scored once."""
     comparisons: list[gate.SuiteComparison] = []
     lengths: tuple[list[float], list[float]] = ([], [])
-    for index, suite in enumerate(ctx.settings.gate.suites):
-        rows = [evaluate_checkpoint(ctx.settings, ctx.sessions, c.id, suite) for c in (candidate, champion)]
-        items = [{item["id"]: item for item in row.items["items"] if item.get("score") is not None} for row in rows]
-        common = [item_id for item_id in items[0] if item_id in items[1]]
-        if not common:
+    for suite in ctx.settings.gate.suites:
+        cand_row, champ_row, paired = compare_checkpoints(ctx.settings, ctx.sessions, candidate.id, champion.id, suite)
+        if paired.n == 0:
             continue
-        cand = [float(items[0][i]["score"]) for i in common]
-        champ = [float(items[1][i]["score"]) for i in common]
-        difference, low, high = paired_stats.paired_bootstrap(
-            cand, champ, n_resamples=ctx.settings.eval.bootstrap_resamples, seed=stage_seed(ctx, "evaluate_gate") + index
-        )
-        champion_score = sum(champ) / len(champ)
         comparisons.append(
-            gate.SuiteComparison(
-                suite, len(common), sum(cand) / len(cand), champion_score, low, high,
-                paired_stats.minimum_detectable_difference(len(common), min(max(champion_score, 0.0), 1.0)),
-            )
+            gate.SuiteComparison(suite, paired.n, paired.a_score, paired.b_score, paired.low, paired.high, paired.minimum_detectable)
         )
-        if index == 0:
-            lengths = tuple([float(items[side][i].get("tokens", 0)) for i in common] for side in (0, 1))
+        if not lengths[0]:
+            lengths = tuple([float(item.get("tokens", 0)) for item in row.items["items"]] for row in (cand_row, champ_row))
     return comparisons, lengths
 
 
