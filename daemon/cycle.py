@@ -36,6 +36,10 @@ class CycleError(Exception):
     """A cycle could not finish; the message says which stage and why."""
 
 
+class CycleStopped(Exception):
+    """The daemon is stopping (SIGTERM, SIGINT): the iteration stays running and resumes on the next start."""
+
+
 @dataclass
 class CycleReport:
     iteration_id: int
@@ -101,7 +105,8 @@ def _finish_iteration(sessions: sessionmaker[Session], iteration_id: int, status
 
 
 def run_cycle(
-    sessions: sessionmaker[Session], settings: Settings, dispatcher: StageDispatcher, progress: ProgressFn | None = None
+    sessions: sessionmaker[Session], settings: Settings, dispatcher: StageDispatcher, progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CycleReport:
     started = time.perf_counter()
     iteration_id, resumed = start_or_resume_iteration(sessions, settings)
@@ -117,12 +122,16 @@ def run_cycle(
             if progress:
                 progress(stage, "skipped")
             continue
+        if should_stop and should_stop():  # no new stage starts once the daemon is stopping
+            raise CycleStopped(f"iteration {iteration_id} resumes at {stage}")
         if progress:
             progress(stage, "running")
         _mark_queued(sessions, iteration_id, stage)
         try:
             dispatcher.run_stage(iteration_id, stage)
         except Exception as exc:
+            if should_stop and should_stop():  # interrupted by the stop, not failed: nothing is counted
+                raise CycleStopped(f"iteration {iteration_id} resumes at {stage}") from exc
             _give_up_if_exhausted(sessions, settings, iteration_id, stage, exc)
             raise CycleError(f"iteration {iteration_id}: stage {stage} failed: {exc}") from exc
         if progress:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +37,10 @@ class EagerDispatcher:
 
         ctx = StageContext(settings=self.settings, sessions=self.sessions, iteration_id=iteration_id)
         return execute_stage(ctx, stage, stage_function(stage))
+
+
+class DispatchStopped(RuntimeError):
+    """The daemon stopped waiting for a stage because it is shutting down."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -88,6 +95,8 @@ class CeleryDispatcher:
         self.worker_health = worker_health
         self.app = make_celery(settings)
         self.redispatches = 0
+        # Set by the daemon on SIGTERM/SIGINT: stop waiting; the stage's worker keeps its lease.
+        self.stop_event = threading.Event()
 
     def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
         bound = log.bind(iteration_id=iteration_id, stage=stage)
@@ -103,6 +112,8 @@ class CeleryDispatcher:
                 return dict(row.result)
             if row.status == StageStatus.failed and (row.attempts > attempts_before or not self._iteration_running(iteration_id)):
                 raise RuntimeError(row.error or "stage failed in the worker")
+            if self.stop_event.is_set():
+                raise DispatchStopped(f"the daemon is stopping; {stage} of iteration {iteration_id} is left to its worker")
             problem = self.worker_health() if self.worker_health else None
             if problem:
                 raise RuntimeError(problem)
@@ -176,12 +187,17 @@ class LocalWorker:
         # The file holds the snapshot, secrets masked; the secrets travel in the environment.
         env.update(self.settings.secret_env())
         env["KAIZEN_CONFIG"] = str(config_path)
+        from workers.owner import OWNER_ENV
+
+        env[OWNER_ENV] = str(os.getpid())  # the worker kills itself once this daemon is gone (workers/owner.py)
         log_path = self.settings.resolved_data_dir / "worker.log"
         self.process = subprocess.Popen(
             worker_command(queues=["gpu", "cpu"], concurrency=1),
             env=env,
             stdout=open(log_path, "ab"),  # noqa: SIM115 - owned by the child for its lifetime
             stderr=subprocess.STDOUT,
+            # A process group of its own: stop() ends the worker and every pool process it forked.
+            start_new_session=True,
         )
         log.info("worker.started", pid=self.process.pid, log=str(log_path))
 
@@ -197,12 +213,18 @@ class LocalWorker:
         return f"the local worker exited with code {code} (see {log_path}); it has been restarted"
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
+        """End the worker and its pool processes: SIGTERM to its group, SIGKILL after 30 s."""
+        if self.process is None:
+            return
+        group = self.process.pid  # start_new_session: the worker leads its own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                log.warning("worker.kill", pid=group, reason="still running 30 s after SIGTERM")
+            os.killpg(group, signal.SIGKILL)  # pool processes outlive a main process that exited
+        self.process.wait(timeout=30)
         self.process = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import structlog
@@ -13,7 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
-from daemon.cycle import CycleError, StageDispatcher, run_cycle
+from daemon.cycle import CycleError, CycleStopped, StageDispatcher, run_cycle
 from daemon.leader import LeaderElection
 
 log = structlog.get_logger(__name__)
@@ -37,6 +38,11 @@ class Daemon:
         self.failures = 0
         self.gave_up: str | None = None
         self.scheduler = BlockingScheduler(timezone="UTC")
+        # SIGTERM/SIGINT: no new stage starts, the waits end, the leader lock is released on the way out.
+        self.stopping = threading.Event()
+        self.stop_signal: str | None = None
+        if hasattr(dispatcher, "stop_event"):
+            dispatcher.stop_event = self.stopping
         self._lock = threading.Lock()
 
     def _trigger(self):  # type: ignore[no-untyped-def]
@@ -79,7 +85,10 @@ class Daemon:
         if self._paused():
             return
         try:
-            report = run_cycle(self.sessions, self.settings, self.dispatcher)
+            report = run_cycle(self.sessions, self.settings, self.dispatcher, should_stop=self.stopping.is_set)
+        except CycleStopped as exc:
+            log.info("cycle.stopped", reason=str(exc))
+            return
         except CycleError as exc:
             self.failures += 1
             log.error("cycle.failed", error=str(exc), consecutive_failures=self.failures)
@@ -117,7 +126,34 @@ class Daemon:
             misfire_grace_time=3600, next_run_time=datetime.now(timezone.utc),
         )
         log.info("daemon.started", max_cycles=self.max_cycles)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_stop_signal)
+            signal.signal(signal.SIGINT, self._on_stop_signal)
         try:
             self.scheduler.start()
         except (KeyboardInterrupt, SystemExit):
-            log.info("daemon.stopping")
+            self.stopping.set()
+            log.info("daemon.stopping", signal=self.stop_signal or "SIGINT", action="letting the running tick end; no new stage starts")
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=True)
+            log.info("daemon.stopped", signal=self.stop_signal or "SIGINT", resumes=self._resume_note())
+
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        self.stopping.set()
+        raise KeyboardInterrupt  # out of the scheduler's wait in the main thread
+
+    def _resume_note(self) -> str:
+        """What the next start picks up: the running iteration's first unfinished stage, if any."""
+        from sqlalchemy import select
+
+        from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus
+        from daemon.stage_specs import STAGE_ORDER
+
+        with self.sessions() as session:
+            running = session.scalars(select(Iteration).where(Iteration.status == IterationStatus.running)).first()
+            if running is None:
+                return "nothing: no iteration is in progress"
+            rows = {r.stage: r.status for r in session.scalars(select(StageRun).where(StageRun.iteration_id == running.id))}
+        todo = next((s for s in STAGE_ORDER if s in rows and rows[s] != StageStatus.succeeded), None)
+        return f"iteration {running.id} at {todo}" if todo else f"iteration {running.id} (its stages are done)"

@@ -38,6 +38,7 @@ from daemon.logs import configure_logging
 import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
 from daemon.stage_runner import execute_stage
 from daemon.stage_runs import StageContext, StageDeliveryDropped
+from workers.owner import bind_pool_process_to_worker, bind_worker_to_owner
 
 TASK_NAME = "kaizen.run_stage"
 
@@ -87,12 +88,14 @@ def _configure_worker_logging(**_: Any) -> None:
     # processes inherit it.
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
+    bind_worker_to_owner()  # a local worker dies with its daemon (workers/owner.py)
 
 
 @worker_process_init.connect
 def _fresh_engine_after_fork(**_: Any) -> None:
     # A connection pool must never cross a fork.
     _worker_sessions.cache_clear()
+    bind_pool_process_to_worker()
 
 
 def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | None = None) -> dict[str, Any]:
