@@ -25,6 +25,7 @@ from daemon.db.engine import transaction
 from daemon.db.models import Checkpoint, SuiteResult
 from policies import suites
 from policies.stats import proportion_ci
+from workers import artifacts
 from workers.judges import build_judge
 from workers.runtime import Generation
 from workers.loading import load_runtime, user_prompt
@@ -135,9 +136,20 @@ def evaluate_checkpoint(
     return row
 
 
+class EvaluationError(ValueError):
+    """A suite cannot be evaluated (the checkpoint does not load); the message says which and why."""
+
+
 def greedy_answers(settings: Settings, checkpoint_path: str, prompts: list[str], progress: Progress | None = None) -> list[Generation]:
     """One greedy answer per prompt (a user turn in the checkpoint's chat template)."""
-    runtime = load_runtime(settings, checkpoint_path)
+    if artifacts.is_local(checkpoint_path) and artifacts.local_path(checkpoint_path).is_absolute() \
+            and not artifacts.local_path(checkpoint_path).exists():
+        raise EvaluationError(f"cannot load the checkpoint at {checkpoint_path}: no such directory (moved or deleted?)")
+    try:
+        runtime = load_runtime(settings, checkpoint_path)
+    except (RuntimeError, OSError, ValueError) as exc:  # missing, truncated or corrupted; not a model
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvaluationError(f"cannot load the checkpoint at {checkpoint_path}: {first_line}") from exc
     rendered = [user_prompt(runtime, prompt) for prompt in prompts]
     outputs = runtime.generate(
         rendered, num_samples=1, max_new_tokens=settings.eval.max_new_tokens, temperature=0.0,

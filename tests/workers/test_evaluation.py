@@ -161,6 +161,10 @@ def test_a_bad_jsonl_file_fails_in_one_line_and_records_nothing(env: Env, tmp_pa
     assert env.rows() == []
     unknown = env.kaizen("eval", "nope", "--suite", "instruct-checks")
     assert unknown.exit_code == 1 and "unknown checkpoint 'nope'" in unknown.output
+    env.add_champion("ckpt-0001", tmp_path / "gone")
+    missing = env.kaizen("eval", "ckpt-0001", "--suite", "instruct-checks")
+    assert missing.exit_code == 1 and f"cannot load the checkpoint at {tmp_path / 'gone'}: no such directory" in missing.output
+    assert env.rows() == []
 
 
 def test_champion_is_compared_with_initial_by_paired_bootstrap(env: Env, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
