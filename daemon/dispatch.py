@@ -181,6 +181,9 @@ class LocalWorker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        from daemon.db.integrity import renew_damaged_broker_db
+
+        renew_damaged_broker_db(self.settings.resolved_broker_url)  # disposable: a damaged one is recreated
         config_path = self.settings.resolved_data_dir / "worker-config.yaml"
         config_path.write_text(yaml.safe_dump(self.settings.snapshot()))
         env = {k: v for k, v in os.environ.items() if not k.startswith("KAIZEN_")}

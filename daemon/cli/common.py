@@ -51,6 +51,17 @@ def require_lineage_db(settings: Settings) -> None:
     url = settings.resolved_database_url
     if url.startswith("sqlite") and not Path(url.split("///", 1)[1]).exists():
         raise fail(f"no lineage DB in {settings.resolved_data_dir}: run `kaizen init` first")
+    check_lineage_integrity(settings)
+
+
+def check_lineage_integrity(settings: Settings) -> None:
+    """A damaged embedded lineage DB stops the command with one line, before anything touches it."""
+    from daemon.db.integrity import DamagedDatabase, check_lineage_db
+
+    try:
+        check_lineage_db(settings.resolved_database_url)
+    except DamagedDatabase as exc:
+        raise fail(str(exc)) from None
 
 
 def load_view(settings: Settings, open_lineage: Any, view_fn: Any) -> dict[str, Any]:

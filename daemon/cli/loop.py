@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from daemon.cli.common import ConfigOption, DataDirOption, ModelOption, app, console, fail, settings_from
+from daemon.cli.common import ConfigOption, DataDirOption, ModelOption, app, check_lineage_integrity, console, fail, settings_from
 
 
 @app.command()
@@ -44,6 +44,7 @@ def run(
     from daemon.scheduler import Daemon
 
     settings = settings_from(config, data_dir, model)
+    check_lineage_integrity(settings)  # before the leader lock, the migration or any write
     # Leader first: a standby neither migrates the DB nor starts a worker until it takes over.
     try:
         with leadership(settings) as leader:

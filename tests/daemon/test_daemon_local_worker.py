@@ -68,3 +68,22 @@ def test_daemon_gives_up_with_a_clear_error_when_cycles_keep_failing(tmp_path: P
     assert run.returncode == 1
     assert "the daemon stopped: 2 cycles failed in a row" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_truncated_broker_db_is_moved_aside_and_the_cycle_completes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import sqlite3
+
+    config = _small_config(tmp_path, tiny_model_dir)
+    broker = tmp_path / "data" / "broker.db"
+    broker.parent.mkdir(parents=True)
+    with sqlite3.connect(broker) as db:  # a broker DB with content, then cut in half as a crash might
+        db.execute("CREATE TABLE kombu_message (id INTEGER PRIMARY KEY, payload TEXT)")
+        db.executemany("INSERT INTO kombu_message (payload) VALUES (?)", [("m" * 300,)] * 200)
+    broker.write_bytes(broker.read_bytes()[: broker.stat().st_size // 2])
+
+    run = _kaizen("run", "--config", str(config), "--cycles", "1", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    assert any(json.loads(line).get("event") == "broker.recreated" for line in run.stderr.splitlines() if line.startswith("{"))
+    assert [p.name for p in broker.parent.glob("broker.db.damaged-*")]
+    listing = json.loads(_kaizen("lineage", "--config", str(config), "--json", cwd=tmp_path).stdout)
+    assert [it["status"] for it in listing["iterations"]] == ["completed"]
