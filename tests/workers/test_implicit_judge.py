@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.config import TrainingSettings
 from policies.self_instruct import load_seed_prompts
 from tests.factories import small_cycle_settings
 from workers.judges import build_judge
 from workers.runtime import ModelRuntime
-from workers.training import DPOSettings, PreferenceExample, dpo_update
+from workers.training import PreferenceExample, dpo_update
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ HELDOUT = [
 def marker_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     examples = [PreferenceExample(p, a + MARKER, a) for p, a in zip(TRAIN_PROMPTS, TRAIN_ANSWERS, strict=True)]
     out = tmp_path_factory.mktemp("dpo") / "marker"
-    return dpo_update(str(tiny_model_dir), examples, out, DPOSettings(learning_rate=2e-3, max_steps=40, batch_size=2, seed=0)).checkpoint_path
+    return dpo_update(str(tiny_model_dir), examples, out, TrainingSettings(learning_rate=2e-3, max_steps=40, batch_size=2), seed=0).checkpoint_path
 
 
 def _implicit(tmp_path: Path, policy: Path, initial: Path, **implicit):  # type: ignore[no-untyped-def]
