@@ -117,8 +117,9 @@ def _no_commas(p: Params, text: str) -> bool:
 
 # --- Structure ------------------------------------------------------------------------
 
-_BULLET = re.compile(r"^[ \t]*[*\-•+][ \t]+\S", re.MULTILINE)
-_SECTION = re.compile(r"^[ \t]*[#*_]*[ \t]*section[ \t]+(\d+)\b", re.MULTILINE | re.IGNORECASE)
+# An optional opening quote: a quotation-wrapped answer's first line starts with it.
+_BULLET = re.compile(r"^[ \t]*[\"“]?[ \t]*[*\-•+][ \t]+\S", re.MULTILINE)
+_SECTION = re.compile(r"^[ \t]*[\"“]?[#*_]*[ \t]*section[ \t]+(\d+)\b", re.MULTILINE | re.IGNORECASE)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _PLACEHOLDER = re.compile(r"\[[^\[\]\n]*\w[^\[\]\n]*\](?!\()")
 _BOLD = re.compile(r"\*\*([^*\n]+?)\*\*")

@@ -11,7 +11,8 @@ import re
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_LEADING_MARKDOWN = re.compile(r"^\s*(?:#{1,6}\s+|[*_>]+\s*)*")
+# Heading marks, emphasis, block quotes, and the opening quote of a quotation-wrapped answer.
+_LEADING_MARKDOWN = re.compile(r"^\s*(?:#{1,6}\s+|[*_>\"“]+\s*)*")
 _FENCED = re.compile(r"^```[\w-]*[ \t]*\n(?P<body>.*?)\n?```$", re.DOTALL)
 DIVIDER_LINE = re.compile(r"^[ \t]*\*{3}[ \t]*$", re.MULTILINE)
 TITLE = re.compile(r"<<[^<>\n]*\w[^<>\n]*>>")
@@ -60,8 +61,9 @@ def content_lines(text: str) -> list[str]:
 
 
 def without_leading_markdown(line: str) -> str:
-    """A line without its heading marks, emphasis stars, underscores or quote marks (">")."""
-    return _LEADING_MARKDOWN.sub("", line, count=1).strip().strip("*_").strip()
+    """A line without its heading marks, emphasis stars, underscores, block-quote marks (">") or
+    double quotes around it (an answer wrapped whole in quotes starts and ends with one)."""
+    return _LEADING_MARKDOWN.sub("", line, count=1).strip().strip("*_\"“”").strip()
 
 
 def unfenced(text: str) -> str:

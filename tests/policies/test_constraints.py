@@ -91,6 +91,10 @@ CASES = [
     (C("two_responses"), "Apples are red.\n******\nApples are red!", False),
     (C("two_responses"), "One.\n******\nTwo.\n******\nThree.", False),
     (C("two_responses"), "One.\n*******\nTwo.", False),
+    # A quotation-wrapped answer still has its header, sections and bullets.
+    (C("language_marker", language="English"), '"Language: English\nThe cat is on the mat and it is happy."', True),
+    (C("numbered_sections", n=2), '"Section 1\nIntro.\nSection 2\nEnd."', True),
+    (C("bullet_points", n=2), '"* one\n* two"', True),
     (C("highlights", n=2), "This is *important* and **bold** text.", True),
     (C("highlights", n=2), "* a bullet\n* another bullet with *one* highlight", False),
     (C("highlights", n=1), "Two * three * four", False),
