@@ -7,7 +7,6 @@ ops/bench/dashboard.py for the measured times and migrations/versions/0002_ops.p
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,11 +19,10 @@ from daemon.db import lineage, suite_results
 from daemon.db.models import Checkpoint, Evaluation, Event, Iteration, IterationStatus, Judgment, Pair, Prompt, Response, StageRun
 from policies.judge_metrics import WARNING_EVENT_KIND as JUDGE_WARNING_EVENT
 from policies.judge_metrics import iteration_judge_metrics
+from policies.score_bins import UNPARSEABLE, empty_histogram, fit_bins, score_bucket
 from daemon.stage_specs import STAGE_ORDER
 
 # Judge scores are 1..5 (policies.rubric); a fractional mean falls in the bucket of its integer part.
-SCORE_BUCKETS = (1, 2, 3, 4, 5)
-UNPARSEABLE = "unparseable"
 DPO_CHART_KEYS = {"loss": "loss", "reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
 
 
@@ -64,7 +62,7 @@ def _evaluations_by_iteration(session: Session, ids: Sequence[int]) -> dict[int,
 
 def score_histograms(session: Session, iteration_ids: Sequence[int]) -> dict[int, dict[str, int]]:
     """Per iteration: judgments per score bucket ("1".."5") plus the unparseable ones."""
-    histograms = {i: _empty_histogram() for i in iteration_ids}
+    histograms = {i: empty_histogram() for i in iteration_ids}
     for chunk in _chunks(list(iteration_ids)):
         rows = session.execute(
             select(Judgment.iteration_id, Judgment.score, func.count())
@@ -72,7 +70,7 @@ def score_histograms(session: Session, iteration_ids: Sequence[int]) -> dict[int
             .group_by(Judgment.iteration_id, Judgment.score)
         )
         for iteration_id, score, count in rows:
-            histograms[iteration_id][_bucket(score)] += count
+            histograms[iteration_id][score_bucket(score)] += count
     return histograms
 
 
@@ -80,59 +78,13 @@ def fitted_score_histogram(session: Session, iteration_id: int, target_bins: int
     """One iteration's judgments in bins that fit the range of its scores, plus the unparseable ones.
 
     Logprob judges give expected scores such as 2.2-2.8: whole-number buckets would put them all
-    in one bar, so the bins here span the observed range (see :func:`fit_bins`).
+    in one bar, so the bins here span the observed range (see policies.score_bins.fit_bins).
     """
     rows = session.execute(select(Judgment.score, func.count()).where(Judgment.iteration_id == iteration_id).group_by(Judgment.score))
     counts: dict[float | None, int] = dict(rows.all())
     histogram = fit_bins({s: n for s, n in counts.items() if s is not None}, target_bins)
     histogram[UNPARSEABLE] = counts.get(None, 0)
     return histogram
-
-
-def _nice_width(raw: float) -> float:
-    """The smallest of 1, 2, 2.5 or 5 times a power of ten that is at least ``raw``."""
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(power * step for step in (1, 2, 2.5, 5, 10) if power * step >= raw * (1 - 1e-9))
-
-
-def fit_bins(counts: dict[float, int], target_bins: int = 12) -> dict[str, int]:
-    """``{value: count}`` grouped into about ``target_bins`` equal bins with round edges over its range.
-
-    Labels name the bins ("2.25-2.30" holds [2.25, 2.30), the last bin also its upper edge);
-    whole-number data keeps whole-number bins ("3"). Empty bins inside the range are kept, so
-    the shape stays visible.
-    """
-    if not counts:
-        return {}
-    low, high = min(counts), max(counts)
-    if high == low:
-        return {f"{low:g}": sum(counts.values())}
-    whole = all(float(v).is_integer() for v in counts)
-    width = _nice_width((high - low) / target_bins)
-    if whole:
-        width = float(max(1, math.ceil(width)))
-    start = math.floor(low / width + 1e-9) * width
-    n_bins = int((high - start) / width + 1e-9) + 1
-    edges = [start + i * width for i in range(n_bins + 1)]
-    if whole and width == 1.0:
-        labels = [f"{e:.0f}" for e in edges[:-1]]
-    else:
-        decimals = max(0, math.ceil(-math.log10(width) - 1e-9)) + (1 if f"{width:e}".startswith("2.5") else 0)
-        labels = [f"{a:.{decimals}f}-{b:.{decimals}f}" for a, b in zip(edges, edges[1:])]
-    histogram = dict.fromkeys(labels, 0)
-    for value, n in counts.items():
-        histogram[labels[min(int((value - start) / width + 1e-9), n_bins - 1)]] += n
-    return histogram
-
-
-def _empty_histogram() -> dict[str, int]:
-    return {str(b): 0 for b in SCORE_BUCKETS} | {UNPARSEABLE: 0}
-
-
-def _bucket(score: float | None) -> str:
-    if score is None:
-        return UNPARSEABLE
-    return str(min(max(int(score), SCORE_BUCKETS[0]), SCORE_BUCKETS[-1]))
 
 
 # ---------------------------------------------------------------- iteration summaries

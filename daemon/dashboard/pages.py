@@ -13,6 +13,7 @@ from daemon.dashboard.charts import Series, bar_chart, line_chart, stacked_bar_c
 from daemon.dashboard.graph import REJECTED, render_lineage_svg
 from daemon.db.models import Event
 from daemon.stage_specs import STAGE_LABELS, STAGE_ORDER
+from policies.score_bins import SCORE_BUCKETS, UNPARSEABLE
 
 
 
@@ -20,7 +21,7 @@ def _iteration_charts(iterations: list[dict[str, Any]], settings: Settings) -> d
     labels = [str(it["iteration"]) for it in iterations]
     gates = [it["gate"] or {} for it in iterations]
     threshold = settings.gate.min_win_rate_lower_bound
-    histogram_keys = [*map(str, views.SCORE_BUCKETS), views.UNPARSEABLE]
+    histogram_keys = [*map(str, SCORE_BUCKETS), UNPARSEABLE]
     return {
         "win_rate": line_chart(
             "Gate win rate (whisker: Wilson lower bound)", labels, [Series("win rate", [g.get("win_rate") for g in gates])],
@@ -29,7 +30,7 @@ def _iteration_charts(iterations: list[dict[str, Any]], settings: Settings) -> d
         ),
         "scores": stacked_bar_chart(
             "Judge-score distribution (judgments per score)", labels,
-            [Series(f"score {k}" if k != views.UNPARSEABLE else k, [it["score_histogram"][k] for it in iterations]) for k in histogram_keys],
+            [Series(f"score {k}" if k != UNPARSEABLE else k, [it["score_histogram"][k] for it in iterations]) for k in histogram_keys],
             chart_id="chart-scores",
         ),
         "training": line_chart(
