@@ -45,8 +45,17 @@ def training_rng(seed: int, iteration: int) -> random.Random:
 def attach_constraints(task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None) -> VerifiablePrompt:
     """`task` with `k` compatible constraints (of `kinds`, default any); the prompt is the task
     plus their sentences."""
+    task = as_sentence(task)
     constraints = tuple(sample_constraints(rng, k, kinds=kinds, task=task))
-    return VerifiablePrompt(task.strip(), constraints, render_prompt(task, constraints))
+    return VerifiablePrompt(task, constraints, render_prompt(task, constraints))
+
+
+def as_sentence(task: str) -> str:
+    """`task` stripped, with a full stop added when it ends without punctuation: a self-written
+    task is often a bare title ("Morning Bible Study"), and the constraint sentence that follows
+    must not read as part of it."""
+    task = task.strip()
+    return task if not task or task[-1] in ".?!:;\"')]" else task + "."
 
 
 def task_of(prompt: str, constraints: Sequence[Constraint]) -> str:

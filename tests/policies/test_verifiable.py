@@ -52,3 +52,17 @@ def test_suite_tasks_and_near_copies_are_dropped():
     tasks = [suite_task, "Why do people yawn?", near_copy]
 
     assert drop_suite_overlaps(tasks) == ["Why do people yawn?"]
+
+
+def test_task_of_inverts_attach_constraints_and_bare_titles_become_sentences():
+    import random
+
+    from policies.verifiable import as_sentence, attach_constraints, task_of
+
+    prompt = attach_constraints("Morning Bible Study", random.Random(3), 2)
+
+    assert prompt.task == "Morning Bible Study."
+    assert prompt.prompt.startswith("Morning Bible Study. ")
+    assert task_of(prompt.prompt, prompt.constraints) == "Morning Bible Study."
+    assert as_sentence("Why is the sky blue?") == "Why is the sky blue?"
+    assert task_of("A task without its constraints.", prompt.constraints) == "A task without its constraints."
