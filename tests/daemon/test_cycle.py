@@ -57,7 +57,7 @@ def test_a_full_cycle_records_every_stage_and_a_decision(env) -> None:
         assert set(stages) == set(CORE_STAGES)
         assert all(r.status == StageStatus.succeeded and r.compute_seconds > 0 for r in stages.values())
         assert _count(session, Prompt) == settings.prompts.per_cycle + settings.gate.heldout_prompts
-        # strategy "both": N policy samples + one positive and one negative RLCD answer per prompt
+        # the default strategy (verified+self_reward+rlcd): N policy samples + one positive and one negative RLCD answer per prompt
         assert _count(session, Response) == settings.prompts.per_cycle * (settings.respond.num_samples + 2)
         pairs = _count(session, Pair)
         assert pairs == stages["build_pairs"].result["pairs"] >= settings.prompts.per_cycle - 1
