@@ -229,9 +229,10 @@ def test_the_stage_labels_trains_and_registers_a_verified_checkpoint(tmp_path: P
     path = ctx.settings.artifacts_dir / "checkpoints" / result["checkpoint_id"]
     manifest = verify_checkpoint(path)
     assert manifest.metadata["kind"] == CHECKPOINT_KIND
-    assert manifest.metadata["parent"] == str(judge_model)
     assert manifest.metadata["num_examples"] == 4
     with ctx.sessions() as session:
+        # The initial model is adopted into the artifact store as ckpt-0000 (workers.trust); SFT starts from it.
+        assert manifest.metadata["parent"] == session.get(Checkpoint, INITIAL_CHECKPOINT_ID).path
         checkpoint = session.get(Checkpoint, result["checkpoint_id"])
         assert checkpoint.parent_id == INITIAL_CHECKPOINT_ID
         assert checkpoint.status == CheckpointStatus.candidate and checkpoint.path == str(path)
