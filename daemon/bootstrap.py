@@ -61,13 +61,44 @@ def initialise(settings: Settings) -> sessionmaker[Session]:
     with sessions() as session:
         champion = lineage.current_champion(session)
         champion_id = champion.id if champion is not None else None
+        champion_path = champion.path if champion is not None else None
     if champion_id is None:
         # Outside any transaction: converting a model takes a while and must not hold the DB.
         from workers.trust import adopt_initial_model
 
         path, base_model = resolve_initial_model(settings)
+        # A model that fails a check raises ModelCheckError here, before anything is adopted or registered.
+        profile = check_model_settings(settings, path)
         path = adopt_initial_model(settings, path)  # every registered checkpoint has a manifest
         with transaction(sessions) as session:
-            champion_id = lineage.register_initial_champion(session, path=path, base_model=base_model, actor="kaizen init").id
+            champion = lineage.register_initial_champion(
+                session, path=path, base_model=base_model, actor="kaizen init", profile=profile.as_dict()
+            )
+            champion_id = champion.id
+    else:
+        check_genarm_base_model(settings, str(champion_path))
     log.info("lineage.ready", database=redact_url(settings.resolved_database_url), champion=champion_id)
     return sessions
+
+
+def check_model_settings(settings: Settings, path: str):  # type: ignore[no-untyped-def]
+    """``model.path`` (resolved to ``path``) and ``genarm.base_model_path`` pass the model checks
+    (workers.model_checks.check_model); returns the model's profile."""
+    from workers.model_checks import check_model
+
+    profile = check_model(path, key="model.path", **settings.model.runtime_options())
+    check_genarm_base_model(settings, path)
+    return profile
+
+
+def check_genarm_base_model(settings: Settings, policy_path: str) -> None:
+    """A weak-to-strong reward base must load and share the policy's tokenizer: checked before any stage trains on it."""
+    base = settings.genarm.base_model_path
+    if not base:
+        return
+    from workers.artifacts import model_path_for_loading
+    from workers.model_checks import check_model, check_tokenizers_match
+
+    key = "genarm.base_model_path"
+    check_model(base, key=key, device=settings.model.runtime_options()["device"])
+    check_tokenizers_match(model_path_for_loading(settings, policy_path), base, key=key)

@@ -8,7 +8,7 @@ recorded ones (``Settings.for_iteration``). ``daemon.config`` assembles them int
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,6 +32,20 @@ class ModelSettings(Section):
     # shared or oversubscribed machine every multi-threaded op waits for its slowest descheduled
     # thread, which made generation ten times slower than one thread in our measurements.
     cpu_threads: int = Field(1, ge=0)
+    # How chat messages become prompt text everywhere (sampling, judging, training, serving); see
+    # policies/prompt_format.py. auto: the tokenizer's chat template, or URIAL for a base model.
+    prompt_format: Literal["auto", "chat_template", "urial", "plain"] = "auto"
+    # Overrides the context window read from the model config (max_position_embeddings / n_positions)
+    # or the tokenizer (model_max_length); prompts + max_new_tokens are kept inside it.
+    context_length: int | None = Field(None, ge=16)
+
+    def runtime_options(self) -> dict[str, Any]:
+        """The keyword arguments every model load takes from this section."""
+        return {
+            "device": None if self.device == "auto" else self.device,
+            "prompt_format": self.prompt_format,
+            "context_length": self.context_length,
+        }
 
 
 class GenerationSettings(Section):

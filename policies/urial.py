@@ -172,15 +172,19 @@ def _refuse_markers(text: str, field: str, source: str) -> None:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_urial_prompt(messages: list[dict], preset: UrialPreset) -> str:
-    """The URIAL prompt for an OpenAI-format chat (exact format in the module docstring)."""
+def render_urial_prompt(messages: list[dict], preset: UrialPreset, *, drop_examples: int = 0) -> str:
+    """The URIAL prompt for an OpenAI-format chat (exact format in the module docstring).
+
+    ``drop_examples`` leaves out that many preset examples from the front: how a prompt too long
+    for a small context window is shortened while the chat itself is kept whole.
+    """
     systems, turns = _split_chat(messages)
     if not turns or turns[-1][0] != "user":
         raise UrialChatError("a URIAL prompt needs the chat to end with a user message (the query to answer)")
     if turns[0][0] != "user":
         raise UrialChatError("the chat's first non-system message must come from the user, not the assistant")
     exchanges = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-    blocks = [_example_block(q, a) for q, a in (*preset.examples, *exchanges)]
+    blocks = [_example_block(q, a) for q, a in (*preset.examples[max(0, drop_examples) :], *exchanges)]
     query = turns[-1][1]
     parts = [preset.preamble.strip(), *systems, *blocks, f"{URIAL_STOP}\n{query}", f"{ANSWER_MARKER}\n"]
     return _BLOCK_SEPARATOR.join(parts)

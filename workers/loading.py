@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 def load_runtime(settings: Settings, checkpoint_path: str) -> ModelRuntime:
     """The process's runtime for a checkpoint, on the configured device and CPU threads."""
     configure_cpu_threads(settings.model.cpu_threads)
-    device = None if settings.model.device == "auto" else settings.model.device
-    # A checkpoint kaizen wrote is verified against its manifest (and fetched if remote) first.
-    return get_runtime(artifacts.model_path_for_loading(settings, checkpoint_path), device=device)
+    # A checkpoint kaizen wrote is verified against its manifest (and fetched if remote) first;
+    # model.device, model.prompt_format and model.context_length shape the runtime and its profile.
+    return get_runtime(artifacts.model_path_for_loading(settings, checkpoint_path), **settings.model.runtime_options())
 
 
-def user_prompt(runtime: ModelRuntime, content: str) -> str:
-    return runtime.render_chat([{"role": "user", "content": content}])
+def user_prompt(runtime: ModelRuntime, content: str, max_new_tokens: int | None = None) -> str:
+    """One user turn in the model's prompt format; URIAL drops examples to leave room for ``max_new_tokens``."""
+    return runtime.render_chat([{"role": "user", "content": content}], max_new_tokens=max_new_tokens)

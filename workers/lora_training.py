@@ -191,9 +191,13 @@ def train_lora_checkpoint(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
+    from workers.model_profile import training_max_length
+
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
     # Full precision master weights: the adapter is merged into an fp32 base (bf16 only as autocast on GPU).
     model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    # Positions past the model's context do not exist: max_length stays inside it.
+    settings = settings.model_copy(update={"max_length": training_max_length(settings.max_length, model.config, tokenizer)})
     targets = settings.lora_target_modules
     peft_config = LoraConfig(
         r=settings.lora_r,

@@ -38,6 +38,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from policies.model_profile import ModelProfile, check_context, fits_context
+from policies.prompt_format import FORMAT_CHAT_TEMPLATE, FORMAT_URIAL, render_plain_prompt
+from workers.model_profile import profile_of
 from workers.sampling import TemperatureTopPWarper
 
 # Load bars per checkpoint would flood worker logs; the CLI shows its own progress.
@@ -142,12 +145,28 @@ class GeneratedTextStop(StoppingCriteria):
 class ModelRuntime:
     """A loaded causal LM plus tokenizer, ready for batched generation and scoring."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_path: str = "", device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_path: str = "",
+        device: str | None = None,
+        prompt_format: str = "auto",
+        context_length: int | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._lock = threading.RLock()  # seeding + generation must not interleave between threads
+        # Read before the pad fallback below, so the profile records the tokenizer as it is.
+        self.profile: ModelProfile = profile_of(
+            model.config, tokenizer, generation_config=getattr(model, "generation_config", None),
+            prompt_format=prompt_format, context_length=context_length,
+        )
+        if not self.profile.eos_token_ids:
+            raise ValueError(f"the tokenizer of {model_path!r} has no eos token; set eos_token in its tokenizer_config.json")
 
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
@@ -155,23 +174,23 @@ class ModelRuntime:
                 raise ValueError(f"tokenizer of {model_path!r} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_token_id: int = int(tokenizer.pad_token_id)
-
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(model.config, "eos_token_id", None)
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_token_ids: list[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        self.eos_token_ids: list[int] = list(self.profile.eos_token_ids)
 
         self._forward_params = set(inspect.signature(model.forward).parameters)
         self._bos_prefix = self._special_prefix()
+        self._urial_preset: Any = None
         model.eval()
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, model_path: str, *, device: str | None = None, dtype: str = "auto") -> ModelRuntime:
-        """Load a local checkpoint directory, a hub id or a ``.gguf`` file (dequantized)."""
+    def load(
+        cls, model_path: str, *, device: str | None = None, dtype: str = "auto", prompt_format: str = "auto", context_length: int | None = None
+    ) -> ModelRuntime:
+        """Load a local checkpoint directory, a hub id or a ``.gguf`` file (dequantized).
+
+        ``prompt_format`` and ``context_length`` are ``model.prompt_format`` and ``model.context_length``.
+        """
         device = device or default_device()
         torch_dtype = _resolve_dtype(dtype, device)
         started = time.perf_counter()
@@ -182,7 +201,7 @@ class ModelRuntime:
         model = load_causal_lm(model_path, **kwargs)
         if device == "cpu":
             model.to(device)
-        runtime = cls(model, tokenizer, model_path=str(model_path), device=device)
+        runtime = cls(model, tokenizer, model_path=str(model_path), device=device, prompt_format=prompt_format, context_length=context_length)
         log.info(
             "model_loaded",
             model_path=str(model_path),
@@ -190,21 +209,64 @@ class ModelRuntime:
             dtype=str(model.dtype).removeprefix("torch."),
             load_seconds=round(time.perf_counter() - started, 3),
             num_parameters=sum(p.numel() for p in model.parameters()),
+            context_length=runtime.profile.context_length,
+            prompt_format=runtime.profile.prompt_format,
         )
         return runtime
 
     # ------------------------------------------------------------------ text handling
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render chat messages to prompt text with the tokenizer's chat template (or a plain fallback)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        lines = [f"{str(m['role']).capitalize()}: {m['content']}" for m in messages]
-        if add_generation_prompt:
-            lines.append("Assistant:")
-        return "\n".join(lines)
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, *, max_new_tokens: int | None = None) -> str:
+        """Chat messages as this model's prompt text, in its prompt format (``policies.prompt_format``).
+
+        This is the one rendering every stage, the trainers and the server use. With
+        ``max_new_tokens``, a URIAL prompt that would not leave room for them in the context drops
+        preset examples (oldest first) until it does.
+        """
+        fmt = self.profile.prompt_format
+        if fmt == FORMAT_CHAT_TEMPLATE:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if fmt == FORMAT_URIAL:
+            return self.render_urial(messages, max_new_tokens=max_new_tokens)
+        return render_plain_prompt(messages, add_generation_prompt=add_generation_prompt)
+
+    def render_urial(self, messages: list[dict], preset: Any = None, *, max_new_tokens: int | None = None) -> str:
+        """The URIAL prompt (``preset`` or the packaged one), shortened by its examples to fit ``max_new_tokens``."""
+        from policies.urial import load_urial_preset, render_urial_prompt
+
+        if preset is None:
+            if self._urial_preset is None:
+                self._urial_preset = load_urial_preset()
+            preset = self._urial_preset
+        prompt = render_urial_prompt(messages, preset)
+        if max_new_tokens is None:
+            return prompt
+        for dropped in range(1, len(preset.examples) + 1):
+            if self.fits(prompt, max_new_tokens):
+                break
+            prompt = render_urial_prompt(messages, preset, drop_examples=dropped)
+        return prompt
+
+    # ------------------------------------------------------------------ context window
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.context_ids(prompt))
+
+    def fits(self, prompt: str, max_new_tokens: int) -> bool:
+        return fits_context(self.profile, self.prompt_tokens(prompt), max_new_tokens)
+
+    def check_prompt(self, prompt: str, max_new_tokens: int) -> None:
+        """Raise ``ContextLengthExceeded`` unless ``prompt`` leaves room for ``max_new_tokens``."""
+        check_context(self.profile, self.prompt_tokens(prompt), max_new_tokens)
+
+    def probe_forward(self) -> None:
+        """One forward pass on a short rendered prompt: the model runs, not only loads."""
+        ids = self.context_ids(self.render_chat([{"role": "user", "content": "Hello"}]))[-min(16, self.profile.context_length) :]
+        input_ids, attention_mask = self._left_pad([ids])
+        with self._lock, torch.inference_mode():
+            logits = self._forward_logits(input_ids, attention_mask, keep_last=1)
+        if not torch.isfinite(logits).all():
+            raise ValueError("the forward pass gave non-finite logits")
 
     def _special_prefix(self) -> list[int]:
         """The ids the tokenizer puts in front of any text (usually [bos] or nothing)."""
@@ -294,7 +356,11 @@ class ModelRuntime:
             raise ValueError("num_samples must be >= 1")
         if not prompts:
             return []
-        stops = [s for s in (stop_strings or []) if s]
+        # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
+        stops = list(dict.fromkeys(s for s in (*(stop_strings or []), *self.profile.stop_strings) if s))
+        contexts = [self.context_ids(p) for p in prompts]
+        for ids in contexts:
+            check_context(self.profile, len(ids), max_new_tokens)
         do_sample = temperature > 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -324,8 +390,8 @@ class ModelRuntime:
         with self._lock, torch.inference_mode(), rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            for chunk in _chunks(prompts, prompts_per_chunk):
-                input_ids, attention_mask = self._left_pad([self.context_ids(p) for p in chunk])
+            for chunk in _chunks(contexts, prompts_per_chunk):
+                input_ids, attention_mask = self._left_pad(list(chunk))
                 processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
                 if do_sample:
                     processors.append(TemperatureTopPWarper(temperature, top_p))
@@ -392,6 +458,8 @@ class ModelRuntime:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         pairs = [(self.context_ids(p), self.encode_completion(c)) for p, c in zip(prompts, completions, strict=True)]
+        for prompt_ids, completion_ids in pairs:
+            check_context(self.profile, len(prompt_ids), len(completion_ids))
         # Similar lengths together wastes less padding; results are put back in input order.
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         results: list[list[float]] = [[] for _ in pairs]
@@ -457,7 +525,10 @@ class ModelRuntime:
         results: list[list[float]] = []
         with self._lock, torch.inference_mode():
             for chunk in _chunks(prompts, max(1, batch_size)):
-                input_ids, attention_mask = self._left_pad([self.context_ids(p) for p in chunk])
+                contexts = [self.context_ids(p) for p in chunk]
+                for ids in contexts:
+                    check_context(self.profile, len(ids), 0)
+                input_ids, attention_mask = self._left_pad(contexts)
                 logits = self._forward_logits(input_ids, attention_mask, keep_last=1)[:, -1, :]
                 probs = torch.softmax(logits.index_select(-1, cand_ids), dim=-1)
                 results.extend(probs.cpu().tolist())
@@ -487,6 +558,7 @@ class ModelRuntime:
         suffixes: list[list[list[int]]] = []
         for prompt in prompts:
             context, prompt_suffixes = self._split_continuations(prompt, continuations)
+            check_context(self.profile, len(context), max(len(t) for t in prompt_suffixes))
             contexts.append(context)
             suffixes.append(prompt_suffixes)
         single = [i for i, s in enumerate(suffixes) if all(len(t) == 1 for t in s) and len({t[0] for t in s}) == len(s)]
@@ -616,7 +688,8 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path, *, metad
     """
     from workers.checkpoints import write_checkpoint
 
-    source = Path(gguf_path).expanduser().resolve()
+    directory, name = _gguf_location(gguf_path)  # a missing file is a ModelSourceError, not a traceback
+    source = (Path(directory) / name).resolve()
 
     def write_fn(tmp: Path) -> None:
         started = time.perf_counter()
@@ -633,11 +706,12 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path, *, metad
 
 # ---------------------------------------------------------------------- process-wide cache
 
-_cache: OrderedDict[tuple[str, str, str, int], ModelRuntime] = OrderedDict()
+_CacheKey = tuple[str, str, str, int, str, "int | None"]
+_cache: OrderedDict[_CacheKey, ModelRuntime] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _cache_key(model_path: str, device: str | None, dtype: str) -> tuple[str, str, str, int]:
+def _cache_key(model_path: str, device: str | None, dtype: str, prompt_format: str, context_length: int | None) -> _CacheKey:
     path = Path(model_path).expanduser()
     if path.exists():
         resolved = path.resolve()
@@ -646,19 +720,21 @@ def _cache_key(model_path: str, device: str | None, dtype: str) -> tuple[str, st
             stamp = max((f.stat().st_mtime_ns for f in resolved.iterdir() if f.is_file()), default=0)
         except OSError:
             stamp = 0
-        return str(resolved), device or default_device(), dtype, stamp
-    return model_path, device or default_device(), dtype, 0  # a hub id
+        return str(resolved), device or default_device(), dtype, stamp, prompt_format, context_length
+    return model_path, device or default_device(), dtype, 0, prompt_format, context_length  # a hub id
 
 
-def get_runtime(model_path: str, *, device: str | None = None, dtype: str = "auto") -> ModelRuntime:
+def get_runtime(
+    model_path: str, *, device: str | None = None, dtype: str = "auto", prompt_format: str = "auto", context_length: int | None = None
+) -> ModelRuntime:
     """The process's runtime for ``model_path``: loaded on first use, reused afterwards (LRU of size 2)."""
-    key = _cache_key(str(model_path), device, dtype)
+    key = _cache_key(str(model_path), device, dtype, prompt_format, context_length)
     with _cache_lock:
         runtime = _cache.get(key)
         if runtime is not None:
             _cache.move_to_end(key)
             return runtime
-        runtime = ModelRuntime.load(key[0], device=key[1], dtype=dtype)
+        runtime = ModelRuntime.load(key[0], device=key[1], dtype=dtype, prompt_format=prompt_format, context_length=context_length)
         _cache[key] = runtime
         evicted = False
         while len(_cache) > max(1, _cache_size()):

@@ -40,6 +40,7 @@ from policies.steerlm import (
     attribute_string,
     steerlm_messages,
 )
+from policies.prompt_format import render_plain_prompt
 from workers import lora_training as lora
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ class SteerExample(lora.ChatPrompt):
     prompt: str | Sequence[Mapping[str, str]]
     response: str
     attributes: Mapping[str, int]
+    # The attribute-conditioned prompt exactly as the server renders it (ModelRuntime.render_chat);
+    # None: the chat template, or the plain format for a tokenizer without one.
+    prompt_text: str | None = None
 
 
 @dataclass
@@ -83,18 +87,22 @@ def _conversational_records(examples: Sequence[SteerExample]) -> list[dict[str, 
             {
                 "prompt": steerlm_messages(ex.prompt_messages(), ex.attributes),
                 "completion": [{"role": "assistant", "content": ex.response}],
+                "prompt_text": ex.prompt_text,
             }
         )
     return records
 
 
-def _plain_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # Same layout as ModelRuntime.render_chat's fallback for tokenizers without a chat template.
-    out = []
-    for record in records:
-        lines = [f"{str(m['role']).capitalize()}: {m['content']}" for m in record["prompt"]]
-        out.append({"prompt": "\n".join([*lines, "Assistant:"]), "completion": " " + record["completion"][0]["content"]})
-    return out
+def _trl_row(record: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """TRL's conversational record when the prompt was rendered with the chat template, else the
+    rendered prompt text itself (a base model's URIAL or plain format) + the answer text."""
+    text = record.get("prompt_text")
+    if lora.has_chat_template(tokenizer) and (
+        text is None or text == tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+    ):
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    prompt = text if text is not None else render_plain_prompt(record["prompt"])
+    return {"prompt": prompt, "completion": record["completion"][0]["content"]}
 
 
 def sft_attribute_conditioned(
@@ -193,8 +201,7 @@ def _train(
     from trl import SFTConfig, SFTTrainer
 
     def dataset_rows(tokenizer) -> list[dict[str, Any]]:
-        rows = [dict(r) for r in records]
-        return rows if lora.has_chat_template(tokenizer) else _plain_records(rows)
+        return [_trl_row(r, tokenizer) for r in records]
 
     path, metadata = lora.train_lora_checkpoint(
         base_model_path,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -49,18 +49,57 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATES = {"tiny": CHAT_TEMPLATE, "chatml": CHATML_TEMPLATE}
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gpt_neox")
+
+
+def build_tokenizer(
+    extra_corpus: list[str] | None = None,
+    vocab_size: int = 512,
+    *,
+    chat_template: str | None = "tiny",
+    pad_token: bool = True,
+    eos_token: bool = True,
+) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer; ``chat_template`` is "tiny", "chatml" or None (a base model)."""
     corpus = [line for line in _CORPUS.splitlines() if line.strip()] + list(extra_corpus or [])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train_tokenizer(corpus, vocab_size),
         bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
+        eos_token=EOS if eos_token else None,
+        pad_token=PAD if pad_token else None,
         padding_side="left",
-        additional_special_tokens=ROLE_TOKENS,
+        additional_special_tokens=ROLE_TOKENS + (CHATML_TOKENS if chat_template == "chatml" else []),
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template == "chatml":
+        tokenizer.eos_token = "<|im_end|>" if eos_token else None
+    if chat_template is not None:
+        tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
     return tokenizer
+
+
+def _config(arch: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, context_length: int):
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    common = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **ids}
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=context_length, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=4,
+            max_position_embeddings=context_length, **common,
+        )
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return config_cls(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context_length, **common,
+    )
 
 
 def build_tiny_model(
@@ -70,27 +109,27 @@ def build_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     extra_corpus: list[str] | None = None,
+    arch: str = "llama",
+    chat_template: str | None = "tiny",
+    context_length: int = 2048,
+    pad_token: bool = True,
+    eos_token: bool = True,
+    vocab_size: int = 512,
 ) -> Path:
     """Write a randomly initialised tiny causal LM plus its tokenizer to ``out_dir``, as a
-    checkpoint with a manifest (so its corruption is detected like any other checkpoint's)."""
+    checkpoint with a manifest (so its corruption is detected like any other checkpoint's).
+
+    ``arch`` is one of :data:`ARCHITECTURES`; ``chat_template`` None makes a base model (no
+    template), ``pad_token``/``eos_token`` False leave those tokens out (as some real tokenizers do).
+    """
     from workers.checkpoints import write_checkpoint
 
-    tokenizer = build_tokenizer(extra_corpus)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {ARCHITECTURES}")
+    tokenizer = build_tokenizer(extra_corpus, vocab_size, chat_template=chat_template, pad_token=pad_token, eos_token=eos_token)
+    config = _config(arch, tokenizer, hidden_size, num_layers, context_length)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
@@ -98,4 +137,4 @@ def build_tiny_model(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    return write_checkpoint(out_dir, write, {"model": "tiny", "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed})
+    return write_checkpoint(out_dir, write, {"model": "tiny", "arch": arch, "hidden_size": hidden_size, "num_layers": num_layers, "seed": seed})

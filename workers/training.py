@@ -12,8 +12,9 @@ Data format
     so TRL renders them with the model's own chat template, exactly as the model is prompted at
     inference (``add_generation_prompt=True``); the completion tokens are the rendered assistant
     turn including its end marker (``</s>`` for the tiny model), so DPO also teaches where to stop.
-    A tokenizer without a chat template falls back to TRL's plain-text format (prompt text +
-    answer + EOS). :func:`preference_margin` tokenizes the same way.
+    A prompt rendered otherwise (a base model's URIAL or plain format, ``prompt_text``) is handed
+    to TRL as that exact text (prompt text + answer + EOS), so DPO trains on the prompt the model
+    was sampled with. :func:`preference_margin` tokenizes the same way.
 
 Reference model
     With ``ref_model=None`` and a ``peft_config``, TRL 1.16 wraps the base in a ``PeftModel`` and
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from policies.prompt_format import render_plain_prompt
 from workers.lora_training import (
     ADAPTER_SUBDIR,
     ChatPrompt,
@@ -55,7 +57,9 @@ __all__ = [
     "TrainResult",
     "dpo_update",
     "preference_margin",
+    "prompt_completion_ids",
     "sequence_logprobs",
+    "uses_chat_template",
 ]
 
 CHECKPOINT_KIND = "dpo_lora_merged"
@@ -63,20 +67,39 @@ CHECKPOINT_KIND = "dpo_lora_merged"
 
 @dataclass(frozen=True)
 class PreferenceExample(ChatPrompt):
-    """A preference pair. ``prompt``: chat messages (role/content dicts) or a str = one user turn."""
+    """A preference pair. ``prompt``: chat messages (role/content dicts) or a str = one user turn.
+
+    ``prompt_text`` is the prompt exactly as the model was sampled with it
+    (``ModelRuntime.render_chat``); None renders ``prompt`` in the documented plain format.
+    """
 
     prompt: str | Sequence[Mapping[str, str]]
     chosen: str
     rejected: str
+    prompt_text: str | None = None
+
+    def rendered_prompt(self) -> str:
+        return self.prompt_text if self.prompt_text is not None else render_plain_prompt(self.prompt_messages())
 
 
 # --------------------------------------------------------------------------- data
 
 
+def uses_chat_template(tokenizer, ex: PreferenceExample) -> bool:
+    """Whether ``ex`` was rendered with ``tokenizer``'s chat template: then TRL renders it the same
+    way (conversational format, completion = the assistant turn with its end marker); otherwise
+    the rendered prompt text itself is trained on (prompt text + answer + EOS)."""
+    if not has_chat_template(tokenizer):
+        return False
+    if ex.prompt_text is None:
+        return True
+    return ex.prompt_text == tokenizer.apply_chat_template(ex.prompt_messages(), tokenize=False, add_generation_prompt=True)
+
+
 def _to_trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[str, Any]]:
     records = []
     for ex in examples:
-        if has_chat_template(tokenizer):
+        if uses_chat_template(tokenizer, ex):
             records.append(
                 {
                     "prompt": ex.prompt_messages(),
@@ -85,12 +108,8 @@ def _to_trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[di
                 }
             )
         else:
-            records.append({"prompt": _plain_prompt(ex), "chosen": ex.chosen, "rejected": ex.rejected})
+            records.append({"prompt": ex.rendered_prompt(), "chosen": ex.chosen, "rejected": ex.rejected})
     return records
-
-
-def _plain_prompt(ex: PreferenceExample) -> str:
-    return "\n".join(m["content"] for m in ex.prompt_messages()) + "\n"
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -104,15 +123,15 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def prompt_completion_ids(tokenizer, ex: PreferenceExample, answer: str) -> tuple[list[int], list[int]]:
     """Same split as TRL's DPO preprocessing: the completion starts where prompt and prompt+answer diverge."""
-    if has_chat_template(tokenizer):
+    if uses_chat_template(tokenizer, ex):
         msgs = ex.prompt_messages()
         prompt_ids = token_ids(tokenizer, msgs, add_generation_prompt=True)
         full_ids = token_ids(tokenizer, msgs + [{"role": "assistant", "content": answer}])
     else:
         eos = tokenizer.eos_token or ""
         text = answer if answer.endswith(eos) else answer + eos
-        prompt_ids = token_ids(tokenizer, _plain_prompt(ex))
-        full_ids = token_ids(tokenizer, _plain_prompt(ex) + text)
+        prompt_ids = token_ids(tokenizer, ex.rendered_prompt())
+        full_ids = token_ids(tokenizer, ex.rendered_prompt() + text)
     cut = _common_prefix(prompt_ids, full_ids)
     return full_ids[:cut], full_ids[cut:]
 

@@ -46,6 +46,19 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def initialise_checked(settings: Settings) -> Any:
+    """``daemon.bootstrap.initialise`` in a model-holding process: model.cpu_threads applied, and a
+    model that fails its checks (workers.model_checks) is one line and exit 1, nothing registered."""
+    from daemon.bootstrap import initialise
+    from workers.runtime import ModelSourceError, configure_cpu_threads
+
+    configure_cpu_threads(settings.model.cpu_threads)
+    try:
+        return initialise(settings)
+    except ModelSourceError as exc:
+        raise fail(str(exc)) from None
+
+
 def require_lineage_db(settings: Settings) -> None:
     """An embedded (SQLite) lineage DB that does not exist yet means `kaizen init` was not run."""
     url = settings.resolved_database_url

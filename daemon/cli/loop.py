@@ -9,17 +9,18 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from daemon.cli.common import ConfigOption, DataDirOption, ModelOption, app, check_lineage_integrity, console, fail, settings_from
+from daemon.cli.common import (
+    ConfigOption, DataDirOption, ModelOption, app, check_lineage_integrity, console, fail, initialise_checked, settings_from,
+)
 
 
 @app.command()
 def init(config: ConfigOption = None, data_dir: DataDirOption = None, model: ModelOption = None) -> None:
-    """Create the data dir, migrate the lineage DB to head and register the first champion."""
-    from daemon.bootstrap import initialise
+    """Create the data dir, migrate the lineage DB to head, check the model and register it as the first champion."""
     from daemon.db import lineage
 
     settings = settings_from(config, data_dir, model)
-    sessions = initialise(settings)
+    sessions = initialise_checked(settings)
     with sessions() as session:
         champion = lineage.current_champion(session)
         assert champion is not None
@@ -37,7 +38,6 @@ def run(
 
     A second daemon on the same lineage DB waits as standby and takes over when the leader dies.
     """
-    from daemon.bootstrap import initialise
     from daemon.dispatch import LocalWorker, make_dispatcher
     from daemon.leader import LeaderElectionError, leadership
     from daemon.cli.views import print_lineage
@@ -48,7 +48,7 @@ def run(
     # Leader first: a standby neither migrates the DB nor starts a worker until it takes over.
     try:
         with leadership(settings) as leader:
-            sessions = initialise(settings)
+            sessions = initialise_checked(settings)
             worker = LocalWorker(settings) if settings.worker.mode == "local" else None
             if worker:
                 worker.start()
@@ -68,13 +68,12 @@ def run(
 @app.command()
 def cycle(config: ConfigOption = None, data_dir: DataDirOption = None, model: ModelOption = None) -> None:
     """Run (or resume) one iteration in the foreground, stages in this process."""
-    from daemon.bootstrap import initialise
     from daemon.cycle import CycleError, run_cycle
     from daemon.dispatch import EagerDispatcher
     from daemon.stage_specs import stages_for
 
     settings = settings_from(config, data_dir, model)
-    sessions = initialise(settings)
+    sessions = initialise_checked(settings)
     refuse_if_paused(sessions)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:

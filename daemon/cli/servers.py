@@ -9,6 +9,22 @@ import typer
 from daemon.cli.common import ConfigOption, DataDirOption, app, console, fail, ops_sessions, require_lineage_db, settings_from
 
 
+def _check_reward_models(settings) -> None:  # type: ignore[no-untyped-def]
+    """Every configured reward-model path passes the model checks at start, not at a request."""
+    from daemon.db import lineage
+    from daemon.db.engine import open_lineage
+    from workers.runtime import ModelSourceError
+    from workers.steering.genarm import check_configured_reward_models
+
+    with open_lineage(settings)() as session:
+        champion = lineage.current_champion(session)
+        champion_path = champion.path if champion is not None else None
+    try:
+        check_configured_reward_models(settings, champion_path)
+    except ModelSourceError as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -30,6 +46,7 @@ def serve(
     if problem:
         raise fail(problem)
     require_lineage_db(settings)
+    _check_reward_models(settings)
     console.print(f"serving the champion of {settings.resolved_data_dir} on http://{settings.serve.host}:{settings.serve.port}/v1")
     uvicorn.run(build_app(settings), host=settings.serve.host, port=settings.serve.port, log_config=None, access_log=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -41,13 +42,15 @@ def current_champion(session: Session, *, for_update: bool = False) -> Checkpoin
     return session.get(Checkpoint, pointer.checkpoint_id) if pointer else None
 
 
-def register_initial_champion(session: Session, *, path: str, base_model: str, actor: str) -> Checkpoint:
-    """Make ``path`` the first champion; a no-op returning the champion when one exists."""
+def register_initial_champion(
+    session: Session, *, path: str, base_model: str, actor: str, profile: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Make ``path`` the first champion (with its model ``profile``); a no-op returning the champion when one exists."""
     existing = current_champion(session)
     if existing is not None:
         return existing
     checkpoint = Checkpoint(
-        id=INITIAL_CHECKPOINT_ID, base_model=base_model, path=path, status=CheckpointStatus.champion, metrics={}
+        id=INITIAL_CHECKPOINT_ID, base_model=base_model, path=path, status=CheckpointStatus.champion, metrics={}, profile=profile
     )
     session.add(checkpoint)
     session.flush()

@@ -78,6 +78,8 @@ class Checkpoint(Base):
     status: Mapped[CheckpointStatus] = mapped_column(_enum(CheckpointStatus), index=True)
     created_iteration_id: Mapped[int | None] = mapped_column(ForeignKey("iterations.id", use_alter=True))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The model profile (policies.model_profile): context length, prompt format, special tokens, stops.
+    profile: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

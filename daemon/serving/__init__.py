@@ -21,10 +21,8 @@ def build_app(settings: Settings) -> FastAPI:
     # The server holds a model like any worker: model.cpu_threads applies here too (torch's
     # default of one thread per core was ~11x slower on a loaded machine).
     configure_cpu_threads(settings.model.cpu_threads)
-
-    device = None if settings.model.device == "auto" else settings.model.device
     sessions = open_lineage(settings)
-    loader = partial(load_verified, settings, device=device)
+    loader = partial(load_verified, settings)
     watcher = ChampionWatcher(sessions, loader=loader, poll_seconds=settings.serve.poll_seconds)
     methods = SteeringMethods(SteeringResources(settings.serve, sessions, loader), settings.serve.default_steering)
     return create_serving_app(settings, watcher, methods)

@@ -56,12 +56,13 @@ class Fallback:
     reason: str
 
 
-def load_verified(settings: Settings, path: str, device: str | None = None) -> ModelRuntime:
-    """Load a checkpoint for serving, fetched if remote, after hashing every file against its
-    manifest: at every swap, never trusting a memo (bit rot keeps sizes and mtimes)."""
+def load_verified(settings: Settings, path: str) -> ModelRuntime:
+    """Load a checkpoint for serving (model.device, prompt_format, context_length), fetched if
+    remote, after hashing every file against its manifest: at every swap, never trusting a memo
+    (bit rot keeps sizes and mtimes)."""
     from workers.trust import verify_before_trust
 
-    return ModelRuntime.load(verify_before_trust(settings, path), device=device)
+    return ModelRuntime.load(verify_before_trust(settings, path), **settings.model.runtime_options())
 
 
 class ChampionWatcher:

@@ -24,8 +24,8 @@ from policies.steering import SteeringSpec
 async def chat_completion(serving: Serving, req: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     messages = req.chat_messages()
 
-    def render(model: ServedModel, spec: SteeringSpec) -> list[Prompt]:
-        text = serving.methods[spec.method].render_chat(model.runtime, messages, spec)
+    def render(model: ServedModel, spec: SteeringSpec, budget: int) -> list[Prompt]:
+        text = serving.methods[spec.method].render_chat(model.runtime, messages, spec, max_new_tokens=budget)
         return [serving.text_prompt(model, text)]
 
     job = serving.prepare(req, "chatcmpl", render)
@@ -38,11 +38,11 @@ async def chat_completion(serving: Serving, req: ChatCompletionRequest, request:
 
 
 async def completion(serving: Serving, req: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
-    def render(model: ServedModel, spec: SteeringSpec) -> list[Prompt]:
+    def render(model: ServedModel, spec: SteeringSpec, budget: int) -> list[Prompt]:
         out = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
-                out.append(serving.text_prompt(model, serving.methods[spec.method].render_completion(model.runtime, prompt, spec)))
+                out.append(serving.text_prompt(model, serving.methods[spec.method].render_completion(model.runtime, prompt, spec, max_new_tokens=budget)))
             else:
                 out.append(serving.ids_prompt(model, prompt))
         return out

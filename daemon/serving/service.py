@@ -25,6 +25,7 @@ from daemon.serving import sequences as seqs
 from daemon.serving.champion import ChampionWatcher, ServedModel
 from daemon.serving.protocol import ApiError, DecodeParams, Limits, SamplingRequest
 from daemon.serving.responses import ChoiceResult, Envelope
+from policies.model_profile import ContextLengthExceeded, check_context
 from policies.steering import SteeringError, SteeringSpec
 from workers.batch_engine import BatchEngine, QueueFullError, SequenceRequest, TokenInfo
 from workers.steering import Decoder, SteeringMethods
@@ -138,6 +139,10 @@ class Serving:
             "fallback": None if fallback is None else {"serving": fallback.serving, "champion": fallback.champion, "reason": fallback.reason},
             "running": sum(e.running for e in self.engines()),
             "waiting": sum(e.waiting for e in self.engines()),
+            # What this process computes with: model.cpu_threads, and the served checkpoint's profile.
+            "torch_threads": _torch_threads(),
+            "context_length": current.runtime.profile.context_length if current else None,
+            "prompt_format": current.runtime.profile.prompt_format if current else None,
         }
 
     def models(self) -> list[dict[str, Any]]:
@@ -164,14 +169,15 @@ class Serving:
         except SteeringError as exc:  # e.g. a reward model whose tokenizer differs from the base's
             raise ApiError(400, str(exc), param=exc.param) from None
 
-    def prepare(self, req: SamplingRequest, kind: str, render: Callable[[ServedModel, SteeringSpec], list[Prompt]]) -> Job:
+    def prepare(self, req: SamplingRequest, kind: str, render: Callable[[ServedModel, SteeringSpec, int], list[Prompt]]) -> Job:
         model = self.served()
         if req.model not in (self.serve.model_name, model.checkpoint_id):
             raise ApiError(404, f"model {req.model!r} is not served here; use {self.serve.model_name!r} (the current champion)", param="model", kind="not_found_error", code="model_not_found")
         spec = self._steering(req.steering)
         params = req.to_decode_params(self.limits)
         try:
-            prompts = render(model, spec)
+            # The budget lets a URIAL prompt drop examples to leave room for the answer.
+            prompts = render(model, spec, params.max_tokens)
         except ValueError as exc:  # e.g. a URIAL chat that does not end with a user turn
             raise ApiError(400, str(exc), param="messages" if kind == "chatcmpl" else "prompt") from None
         self._check_context(model, prompts, params)
@@ -180,14 +186,12 @@ class Serving:
         return Job(model, spec, params, prompts, self._decoder(spec, model), envelope)
 
     def _check_context(self, model: ServedModel, prompts: list[Prompt], params: DecodeParams) -> None:
-        limit = int(getattr(model.runtime.model.config, "max_position_embeddings", 0) or 0)
         for prompt in prompts:
-            if limit and len(prompt.ids) + params.max_tokens > limit:
-                raise ApiError(
-                    400, f"this model's context length is {limit} tokens, but the prompt has {len(prompt.ids)} and max_tokens asks "
-                    f"for {params.max_tokens} more; shorten the prompt or lower max_tokens",
-                    param="messages", code="context_length_exceeded",
-                )
+            try:
+                # The checkpoint's profile: config positions (any architecture), tokenizer limit or model.context_length.
+                check_context(model.runtime.profile, len(prompt.ids), params.max_tokens)
+            except ContextLengthExceeded as exc:
+                raise ApiError(400, str(exc), param="messages", code=exc.code) from None
 
     def text_prompt(self, model: ServedModel, text: str) -> Prompt:
         return Prompt(text, model.runtime.context_ids(text))
@@ -297,3 +301,9 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

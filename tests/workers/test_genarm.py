@@ -244,7 +244,7 @@ def test_reward_models_keep_their_kv_cache_one_new_token_per_step(base, water, f
 
     def recorder(name):
         def hook(_module, _args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 names it "cache"
             seen[name].append((tuple(kwargs["input_ids"].shape), 0 if cache is None else cache.get_seq_length()))
         return hook
 

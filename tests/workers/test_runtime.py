@@ -72,13 +72,10 @@ def test_render_chat_uses_template_and_fallback(runtime: ModelRuntime) -> None:
     no_prompt = runtime.render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=False)
     assert not no_prompt.endswith("<|assistant|>\n")
 
-    plain = ModelRuntime(runtime.model, runtime.tokenizer, model_path="x")
-    template = plain.tokenizer.chat_template
-    try:
-        plain.tokenizer.chat_template = None
-        assert plain.render_chat([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
-    finally:
-        plain.tokenizer.chat_template = template
+    plain = ModelRuntime(runtime.model, runtime.tokenizer, model_path="x", prompt_format="plain")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert plain.render_chat(messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    assert plain.profile.stop_strings == ("\nUser:", "\nSystem:")
 
 
 def test_batched_generation_shape(runtime: ModelRuntime, prompts: list[str]) -> None:

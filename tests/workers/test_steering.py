@@ -28,8 +28,13 @@ class FakeRuntime:
     calls: list[dict[str, Any]] = field(default_factory=list)
     model_path: str = "fake"
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], *, max_new_tokens: int | None = None) -> str:
         return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|assistant:"
+
+    def render_urial(self, messages: list[dict], preset: Any = None, *, max_new_tokens: int | None = None) -> str:
+        from policies.urial import render_urial_prompt
+
+        return render_urial_prompt(messages, preset)
 
     def generate(self, prompts: list[str], *, num_samples: int, **kwargs: Any) -> list[list[Generation]]:
         self.calls.append({"prompts": prompts, "num_samples": num_samples, **kwargs})

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
-from transformers import LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor
 
 from policies.genarm import align_vocab_width, guided_scores, validate_beta, validate_weights, vocabulary_differences
 
@@ -98,7 +98,8 @@ class _IncrementalReward:
         params = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in params
         self._takes_logits_to_keep = "logits_to_keep" in params
-        self._cache: Any = None
+        self._cache_argument = "cache" if "cache" in params else "past_key_values"
+        self._cache: DynamicCache | None = None
 
     def next_logprobs(self, new_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Feed ``new_ids`` (the prompt, then one token per step) and return the next-token log-probs.
@@ -106,10 +107,14 @@ class _IncrementalReward:
         ``attention_mask`` covers everything fed so far plus ``new_ids`` (left padding included).
         """
         mask = attention_mask.to(self.device)
+        if self._cache is None:
+            # transformers' Cache API: one DynamicCache object, filled in place step by step.
+            self._cache = DynamicCache(config=self.model.config)
         kwargs: dict[str, Any] = {
             "input_ids": new_ids.to(self.device),
             "attention_mask": mask,
-            "past_key_values": self._cache,
+            # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated).
+            self._cache_argument: self._cache,
             "use_cache": True,
         }
         if self._takes_position_ids:
@@ -118,7 +123,6 @@ class _IncrementalReward:
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        self._cache = out.past_key_values
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
 

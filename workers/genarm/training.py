@@ -19,6 +19,7 @@ import torch
 
 from policies.genarm import bradley_terry_loss, pair_accuracy, truncate_prompt_completion
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers.model_profile import training_max_length
 from workers.training import PreferenceExample
 
 if TYPE_CHECKING:
@@ -210,7 +211,8 @@ def train_autoregressive_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
     model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32).to(_training_device())
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    sequences = _tokenize_pairs(tokenizer, examples, settings.max_length)
+    # Positions past the model's context do not exist: max_length stays inside it.
+    sequences = _tokenize_pairs(tokenizer, examples, training_max_length(settings.max_length, model.config, tokenizer))
     eval_batch = max(2, 2 * settings.batch_size)
 
     loss_before, accuracy_before = _bt_metrics(_score(model, sequences, pad_id, eval_batch), settings.beta)

@@ -15,7 +15,10 @@ from typing import Any
 from policies import judge_metrics, rubric
 from workers.judges.base import Comparison, PromptLike, Score, prompt_text
 from workers.judges.registry import register_judge
-from workers.judges.self_text import ModelJudge, pairwise_contents, swap_comparison
+from workers.judges.self_text import OVER_CONTEXT, ModelJudge, pairwise_contents, swap_comparison
+
+# Room a logprob request leaves after its cue: the continuation tokens it scores.
+CUE_ROOM = 8
 
 
 @register_judge("self", mode=rubric.JUDGE_MODE_LOGPROB)
@@ -25,16 +28,24 @@ class SelfLogprobJudge(ModelJudge):
         return f"{self.name}:{rubric.JUDGE_MODE_LOGPROB}"
 
     def _distributions(self, contents: list[str], cue: str, continuations: Sequence[str]):
+        """The distribution per content; None where the request does not fit the context."""
         runtime = self.runtime()
-        cues = [request + cue for request in self.requests(runtime, contents)]
-        if not cues:
-            return []
-        return runtime.continuation_distribution(cues, continuations, batch_size=self.context.settings.generation.batch_size)
+        cues = [request + cue for request in self.requests(runtime, contents, CUE_ROOM)]
+        fitting = [i for i, text in enumerate(cues) if runtime.fits(text, CUE_ROOM)]
+        out: list[Any] = [None for _ in cues]
+        if fitting:
+            found = runtime.continuation_distribution([cues[i] for i in fitting], continuations, batch_size=self.context.settings.generation.batch_size)
+            for index, distribution in zip(fitting, found, strict=True):
+                out[index] = distribution
+        return out
 
     def score(self, items: Sequence[tuple[PromptLike, str]]) -> list[Score]:
         contents = [rubric.render_judge_prompt(prompt_text(p), answer) for p, answer in items]
         scores = []
         for d in self._distributions(contents, rubric.SCORE_CUE, rubric.SCORE_CONTINUATIONS):
+            if d is None:
+                scores.append(Score(value=None, raw="", parse_error=OVER_CONTEXT, judge=self.label_name))
+                continue
             value = rubric.expected_score(d.probabilities)
             summary = f"{value:.3f} (score tokens held {d.mass:.1%} of the next-token probability)"
             raw = rubric.describe_distribution(rubric.SCORE_CONTINUATIONS, d.probabilities, summary)
@@ -46,6 +57,9 @@ class SelfLogprobJudge(ModelJudge):
         comparisons = []
         for index in range(len(items)):
             first, second = distributions[2 * index], distributions[2 * index + 1]
+            if first is None or second is None:
+                comparisons.append(swap_comparison(self, None, None, {"error": OVER_CONTEXT}))
+                continue
             raw: dict[str, Any] = {
                 "first_p": [round(p, 4) for p in first.probabilities],
                 "second_p": [round(p, 4) for p in second.probabilities],

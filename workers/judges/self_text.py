@@ -30,8 +30,8 @@ class ModelJudge(Judge):
     def runtime(self) -> ModelRuntime:
         return self.context.load_model(self.model_path())
 
-    def requests(self, runtime: ModelRuntime, contents: Sequence[str]) -> list[str]:
-        return judge_requests(runtime, contents)
+    def requests(self, runtime: ModelRuntime, contents: Sequence[str], budget: int | None = None) -> list[str]:
+        return judge_requests(runtime, contents, budget)
 
     def label(self, items: Sequence[tuple[PromptLike, str]], attributes: Sequence[str]) -> list[Labels]:
         return label_by_text(self, self.runtime(), items, attributes)
@@ -47,25 +47,32 @@ def pairwise_contents(items: Sequence[tuple[PromptLike, str, str]]) -> list[str]
 
 
 def sample_texts(judge: Judge, runtime: ModelRuntime, requests: list[str], *, n: int, seed_offset: int = 0, **overrides: Any) -> list[list[str]]:
+    """``n`` judge samples per request; a request too long for the judge's context gets none
+    (its score or verdict is then missing and says so, see :data:`OVER_CONTEXT`)."""
     settings = judge.context.settings
-    if not requests:
-        return []
+    max_new_tokens = overrides.get("max_new_tokens", settings.judge.max_new_tokens)
+    fitting = [i for i, request in enumerate(requests) if runtime.fits(request, max_new_tokens)]
+    if not fitting:
+        return [[] for _ in requests]
     outputs = runtime.generate(
-        requests,
+        [requests[i] for i in fitting],
         num_samples=n,
-        max_new_tokens=overrides.get("max_new_tokens", settings.judge.max_new_tokens),
+        max_new_tokens=max_new_tokens,
         temperature=overrides.get("temperature", settings.judge.temperature),
         top_p=overrides.get("top_p", settings.generation.top_p),
         seed=judge.context.seed + seed_offset,
         batch_size=settings.generation.batch_size,
     )
-    return [[o.text for o in samples] for samples in outputs]
+    texts: list[list[str]] = [[] for _ in requests]
+    for index, samples in zip(fitting, outputs, strict=True):
+        texts[index] = [o.text for o in samples]
+    return texts
 
 
 def label_by_text(judge: Judge, runtime: ModelRuntime, items: Sequence[tuple[PromptLike, str]], attributes: Sequence[str]) -> list[Labels]:
     """SteerLM attribute labels parsed from ``steerlm.judge_samples`` sampled ratings per answer."""
     s = judge.context.settings.steerlm
-    requests = judge_requests(runtime, [render_attribute_rubric_prompt(prompt_text(p), answer) for p, answer in items])
+    requests = judge_requests(runtime, [render_attribute_rubric_prompt(prompt_text(p), answer) for p, answer in items], s.judge_max_new_tokens)
     outputs = sample_texts(judge, runtime, requests, n=s.judge_samples, max_new_tokens=s.judge_max_new_tokens)
     return labels_from_samples(judge.label_name, items, outputs, attributes)
 
@@ -84,8 +91,13 @@ def labels_from_samples(
     return labels
 
 
-def judge_requests(runtime: ModelRuntime, contents: Sequence[str]) -> list[str]:
-    return [runtime.render_chat([{"role": "user", "content": content}]) for content in contents]
+OVER_CONTEXT = "judge prompt over the model's context length"
+"""The parse error of a score the judge could not give because its prompt did not fit."""
+
+
+def judge_requests(runtime: ModelRuntime, contents: Sequence[str], budget: int | None = None) -> list[str]:
+    """Each content as one user turn in the judge model's prompt format (URIAL leaves room for ``budget``)."""
+    return [runtime.render_chat([{"role": "user", "content": content}], max_new_tokens=budget) for content in contents]
 
 
 def order_preference(verdict: str | None) -> tuple[float, float, float] | None:
@@ -112,7 +124,8 @@ class SelfTextJudge(ModelJudge):
 
     def score(self, items: Sequence[tuple[PromptLike, str]]) -> list[Score]:
         runtime = self.runtime()
-        requests = self.requests(runtime, [rubric.render_judge_prompt(prompt_text(p), answer) for p, answer in items])
+        budget = self.context.settings.judge.max_new_tokens
+        requests = self.requests(runtime, [rubric.render_judge_prompt(prompt_text(p), answer) for p, answer in items], budget)
         outputs = sample_texts(self, runtime, requests, n=self.context.settings.judge.num_samples)
         scores = []
         for (_, answer), texts in zip(items, outputs, strict=True):
@@ -122,17 +135,20 @@ class SelfTextJudge(ModelJudge):
                 for text, p in zip(texts, parsed, strict=True)
             )
             mean = rubric.mean_score([p.score for p in parsed])
-            error = None if mean is not None else "; ".join(sorted({p.reason for p in parsed}))[:256]
+            error = None if mean is not None else ("; ".join(sorted({p.reason for p in parsed})) or OVER_CONTEXT)[:256]
             scores.append(Score(value=mean, raw=texts[0] if texts else "", parse_error=error, judge=self.label_name, samples=samples))
         return scores
 
     def compare(self, items: Sequence[tuple[PromptLike, str, str]]) -> list[Comparison]:
         runtime = self.runtime()
-        texts = [t[0] for t in sample_texts(self, runtime, self.requests(runtime, pairwise_contents(items)), n=1, seed_offset=1)]
+        budget = self.context.settings.judge.max_new_tokens
+        requests = self.requests(runtime, pairwise_contents(items), budget)
+        texts = [t[0] if t else "" for t in sample_texts(self, runtime, requests, n=1, seed_offset=1)]
         comparisons = []
         for index, (_, a, b) in enumerate(items):
             first_text, second_text = texts[2 * index], texts[2 * index + 1]
-            verdicts = [rubric.parse_pairwise_verdict(first_text, (a, b)), rubric.parse_pairwise_verdict(second_text, (a, b))]
+            # An order whose request did not fit has no text and so no verdict.
+            verdicts = [rubric.parse_pairwise_verdict(t, (a, b)) if t else None for t in (first_text, second_text)]
             raw = {"order_verdicts": verdicts, "first_text": first_text[-400:], "second_text": second_text[-400:]}
             comparisons.append(swap_comparison(self, order_preference(verdicts[0]), order_preference(verdicts[1]), raw))
         return comparisons

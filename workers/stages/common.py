@@ -15,8 +15,8 @@ from policies import judge_metrics
 from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
 from workers.loading import load_runtime, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
-from workers.runtime import ModelRuntime
 from daemon.stage_runs import StageContext
+from workers.runtime import Generation, ModelRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -53,17 +53,35 @@ def prompts_of_role(session: Session, iteration_id: int, role: str) -> list[Prom
     )
 
 
-def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int, seed: int, **overrides: Any):
+def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int, seed: int, **overrides: Any) -> list[list[Generation]]:
+    """``runtime.generate`` on the texts that fit the model's context with room for the new tokens.
+
+    A text that does not fit gets no samples (an empty list in its place): the loop skips it and
+    counts it (:func:`over_context`) instead of crashing or feeding the model a clipped prompt.
+    """
     g = ctx.settings.generation
-    return runtime.generate(
-        texts,
+    max_new_tokens = overrides.get("max_new_tokens", g.max_new_tokens)
+    kept = [i for i, text in enumerate(texts) if runtime.fits(text, max_new_tokens)]
+    if len(kept) < len(texts):
+        log.warning("prompts.over_context", skipped=len(texts) - len(kept), of=len(texts), context_length=runtime.profile.context_length)
+    outputs = runtime.generate(
+        [texts[i] for i in kept],
         num_samples=n,
-        max_new_tokens=overrides.get("max_new_tokens", g.max_new_tokens),
+        max_new_tokens=max_new_tokens,
         temperature=overrides.get("temperature", g.temperature),
         top_p=g.top_p,
         seed=seed,
         batch_size=g.batch_size,
-    )
+    ) if kept else []
+    results: list[list[Generation]] = [[] for _ in texts]
+    for index, samples in zip(kept, outputs, strict=True):
+        results[index] = samples
+    return results
+
+
+def over_context(outputs: list[list[Generation]]) -> int:
+    """How many texts :func:`sample` skipped because they did not fit the context."""
+    return sum(1 for samples in outputs if not samples)
 
 
 def warning_thresholds(ctx: StageContext) -> judge_metrics.WarningThresholds:

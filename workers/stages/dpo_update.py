@@ -13,13 +13,14 @@ from daemon.db import lineage
 from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
 from policies.pairs import KIND_ANCHORED, KIND_VERIFIED
 from workers import artifacts
+from workers.model_profile import checkpoint_profile
 from workers.runtime import configure_cpu_threads
 from daemon.stage_runs import StageContext, StageOutput
-from workers.stages.common import jsonable, parent_checkpoint, stage_seed, steerlm_checkpoint
+from workers.stages.common import jsonable, parent_checkpoint, runtime_for, stage_seed, steerlm_checkpoint, user_prompt
 
 
 def dpo_update(ctx: StageContext) -> StageOutput:
-    from workers.training import ADAPTER_SUBDIR, PreferenceExample, dpo_update as train
+    from workers.training import ADAPTER_SUBDIR, dpo_update as train
 
     t = ctx.settings.training
     with ctx.sessions() as session:
@@ -34,20 +35,25 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         replayed = _pair_rows(
             session, Pair.iteration_id >= first, Pair.iteration_id < ctx.iteration_id, Pair.kind.in_((KIND_VERIFIED, KIND_ANCHORED))
         ) if t.replay_iterations else []
-    if len(rows) < t.min_pairs:
-        return StageOutput({"skipped": f"{len(rows)} pairs, fewer than training.min_pairs={t.min_pairs}", "pairs": len(rows)})
-    examples = [PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected) for _, prompt, chosen, rejected in rows + replayed]
+    examples, trained_ids = preference_examples(ctx, rows + replayed, t.max_length)
+    over_length = len(rows) + len(replayed) - len(examples)
+    if len(examples) < t.min_pairs:
+        reason = f"{len(examples)} pairs, fewer than training.min_pairs={t.min_pairs}"
+        return StageOutput({"skipped": reason, "pairs": len(examples), "skipped_over_length": over_length})
     checkpoint_id = lineage.candidate_checkpoint_id(ctx.iteration_id)
     out_dir = artifacts.checkpoint_staging_dir(ctx.settings, checkpoint_id)
     dataset_uri = artifacts.write_dataset(
         ctx.settings, ctx.iteration_id, "preference_pairs.jsonl",
-        ({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples),
+        # "prompt" is the exact text the pair's answers were sampled from (and DPO trains on).
+        ({"prompt": e.rendered_prompt(), "instruction": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples),
     )
     # The champion as reference needs no second model: dpo_update disables the adapter instead.
     reference_path = artifacts.model_path_for_loading(ctx.settings, reference.path) if reference.id != champion.id else None
     base_path = artifacts.model_path_for_loading(ctx.settings, champion.path)
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     trained = train(base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path)
+    # Profiled before publishing: under a remote artifacts_url the staged files go away.
+    profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
     checkpoint_uri = artifacts.publish_checkpoint(ctx.settings, trained.checkpoint_path, checkpoint_id)
 
@@ -57,7 +63,7 @@ def dpo_update(ctx: StageContext) -> StageOutput:
             Checkpoint(
                 id=checkpoint_id, parent_id=parent.id, base_model=parent.base_model, path=checkpoint_uri,
                 adapter_path=artifacts.join_uri(checkpoint_uri, ADAPTER_SUBDIR), status=CheckpointStatus.candidate,
-                created_iteration_id=ctx.iteration_id, metrics=jsonable(trained.metrics),
+                created_iteration_id=ctx.iteration_id, metrics=jsonable(trained.metrics), profile=profile,
             )
         )
         session.flush()
@@ -66,7 +72,8 @@ def dpo_update(ctx: StageContext) -> StageOutput:
 
     result = {
         "checkpoint_id": checkpoint_id, "pairs": len(rows), "replayed_pairs": len(replayed), "reference": reference.id,
-        "dataset": dataset_uri, "pair_ids": [r[0] for r in rows], "replayed_pair_ids": [r[0] for r in replayed],
+        "dataset": dataset_uri, "pair_ids": [r[0] for r in rows if r[0] in trained_ids],
+        "replayed_pair_ids": [r[0] for r in replayed if r[0] in trained_ids], "skipped_over_length": over_length,
         "train_seconds": round(trained.train_seconds, 3), **jsonable(trained.metrics),
     }
     return StageOutput(result, write)
@@ -86,3 +93,23 @@ def _pair_rows(session: Session, *conditions) -> list[tuple[int, str, str, str]]
             .order_by(Pair.id)
         ).all()
     ]
+
+
+def preference_examples(ctx: StageContext, rows: list[tuple[int, str, str, str]], max_length: int):  # type: ignore[no-untyped-def]
+    """The pairs as training examples, each prompt rendered exactly as respond sampled it (the
+    parent's runtime, the same budget), and the ids of the pairs kept: a pair whose prompt alone
+    fills ``max_length`` or the model's context is left out (nothing of its answers would train)."""
+    from workers.training import PreferenceExample
+
+    with ctx.sessions() as session:
+        parent_path = parent_checkpoint(ctx, session).path
+    runtime = runtime_for(ctx, parent_path)
+    limit = min(max_length, runtime.profile.context_length)
+    budget = ctx.settings.generation.max_new_tokens
+    examples, kept = [], set()
+    for pair_id, prompt, chosen, rejected in rows:
+        text = user_prompt(runtime, prompt, budget)
+        if runtime.prompt_tokens(text) < limit:
+            examples.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, prompt_text=text))
+            kept.add(pair_id)
+    return examples, kept

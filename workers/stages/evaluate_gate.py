@@ -84,8 +84,13 @@ def _compare(ctx: StageContext, judge: Judge, champion_path: str, candidate_path
     seed = stage_seed(ctx, "evaluate_gate")
     champion_rt = runtime_for(ctx, champion_path)
     candidate_rt = runtime_for(ctx, candidate_path)
-    champion_out = [o[0] for o in sample(ctx, champion_rt, [user_prompt(champion_rt, p.text) for p in prompts], n=1, seed=seed)]
-    candidate_out = [o[0] for o in sample(ctx, candidate_rt, [user_prompt(candidate_rt, p.text) for p in prompts], n=1, seed=seed)]
+    budget = ctx.settings.generation.max_new_tokens
+    rendered = [(user_prompt(champion_rt, p.text, budget), user_prompt(candidate_rt, p.text, budget)) for p in prompts]
+    # A held-out prompt too long for the context is left out (and counted), not clipped.
+    keep = [i for i, (a, b) in enumerate(rendered) if champion_rt.fits(a, budget) and candidate_rt.fits(b, budget)]
+    prompts, rendered = [prompts[i] for i in keep], [rendered[i] for i in keep]
+    champion_out = [o[0] for o in sample(ctx, champion_rt, [a for a, _ in rendered], n=1, seed=seed)]
+    candidate_out = [o[0] for o in sample(ctx, candidate_rt, [b for _, b in rendered], n=1, seed=seed)]
     verdicts = judge.compare([(p, cand.text, champ.text) for p, cand, champ in zip(prompts, candidate_out, champion_out, strict=True)])
     comparisons = []
     for prompt, comparison in zip(prompts, verdicts, strict=True):

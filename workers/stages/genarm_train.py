@@ -3,6 +3,8 @@ tuned by the config's ``genarm`` section); the server offers the newest one as r
 
 from __future__ import annotations
 
+import dataclasses
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,7 +13,7 @@ from workers import artifacts
 from workers.genarm import arm_checkpoint_id, train_autoregressive_reward_model
 from workers.runtime import configure_cpu_threads
 from daemon.stage_runs import StageContext, StageOutput
-from workers.stages.common import parent_checkpoint, stage_seed
+from workers.stages.common import parent_checkpoint, runtime_for, stage_seed, user_prompt
 from workers.training import PreferenceExample
 
 
@@ -32,6 +34,7 @@ def genarm_train(ctx: StageContext) -> StageOutput:
     if len(examples) < min_pairs:
         return StageOutput({"skipped": f"{len(examples)} pairs, fewer than training.min_pairs={min_pairs}", "pairs": len(examples)})
     base_path = config.base_model_path or parent_path
+    examples = _as_sampled(ctx, parent_path, examples)
     arm_id = arm_checkpoint_id(ctx.iteration_id)
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     trained = train_autoregressive_reward_model(
@@ -43,6 +46,14 @@ def genarm_train(ctx: StageContext) -> StageOutput:
     )
     uri = artifacts.publish_checkpoint(ctx.settings, trained.path, arm_id)
     return StageOutput({**trained.summary(), "path": uri, "base_model_path": str(base_path), "pairs": len(examples)})
+
+
+def _as_sampled(ctx: StageContext, policy_path: str, examples: list[PreferenceExample]) -> list[PreferenceExample]:
+    """The examples with their prompts rendered as the policy was sampled (and is served): the ARM
+    guides decoding on exactly those prompt tokens."""
+    runtime = runtime_for(ctx, policy_path)
+    budget = ctx.settings.generation.max_new_tokens
+    return [dataclasses.replace(ex, prompt_text=user_prompt(runtime, str(ex.prompt), budget)) for ex in examples]
 
 
 def _iteration_pairs(session: Session, iteration_id: int) -> list[PreferenceExample]:

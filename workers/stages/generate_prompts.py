@@ -14,6 +14,7 @@ from policies import self_instruct, verifiable
 from policies.constraints import Constraint
 from policies.heldout import split_seed_prompts
 from daemon.stage_runs import StageContext, StageOutput
+from workers.runtime import ModelRuntime
 from workers.stages.common import parent_checkpoint, runtime_for, sample, stage_seed, user_prompt
 
 # Self-instruct requests sampled per round: each continuation yields a few tasks, and a 135M
@@ -38,12 +39,15 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
     runtime = runtime_for(ctx, champion.path)
     rng = random.Random(stage_seed(ctx, "generate_prompts"))
     accepted: list[str] = []
-    counts = {"parsed": 0, "filtered_out": 0, "duplicates": 0, "suite_overlaps": 0}
+    counts = {"parsed": 0, "filtered_out": 0, "duplicates": 0, "suite_overlaps": 0, "over_context": 0}
     for round_index in range(cfg.max_rounds):
         if len(accepted) >= cfg.per_cycle:
             break
         examples = self_instruct.select_few_shot(pool, earlier + accepted, cfg.few_shot, rng)
-        request = user_prompt(runtime, self_instruct.render_self_instruct_prompt(examples, cfg.per_cycle))
+        request = _fitting_request(runtime, examples, cfg.per_cycle, ctx.settings.generation.max_new_tokens)
+        if request is None:
+            counts["over_context"] += 1
+            continue
         outputs = sample(ctx, runtime, [request], n=SAMPLES_PER_ROUND, seed=stage_seed(ctx, "generate_prompts") + round_index)[0]
         for output in outputs:
             parsed = self_instruct.parse_generated_prompts(output.text)
@@ -92,3 +96,13 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
         **counts,
     }
     return StageOutput(result, write)
+
+
+def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int) -> str | None:
+    """The self-instruct request with as many of ``examples`` as fit the context (the first ones
+    dropped first), or None when not even one does: that round is skipped and counted."""
+    for start in range(len(examples)):
+        request = user_prompt(runtime, self_instruct.render_self_instruct_prompt(examples[start:], per_cycle), max_new_tokens)
+        if runtime.fits(request, max_new_tokens):
+            return request
+    return None

@@ -12,6 +12,7 @@ from daemon.db.models import Judgment, Prompt, Response
 from policies import judge_metrics
 from workers.judges import Score
 from daemon.stage_runs import StageContext, StageOutput
+from workers.judges.self_text import OVER_CONTEXT
 from workers.stages.common import judge_prompt, parent_checkpoint, record_warnings, stage_judge, stage_seed, warning_thresholds
 
 
@@ -52,6 +53,8 @@ def judge(ctx: StageContext) -> StageOutput:
         "unparseable": failures,
         "parse_failure_rate": round(failures / len(judgments), 4) if judgments else 0.0,
         "mean_score": round(sum(values) / len(values), 4) if values else None,
+        # Answers whose judge prompt did not fit the judge model's context: skipped, not clipped.
+        "skipped_over_context": sum(1 for score in scores if score.parse_error == OVER_CONTEXT),
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
         "warnings": warnings,
     }

@@ -18,7 +18,7 @@ from policies.pairs import KIND_ANCHORED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERI
 from workers.runtime import ModelRuntime
 from daemon.db.lineage import lineage_root
 from daemon.stage_runs import StageContext, StageOutput
-from workers.stages.common import parent_checkpoint, prompts_of_role, runtime_for, sample, stage_seed, user_prompt
+from workers.stages.common import over_context, parent_checkpoint, prompts_of_role, runtime_for, sample, stage_seed, user_prompt
 
 POLICY_STRATEGIES = {KIND_SELF_REWARD, KIND_VERIFIED, KIND_ANCHORED}
 
@@ -34,17 +34,22 @@ def respond(ctx: StageContext) -> StageOutput:
     seed = stage_seed(ctx, "respond")
     rows: list[Response] = []
     finished: list[bool] = []
+    skipped = 0
     if strategies & POLICY_STRATEGIES:
-        policy_rows, policy_finished = _sampled_responses(ctx, runtime, prompts, n, seed, "policy")
+        policy_rows, policy_finished, policy_skipped = _sampled_responses(ctx, runtime, prompts, n, seed, "policy")
         rows += policy_rows
         finished += policy_finished
+        skipped += policy_skipped
     # Temporal Self-Rewarding's rejected answers come from the initial model; while the champion
     # is the initial model, its own samples serve (build_pairs reads them as the anchor).
     if KIND_ANCHORED in strategies and initial.id != champion.id:
-        anchor_rows, _ = _sampled_responses(ctx, runtime_for(ctx, initial.path), prompts, n, seed + 2, "anchor")
+        anchor_rows, _, anchor_skipped = _sampled_responses(ctx, runtime_for(ctx, initial.path), prompts, n, seed + 2, "anchor")
         rows += anchor_rows
+        skipped += anchor_skipped
     if KIND_RLCD in strategies:
-        rows += _rlcd_responses(ctx, runtime, prompts, seed + 1)
+        rlcd_rows, rlcd_skipped = _rlcd_responses(ctx, runtime, prompts, seed + 1)
+        rows += rlcd_rows
+        skipped += rlcd_skipped
 
     def write(session: Session) -> dict[str, Any]:
         session.add_all(rows)
@@ -57,6 +62,8 @@ def respond(ctx: StageContext) -> StageOutput:
     result = {
         "responses": len(rows), **by_kind, "mean_tokens": round(mean_tokens, 2),
         "truncation_rate": round(1 - sum(finished) / len(finished), 4) if finished else None,
+        # Prompts (times strategies) that did not fit the context with room for the answer: skipped, not clipped.
+        "skipped_over_context": skipped,
         **_satisfaction(prompts, [r for r in rows if r.kind == "policy"]),
     }
     return StageOutput(result, write)
@@ -64,9 +71,12 @@ def respond(ctx: StageContext) -> StageOutput:
 
 def _sampled_responses(
     ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], n: int, seed: int, kind: str
-) -> tuple[list[Response], list[bool]]:
-    """N answers per prompt as Response rows of `kind`, and whether each ended before max_new_tokens."""
-    samples = sample(ctx, runtime, [user_prompt(runtime, p.text) for p in prompts], n=n, seed=seed)
+) -> tuple[list[Response], list[bool], int]:
+    """N answers per prompt as Response rows of `kind`, whether each ended before max_new_tokens,
+    and how many prompts did not fit the context. The rendered text is exactly what dpo_update
+    trains on (same call, same budget)."""
+    budget = ctx.settings.generation.max_new_tokens
+    samples = sample(ctx, runtime, [user_prompt(runtime, p.text, budget) for p in prompts], n=n, seed=seed)
     rows: list[Response] = []
     finished: list[bool] = []
     for prompt, outputs in zip(prompts, samples, strict=True):
@@ -75,7 +85,7 @@ def _sampled_responses(
             for i, o in enumerate(outputs)
         ]
         finished += [o.finished for o in outputs]
-    return rows, finished
+    return rows, finished, over_context(samples)
 
 
 def _satisfaction(prompts: list[Prompt], responses: list[Response]) -> dict[str, Any]:
@@ -94,16 +104,19 @@ def _satisfaction(prompts: list[Prompt], responses: list[Response]) -> dict[str,
     }
 
 
-def _rlcd_responses(ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], seed: int) -> list[Response]:
+def _rlcd_responses(ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], seed: int) -> tuple[list[Response], int]:
     texts, meta = [], []
+    budget = ctx.settings.generation.max_new_tokens
     for index, prompt in enumerate(prompts):
         pair = principles.pick_principle(index)
         for positive in (True, False):
-            texts.append(runtime.render_chat(principles.rlcd_messages(prompt.text, pair, positive)))
+            texts.append(runtime.render_chat(principles.rlcd_messages(prompt.text, pair, positive), max_new_tokens=budget))
             meta.append((prompt, pair.name, "rlcd_positive" if positive else "rlcd_negative"))
     outputs = sample(ctx, runtime, texts, n=1, seed=seed)
-    return [
+    rows = [
         Response(iteration_id=ctx.iteration_id, prompt_id=p.id, kind=kind, principle=name, text=o[0].text, num_tokens=o[0].num_tokens)
         for (p, name, kind), o in zip(meta, outputs, strict=True)
+        if o
     ]
+    return rows, over_context(outputs)
 

@@ -5,6 +5,7 @@ the artifact store, like every checkpoint; ``dpo_update`` then starts from it.""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -12,15 +13,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon.db.models import Checkpoint, CheckpointStatus, Prompt, Response
-from policies.steerlm import ATTRIBUTES, attribute_string
+from policies.steerlm import ATTRIBUTES, attribute_string, steerlm_messages
 from workers import artifacts
 from workers.lora_training import ADAPTER_SUBDIR
-from workers.runtime import configure_cpu_threads
 from daemon.stage_runs import StageContext, StageOutput
-from workers.stages.common import jsonable, parent_checkpoint, stage_judge, stage_seed
+from workers.model_profile import checkpoint_profile
+from workers.runtime import ModelRuntime, configure_cpu_threads
+from workers.stages.common import jsonable, parent_checkpoint, runtime_for, stage_judge, stage_seed
 from workers.steerlm import SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
 
 log = structlog.get_logger(__name__)
+
+
+def _rendered(runtime: ModelRuntime, prompt: str, values: Mapping[str, int], budget: int) -> str:
+    """The attribute-conditioned prompt exactly as the server's SteerLM steering renders it."""
+    return runtime.render_chat(steerlm_messages([{"role": "user", "content": prompt}], dict(values)), max_new_tokens=budget)
 
 
 def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = None, register_as_candidate: bool = False) -> StageOutput:
@@ -41,8 +48,10 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
         labeller = stage_judge(ctx, session, "label", parent, seed=seed)
     rows = _labelled_rows(ctx, response_kinds)
     labels = labeller.label([(prompt, text) for _, text, prompt in rows], ATTRIBUTES)
+    runtime = runtime_for(ctx, parent_path)
+    budget = ctx.settings.generation.max_new_tokens
     examples = [
-        (response_id, SteerExample(prompt, text, dict(label.values)))
+        (response_id, SteerExample(prompt, text, dict(label.values), prompt_text=_rendered(runtime, prompt, label.values, budget)))
         for (response_id, text, prompt), label in zip(rows, labels, strict=True)
         if label.complete
     ]
@@ -64,6 +73,8 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     base_path = artifacts.model_path_for_loading(ctx.settings, parent_path)
     trained = sft_attribute_conditioned(base_path, [ex for _, ex in examples], out_dir, config, seed=seed)
+    # Profiled before publishing: under a remote artifacts_url the staged files go away.
+    profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
     checkpoint_uri = artifacts.publish_checkpoint(ctx.settings, trained.checkpoint_path, checkpoint_id)
 
@@ -76,7 +87,7 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
                     id=checkpoint_id, parent_id=parent_row.id, base_model=parent_row.base_model,
                     path=checkpoint_uri, adapter_path=artifacts.join_uri(checkpoint_uri, ADAPTER_SUBDIR),
                     status=CheckpointStatus.candidate, created_iteration_id=ctx.iteration_id,
-                    metrics=jsonable(trained.metrics),
+                    metrics=jsonable(trained.metrics), profile=profile,
                 )
             )
             session.flush()

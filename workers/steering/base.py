@@ -106,10 +106,11 @@ class SteeringMethod:
     def options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
-    def render_chat(self, runtime: ModelRuntime, messages: list[dict], spec: SteeringSpec) -> str:
-        return runtime.render_chat(messages)
+    def render_chat(self, runtime: ModelRuntime, messages: list[dict], spec: SteeringSpec, *, max_new_tokens: int | None = None) -> str:
+        """The model's own prompt format (``ModelRuntime.render_chat``), leaving room for ``max_new_tokens``."""
+        return runtime.render_chat(messages, max_new_tokens=max_new_tokens)
 
-    def render_completion(self, runtime: ModelRuntime, prompt: str, spec: SteeringSpec) -> str:
+    def render_completion(self, runtime: ModelRuntime, prompt: str, spec: SteeringSpec, *, max_new_tokens: int | None = None) -> str:
         """/v1/completions continues raw text."""
         return prompt
 

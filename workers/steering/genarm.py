@@ -20,6 +20,7 @@ from policies.steering import SteeringError, SteeringSpec, parse_beta, parse_rew
 from workers.steering.base import DecodeParams, Decoder, SteeringMethod, SteeringResources
 
 if TYPE_CHECKING:
+    from daemon.config import Settings
     from workers.runtime import Generation, ModelRuntime
 
 ARM_STAGE = "genarm_train"
@@ -33,6 +34,21 @@ def latest_loop_reward_model(session: Session) -> str | None:
         .order_by(StageRun.iteration_id.desc())
     )
     return next((row.result["path"] for row in rows if row.result.get("path")), None)
+
+
+def check_configured_reward_models(settings: Settings, champion_path: str | None) -> None:
+    """Every ``serve.genarm.reward_models.<name>.path`` passes the model checks and shares the
+    champion's tokenizer, at ``kaizen serve`` start rather than at a request (ModelCheckError)."""
+    from workers.artifacts import model_path_for_loading
+    from workers.model_checks import check_model, check_tokenizers_match
+
+    for name, reward_model in settings.serve.genarm.reward_models.items():
+        if not reward_model.path:
+            continue
+        key = f"serve.genarm.reward_models.{name}.path"
+        check_model(reward_model.path, key=key, device=settings.model.runtime_options()["device"])
+        if champion_path is not None:
+            check_tokenizers_match(model_path_for_loading(settings, champion_path), reward_model.path, key=key)
 
 
 class GuidedDecoder(Decoder):

@@ -21,9 +21,9 @@ class SteerLMSteering(SteeringMethod):
     def options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         return {"attributes": parse_attributes(raw.get("attributes", {}))}
 
-    def render_chat(self, runtime: ModelRuntime, messages: list[dict], spec: SteeringSpec) -> str:
-        return runtime.render_chat(steerlm_messages(messages, spec.options["attributes"]))
+    def render_chat(self, runtime: ModelRuntime, messages: list[dict], spec: SteeringSpec, *, max_new_tokens: int | None = None) -> str:
+        return runtime.render_chat(steerlm_messages(messages, spec.options["attributes"]), max_new_tokens=max_new_tokens)
 
-    def render_completion(self, runtime: ModelRuntime, prompt: str, spec: SteeringSpec) -> str:
+    def render_completion(self, runtime: ModelRuntime, prompt: str, spec: SteeringSpec, *, max_new_tokens: int | None = None) -> str:
         """A raw completion prompt is the one user turn."""
-        return self.render_chat(runtime, [{"role": "user", "content": prompt}], spec)
+        return self.render_chat(runtime, [{"role": "user", "content": prompt}], spec, max_new_tokens=max_new_tokens)
