@@ -150,12 +150,21 @@ def greedy_answers(settings: Settings, checkpoint_path: str, prompts: list[str],
     except (RuntimeError, OSError, ValueError) as exc:  # missing, truncated or corrupted; not a model
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvaluationError(f"cannot load the checkpoint at {checkpoint_path}: {first_line}") from exc
-    rendered = [user_prompt(runtime, prompt) for prompt in prompts]
+    budget = settings.eval.max_new_tokens
+    rendered = [user_prompt(runtime, prompt, budget) for prompt in prompts]
+    # An item whose prompt leaves no room for the answer in the model's context gets an empty,
+    # unfinished answer: it fails its checks and counts as truncated, it does not stop the suite.
+    fitting = [i for i, text in enumerate(rendered) if runtime.fits(text, budget)]
+    answers = [Generation(text="", num_tokens=0, finished=False) for _ in prompts]
+    if len(fitting) < len(prompts):
+        log.warning("eval.over_context", skipped=len(prompts) - len(fitting), context_length=runtime.profile.context_length)
     outputs = runtime.generate(
-        rendered, num_samples=1, max_new_tokens=settings.eval.max_new_tokens, temperature=0.0,
+        [rendered[i] for i in fitting], num_samples=1, max_new_tokens=budget, temperature=0.0,
         batch_size=settings.eval.batch_size, progress=progress,
-    )
-    return [samples[0] for samples in outputs]
+    ) if fitting else []
+    for index, samples in zip(fitting, outputs, strict=True):
+        answers[index] = samples[0]
+    return answers
 
 
 def _truncation(answers: list[Generation]) -> dict[str, Any]:

@@ -92,3 +92,29 @@ def test_the_server_process_computes_with_model_cpu_threads(tmp_path: Path, tiny
         assert health["context_length"] == 2048 and health["prompt_format"] == "chat_template"
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("backend", "mode"), [("self", "logprob"), ("self", "text"), ("implicit", "logprob")])
+def test_a_judge_prompt_over_the_context_is_a_missing_score_not_a_crash(tmp_path: Path, models: dict[str, Path], backend: str, mode: str) -> None:
+    from workers.judges import build_judge
+    from workers.judges.base import OVER_CONTEXT
+
+    settings = small_cycle_settings(tmp_path / "data", models["gpt2"], judge={"mode": mode, "max_new_tokens": 4, "num_samples": 1})
+    runtime = ModelRuntime.load(str(models["gpt2"]))
+    path = str(models["gpt2"])
+    judge = build_judge(settings, "train", policy_path=path, load_model=lambda _: runtime, initial_path=path, backends=[backend])
+    long_answer = "The water cycle moves water between the sea, the air and the land. " * 40
+    scores = judge.score([("Describe rain.", long_answer), ("Hi", "Hello.")])
+    assert scores[0].value is None and scores[0].parse_error == OVER_CONTEXT
+    comparisons = judge.compare([("Describe rain.", long_answer, "Rain.")])
+    assert comparisons[0].preference is None
+
+
+def test_an_evaluation_item_over_the_context_is_an_empty_truncated_answer(tmp_path: Path, models: dict[str, Path]) -> None:
+    from workers.evaluation import greedy_answers
+
+    # plain format: the URIAL preamble alone is longer than 256 tokens of this tiny tokenizer
+    settings = small_cycle_settings(tmp_path / "data", models["gpt2"], eval={"max_new_tokens": 8}, model={"prompt_format": "plain"})
+    answers = greedy_answers(settings, str(models["gpt2"]), ["Describe the water cycle. " * 60, "Describe rain."])
+    assert (answers[0].text, answers[0].finished) == ("", False)
+    assert answers[1].num_tokens >= 1

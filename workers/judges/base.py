@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from daemon.config import Settings
     from workers.runtime import ModelRuntime
 
+OVER_CONTEXT = "judge prompt over the model's context length"
+"""The parse error of a score a model judge could not give because its prompt did not fit."""
+
 Role = Literal["train", "gate", "label"]
 ROLES: tuple[Role, ...] = ("train", "gate", "label")
 Verdict = Literal["a", "b", "tie"]

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from policies import judge_metrics, rubric
-from workers.judges.base import Comparison, PromptLike, Score, prompt_text
+from workers.judges.base import OVER_CONTEXT, Comparison, PromptLike, Score, prompt_text
 from workers.judges.registry import register_judge
-from workers.judges.self_text import OVER_CONTEXT, ModelJudge, pairwise_contents, swap_comparison
+from workers.judges.self_text import ModelJudge, pairwise_contents, swap_comparison
 
 # Room a logprob request leaves after its cue: the continuation tokens it scores.
 CUE_ROOM = 8

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from policies import debias, judge_metrics, rubric
 from policies.steerlm import combine_attribute_parses, parse_attribute_labels, render_attribute_rubric_prompt
-from workers.judges.base import Comparison, Judge, Labels, PromptLike, Score, prompt_text
+from workers.judges.base import OVER_CONTEXT, Comparison, Judge, Labels, PromptLike, Score, prompt_text
 from workers.judges.registry import register_judge
 
 if TYPE_CHECKING:
@@ -89,10 +89,6 @@ def labels_from_samples(
         failures = {name: parse.failures.get(name, "not labelled") for name in attributes if name not in values}
         labels.append(Labels(values=values, failures=failures, raw=tuple(texts), judge=judge_name))
     return labels
-
-
-OVER_CONTEXT = "judge prompt over the model's context length"
-"""The parse error of a score the judge could not give because its prompt did not fit."""
 
 
 def judge_requests(runtime: ModelRuntime, contents: Sequence[str], budget: int | None = None) -> list[str]:

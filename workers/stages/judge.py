@@ -12,7 +12,7 @@ from daemon.db.models import Judgment, Prompt, Response
 from policies import judge_metrics
 from workers.judges import Score
 from daemon.stage_runs import StageContext, StageOutput
-from workers.judges.self_text import OVER_CONTEXT
+from workers.judges.base import OVER_CONTEXT
 from workers.stages.common import judge_prompt, parent_checkpoint, record_warnings, stage_judge, stage_seed, warning_thresholds
 
 
