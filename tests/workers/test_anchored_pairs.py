@@ -13,6 +13,9 @@ from daemon.dispatch import EagerDispatcher
 from tests.factories import small_cycle_settings
 from tests.workers.test_gate_suites import fake_rows
 from workers import evaluation
+# Imported before any test patches workers.evaluation.evaluate_checkpoint: these stage modules bind
+# it by name at import, and a module first imported while the fake is in place would keep it.
+from workers.stages import evaluate_gate, evaluate_suites  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
