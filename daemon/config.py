@@ -52,6 +52,7 @@ from daemon.config_services import (
     RewardModelSettings,
     ScheduleSettings,
     ServeSettings,
+    TrackingSettings,
     WorkerSettings,
 )
 
@@ -109,7 +110,7 @@ DEFAULT_CONFIG_FILE = "kaizen.yaml"
 MACHINE_LOCAL_KEYS: tuple[str, ...] = (
     "data_dir", "database_url", "artifacts_url", "log_format", "log_level",
     "model.device", "model.cpu_threads",
-    "worker", "schedule", "dashboard", "serve",
+    "worker", "schedule", "dashboard", "serve", "tracking",
 )
 
 # Set while Settings are rebuilt from a recorded snapshot: then the environment must not override it.
@@ -155,6 +156,7 @@ class Settings(BaseSettings):
     genarm: GenArmStageSettings = GenArmStageSettings()
     dashboard: DashboardSettings = DashboardSettings()
     serve: ServeSettings = ServeSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -187,6 +189,14 @@ class Settings(BaseSettings):
         return self.resolved_data_dir / "artifacts"
 
     @property
+    def mlflow_uri(self) -> str:
+        return self.tracking.mlflow_uri or (self.resolved_data_dir / "mlruns").as_uri()
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.resolved_data_dir / "tensorboard"
+
+    @property
     def tiny_model_dir(self) -> Path:
         return self.resolved_data_dir / "models" / "tiny"
 
@@ -201,6 +211,7 @@ class Settings(BaseSettings):
             "KAIZEN_DATABASE_URL": self.database_url,
             "KAIZEN_ARTIFACTS_URL": self.artifacts_url,
             "KAIZEN_WORKER__BROKER_URL": self.worker.broker_url,
+            "KAIZEN_TRACKING__MLFLOW_URI": self.tracking.mlflow_uri,
             "KAIZEN_SERVE__API_KEY": self.serve.api_key.get_secret_value() if self.serve.api_key else None,
             "KAIZEN_DASHBOARD__TOKEN": self.dashboard.token.get_secret_value() if self.dashboard.token else None,
         }
@@ -253,7 +264,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 MASK = "**********"  # what pydantic writes for a SecretStr
 # Dotted keys of the settings that may hold a URL with a password in it.
-URL_KEYS = ("database_url", "artifacts_url", "worker.broker_url")
+URL_KEYS = ("database_url", "artifacts_url", "worker.broker_url", "tracking.mlflow_uri")
 
 
 def redact_url(url: str) -> str:

@@ -100,3 +100,16 @@ class ServeSettings(Section):
     max_queue: int = Field(256, ge=1, description="sequences waiting for a batch slot before requests get 503 + Retry-After")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 above)")
     genarm: GenArmServeSettings = GenArmServeSettings()
+
+
+class TrackingSettings(Section):
+    """Where each iteration is reported besides the lineage DB (which stays the source of truth)."""
+
+    backends: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    # An MLflow tracking server (http://host:5000) or a local store; null: <data_dir>/mlruns.
+    mlflow_uri: str | None = None
+    experiment: str = "kaizen"
+    # The MLflow Model Registry model whose versions mirror the lineage's checkpoints.
+    registered_model: str = "kaizen"
+    # Seconds an MLflow call may take (a dead server must not stall a stage).
+    timeout_seconds: float = Field(5.0, gt=0)

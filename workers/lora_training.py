@@ -178,6 +178,7 @@ def train_lora_checkpoint(
     trainer_kwargs: Mapping[str, Any] | None = None,
     check_trainer: Callable[[Any], None] | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    reporting: Mapping[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train a LoRA adapter on ``base_model_path`` with a TRL trainer; merge it and commit the checkpoint at ``out``.
 
@@ -185,7 +186,7 @@ def train_lora_checkpoint(
     arguments beyond :func:`training_arguments`); ``rows(tokenizer)``: the training dataset rows;
     ``summarise(log_history)``: the metrics; ``check_trainer``: called on the trainer before it
     trains. Returns the checkpoint path and its manifest metadata (``extra_metadata`` wins over
-    the common entries).
+    the common entries). ``reporting``: TRL's ``report_to``/``run_name`` (workers.tracking).
     """
     from datasets import Dataset
     from peft import LoraConfig
@@ -214,7 +215,8 @@ def train_lora_checkpoint(
                 log_callback(dict(logs, step=state.global_step))
 
     with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
-        config = config_cls(**training_arguments(settings, output_dir=scratch, seed=seed, progress=progress), **config_kwargs)
+        arguments = training_arguments(settings, output_dir=scratch, seed=seed, progress=progress) | dict(reporting or {})
+        config = config_cls(**arguments, **config_kwargs)
         trainer = trainer_cls(
             model=model,
             args=config,

@@ -216,6 +216,7 @@ def dpo_update(
     reference_model_path: str | None = None,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reporting: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` with DPO from ``base_model_path``; write the merged model.
 
@@ -235,7 +236,7 @@ def dpo_update(
     if existing is not None:
         return TrainResult.from_checkpoint(out, existing, reused=True)
     with progress_bars(progress):
-        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress)
+        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress, reporting)
 
 
 def _dpo_update(
@@ -247,6 +248,7 @@ def _dpo_update(
     reference_model_path: str | None,
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
+    reporting: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -278,5 +280,6 @@ def _dpo_update(
         trainer_kwargs={"ref_model": ref_model},
         check_trainer=expect_adapter_disabled_reference,
         extra_metadata={"reference": str(reference_model_path) if ref_model is not None else "adapter_disabled_parent"},
+        reporting=reporting,
     )
     return TrainResult.from_checkpoint(path, metadata)

@@ -43,9 +43,21 @@ def _lineage_change(settings: Settings, change: Any, trusts: Any = None) -> Any:
             except CheckpointError as exc:
                 raise fail(str(exc)) from None
         with transaction(sessions) as session:
-            return change(session)
+            outcome = change(session)
     except LineageError as exc:
         raise fail(str(exc)) from None
+    _mirror(settings, sessions)
+    return outcome
+
+
+def _mirror(settings: Settings, sessions: Any) -> None:
+    """Move the registry's aliases in the same step; a failure is a warning, never a refusal."""
+    if "mlflow" not in settings.tracking.backends:
+        return
+    from workers.tracking import mirror_registry
+
+    message = mirror_registry(settings, sessions, actor="cli")
+    console.print(f"registry mirror: {message}" if message else "registry mirror failed (see the tracking_warning event); `kaizen registry sync` retries")
 
 
 @app.command()
@@ -115,3 +127,20 @@ def pause(reason: ReasonOption = None, actor: ActorOption = None, config: Config
 def resume(reason: ReasonOption = None, actor: ActorOption = None, config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Let a paused daemon start cycles again; audited."""
     _set_paused(False, reason, actor, config, data_dir)
+
+
+registry_app = typer.Typer(help="The MLflow Model Registry mirror of the lineage (tracking.backends: [mlflow]).", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("sync")
+def registry_sync(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Reconcile the registry from the lineage: a version per checkpoint, champion/challenger aliases."""
+    from workers.tracking import sync_registry
+
+    settings = settings_from(config, data_dir)
+    try:
+        result = sync_registry(settings, ops_sessions(settings))
+    except Exception as exc:  # the registry is a copy: say why in one line, the lineage is untouched
+        raise fail(f"registry sync failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check tracking.mlflow_uri") from None
+    console.print(f"registry {result['model']}: {result['versions']} versions, champion alias on {result['champion']}")

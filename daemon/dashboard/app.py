@@ -244,6 +244,12 @@ def create_dashboard_app(settings: Settings, sessions: sessionmaker[Session] | N
             log.warning("dashboard.action_refused", action=name, actor=actor, status=409, reason=str(exc))
             return _refusal(request, templates, 409, str(exc))
         log.info("dashboard.action", action=name, actor=actor, result=message)
+        if name in TRUSTED_TARGETS and "mlflow" in settings.tracking.backends:
+            from workers.tracking import mirror_registry
+
+            # The champion alias moves in the same step; a mirror failure is a warning event, never a refusal.
+            mirror = mirror_registry(settings, sessions, actor=actor)
+            message = f"{message}; registry: {mirror or 'mirror failed, `kaizen registry sync` retries'}"
         event_id = after if after != before else None  # None: the action changed nothing (already paused)
         if _wants_json(request):
             return JSONResponse({"ok": True, "message": message, "event": event_id})

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, aliased
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
 from policies.pairs import KIND_ANCHORED, KIND_VERIFIED
-from workers import artifacts
+from workers import artifacts, tracking
 from workers.model_profile import checkpoint_profile
 from workers.runtime import configure_cpu_threads
 from daemon.stage_runs import StageContext, StageOutput
@@ -51,11 +51,15 @@ def dpo_update(ctx: StageContext) -> StageOutput:
     reference_path = artifacts.model_path_for_loading(ctx.settings, reference.path) if reference.id != champion.id else None
     base_path = artifacts.model_path_for_loading(ctx.settings, champion.path)
     configure_cpu_threads(ctx.settings.model.cpu_threads)
-    trained = train(base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path)
+    with tracking.training_reporting(ctx, "dpo_update") as reporting:
+        trained = train(
+            base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path, reporting=reporting
+        )
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
     checkpoint_uri = artifacts.publish_checkpoint(ctx.settings, trained.checkpoint_path, checkpoint_id)
+    tracking.register_candidate(ctx, checkpoint_id, checkpoint_uri)
 
     def write(session: Session) -> dict[str, Any]:
         parent = steerlm_checkpoint(ctx, session) or parent_checkpoint(ctx, session)

@@ -9,6 +9,7 @@ same checkpoints already) reuses them instead of evaluating twice.
 from __future__ import annotations
 
 from daemon.db import lineage
+from workers import tracking
 from workers.evaluation import evaluate_checkpoint
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint
@@ -21,6 +22,8 @@ def evaluate_suites(ctx: StageContext) -> StageOutput:
         root = lineage.lineage_root(session, parent_checkpoint(ctx, session)).id
         targets = [root, iteration.candidate_checkpoint_id] if promoted else []
     if not ctx.settings.eval.suites or not targets:
+        # The last stage: the gate's decision is committed, so the iteration's run is complete.
+        tracking.record_iteration(ctx, [])
         return StageOutput({"evaluated": [], "skipped": "no promotion" if not targets else "eval.suites is empty"})
     evaluated = []
     for checkpoint_id in dict.fromkeys(targets):
@@ -28,6 +31,7 @@ def evaluate_suites(ctx: StageContext) -> StageOutput:
             row = evaluate_checkpoint(ctx.settings, ctx.sessions, checkpoint_id, suite)
             evaluated.append({"checkpoint": checkpoint_id, "suite": suite, "score": row.score, "n": row.n,
                               "ci_low": row.ci_low, "ci_high": row.ci_high})
+    tracking.record_iteration(ctx, evaluated)
     return StageOutput({"evaluated": evaluated})
 
 
