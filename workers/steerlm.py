@@ -114,6 +114,7 @@ def sft_attribute_conditioned(
     seed: int = 0,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reporting: Mapping[str, Any] | None = None,
 ) -> SteerTrainResult:
     """SFT ``base_model_path`` on attribute-conditioned examples; write the merged model to ``out_dir``.
 
@@ -142,6 +143,7 @@ def sft_attribute_conditioned(
         },
         log_callback=log_callback,
         progress=progress,
+        reporting=reporting,
     )
 
 
@@ -156,6 +158,7 @@ def sft_lora_update(
     extra_metadata: Mapping[str, Any] | None = None,
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reporting: Mapping[str, Any] | None = None,
 ) -> SteerTrainResult:
     """Generic SFT + LoRA on TRL conversational prompt-completion records; merged, checked, written atomically.
 
@@ -172,7 +175,7 @@ def sft_lora_update(
             out, existing, reused=True, num_examples=int(existing.get("num_examples", 0))
         )
     with lora.progress_bars(progress):
-        return _train(base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress)
+        return _train(base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress, reporting)
 
 
 def _sft_metrics(steps: list[dict[str, Any]]) -> dict[str, float]:
@@ -197,6 +200,7 @@ def _train(
     extra_metadata: dict[str, Any],
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
+    reporting: Mapping[str, Any] | None = None,
 ) -> SteerTrainResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -219,6 +223,7 @@ def _train(
         log_callback=log_callback,
         progress=progress,
         extra_metadata=extra_metadata,
+        reporting=reporting,
     )
     metrics = metadata["metrics"]
     seconds = round(metadata["train_seconds"], 3)

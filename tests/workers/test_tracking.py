@@ -136,3 +136,24 @@ def test_an_unreachable_tracking_server_warns_once_and_the_cycle_completes(tmp_p
         assert iteration.config_snapshot["tracking"]["mlflow_uri"] == f"http://user:**********@127.0.0.1:{uri.rsplit(':', 1)[1]}"
     assert len(warnings) == 1 and warnings[0].iteration_id == report.iteration_id
     assert "s3cret" not in warnings[0].reason and "lineage is unaffected" in warnings[0].reason
+
+
+def test_the_steerlm_sft_curve_goes_to_tensorboard_through_trl(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+
+    from daemon.config import SteerLMStageSettings
+    from daemon.stage_runs import StageContext
+    from policies.steerlm import ATTRIBUTES
+    from workers import tracking
+    from workers.steerlm import SteerExample, sft_attribute_conditioned
+
+    settings = load_settings(None, **_config(tmp_path, tiny_model_dir, {"backends": ["tensorboard"]}))
+    ctx = StageContext(settings=settings, sessions=None, iteration_id=7)  # type: ignore[arg-type]  # TensorBoard needs no DB
+    examples = [SteerExample("Say hi.", answer, dict.fromkeys(ATTRIBUTES, 2)) for answer in ("Hi.", "Hello there.")]
+    with tracking.training_reporting(ctx, "steerlm_sft") as reporting:
+        assert reporting == {"report_to": ["tensorboard"], "run_name": "iteration-0007"}
+        sft_attribute_conditioned(
+            str(tiny_model_dir), examples, tmp_path / "sft", SteerLMStageSettings(max_steps=2, batch_size=2), reporting=reporting
+        )
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # the stage's environment is restored
+    assert len(_scalars(settings.tensorboard_dir / "iteration-0007" / "steerlm_sft", "train/loss")) == 2

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db.models import Checkpoint, CheckpointStatus, Prompt, Response
 from policies.steerlm import ATTRIBUTES, attribute_string, steerlm_messages
-from workers import artifacts
+from workers import artifacts, tracking
 from workers.lora_training import ADAPTER_SUBDIR
 from daemon.stage_runs import StageContext, StageOutput
 from workers.model_profile import checkpoint_profile
@@ -72,7 +72,8 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
     out_dir = artifacts.checkpoint_staging_dir(ctx.settings, checkpoint_id)
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     base_path = artifacts.model_path_for_loading(ctx.settings, parent_path)
-    trained = sft_attribute_conditioned(base_path, [ex for _, ex in examples], out_dir, config, seed=seed)
+    with tracking.training_reporting(ctx, "steerlm_sft") as reporting:
+        trained = sft_attribute_conditioned(base_path, [ex for _, ex in examples], out_dir, config, seed=seed, reporting=reporting)
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
