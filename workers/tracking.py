@@ -148,6 +148,10 @@ def training_reporting(ctx: StageContext, stage: str) -> Iterator[dict[str, Any]
         run_id = _guarded(settings, ctx.sessions, ctx.iteration_id, "mlflow run", lambda: iteration_run_id(settings, ctx.sessions, ctx.iteration_id))
         if run_id is not None:
             env.update(MLFLOW_TRACKING_URI=settings.mlflow_uri, MLFLOW_RUN_ID=run_id, MLFLOW_EXPERIMENT_NAME=settings.tracking.experiment)
+            # No TrainingArguments as params: the run's config.* params hold the same settings, and a
+            # retried or second training (SteerLM, then DPO) would re-log output_dir and friends with
+            # other values, which MLflow refuses (that would fail the stage).
+            env["MLFLOW_MAX_LOG_PARAMS"] = "0"
             report_to.append("mlflow")
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

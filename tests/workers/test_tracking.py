@@ -81,6 +81,7 @@ def test_two_cycles_are_tracked_in_mlflow_and_tensorboard_and_the_registry_follo
         assert "gate.win_rate" in run.data.metrics and 0.0 <= run.data.metrics["gate.win_rate"] <= 1.0
         assert run.data.params["config.training.beta"] == str(settings.training.beta)
         assert all(SECRET not in value for value in run.data.params.values())
+        assert "output_dir" not in run.data.params  # TRL's arguments stay out: a retried training could not re-log them
         assert run.data.params["config.serve.api_key"] == '"**********"'
         names = {a.path for a in client.list_artifacts(run.info.run_id, "datasets")} | {a.path for a in client.list_artifacts(run.info.run_id, "gate")}
         assert names == {"datasets/preference_pairs.jsonl", "gate/gate_comparisons.json"}
