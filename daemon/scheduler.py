@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import structlog
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
@@ -85,7 +86,9 @@ class Daemon:
         if self._paused():
             return
         try:
-            report = run_cycle(self.sessions, self.settings, self.dispatcher, should_stop=self.stopping.is_set)
+            report = run_cycle(
+                self.sessions, self.settings, self.dispatcher, progress=self._stage_progress(), should_stop=self.stopping.is_set
+            )
         except CycleStopped as exc:
             log.info("cycle.stopped", reason=str(exc))
             return
@@ -105,6 +108,21 @@ class Daemon:
         if done:
             log.info("daemon.max_cycles_reached", cycles=self.completed)
             self.scheduler.shutdown(wait=False)
+
+    def _stage_progress(self):  # type: ignore[no-untyped-def]
+        """`kaizen run` draws no progress bar (its output is often a log file): one line as each
+        stage starts and one as it ends, with its wall time, so a user can see the cycle advance."""
+        cycle = f"{self.completed + 1}/{self.max_cycles}" if self.max_cycles is not None else str(self.completed + 1)
+        started: dict[str, float] = {}
+
+        def on_progress(stage: str, state: str) -> None:
+            if state == "running":
+                started[stage] = time.perf_counter()
+                log.info("stage.started", cycle=cycle, stage=stage)
+            elif state == "done":
+                log.info("stage.finished", cycle=cycle, stage=stage, seconds=round(time.perf_counter() - started.pop(stage), 1))
+
+        return on_progress
 
     def _on_job_event(self, event: JobExecutionEvent) -> None:
         if event.code == EVENT_JOB_MISSED:

@@ -13,6 +13,7 @@ scored pair is exact (prompt and completion are tokenised separately and the ids
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 import inspect
@@ -653,13 +654,35 @@ def load_causal_lm(model_path: str | Path, **kwargs: Any) -> Any:
     if not is_gguf_file(model_path):
         return AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     directory, name = _gguf_location(model_path)
+    log.info("gguf.dequantizing", source=str(model_path))
+    started = time.perf_counter()
+    with _gguf_progress_on_tty_only():
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # transformers before GgufConfig always dequantized GGUF weights
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=name, quantization_config=GgufConfig(dequantize=True), **kwargs
+            )
+    log.info("gguf.dequantized", source=str(model_path), seconds=round(time.perf_counter() - started, 2))
+    return model
+
+
+@contextlib.contextmanager
+def _gguf_progress_on_tty_only():
+    """transformers' GGUF reader draws a tqdm bar per tensor that ``hf_logging`` cannot switch off;
+    written to a log file (a worker's stderr) it is thousands of carriage-return updates. tqdm's
+    ``disable=None`` keeps the bar on a terminal and drops it elsewhere; the log gets one line per stage."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=None)
     try:
-        from transformers import GgufConfig
-    except ImportError:  # transformers before GgufConfig always dequantized GGUF weights
-        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, quantization_config=GgufConfig(dequantize=True), **kwargs
-    )
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def smollm2_gguf_path() -> Path:
@@ -698,7 +721,7 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path, *, metad
         model = load_causal_lm(source, dtype=torch.float32)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        log.info("gguf.converted", source=str(source), seconds=round(time.perf_counter() - started, 2))
+        log.info("gguf.converted", source=str(source), checkpoint=str(out_dir), seconds=round(time.perf_counter() - started, 2))
 
     info = {"kind": GGUF_CHECKPOINT_KIND, "source": str(source), "source_bytes": source.stat().st_size, **(metadata or {})}
     return write_checkpoint(out_dir, write_fn, info)

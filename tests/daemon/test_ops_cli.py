@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -202,6 +203,26 @@ def test_a_paused_daemon_starts_no_cycle_until_resumed(db: Lineage) -> None:
     assert db.kaizen("resume").exit_code == 0
     daemon._tick()
     assert [stage for _, stage in dispatcher.asked] == ["generate_prompts"]  # a cycle started
+
+
+class _StagesSucceed:
+    """A dispatcher whose stages all succeed at once (nothing computed): the orchestration alone."""
+
+    def run_stage(self, iteration_id: int, stage: str):  # type: ignore[no-untyped-def]
+        return {}
+
+
+def test_the_daemon_logs_a_line_as_each_stage_starts_and_ends(db: Lineage) -> None:
+    from daemon.stage_specs import stages_for
+
+    settings = load_settings(None, data_dir=str(db.data_dir), worker={"mode": "eager"})
+    with structlog.testing.capture_logs() as events:
+        Daemon(settings, db.sessions, _StagesSucceed(), max_cycles=2)._tick()
+
+    stage_lines = [(e["event"], e["stage"]) for e in events if e["event"].startswith("stage.")]
+    assert stage_lines == [(kind, stage) for stage in stages_for(settings) for kind in ("stage.started", "stage.finished")]
+    assert all(e["cycle"] == "1/2" for e in events if e["event"].startswith("stage."))
+    assert all(e["seconds"] >= 0 for e in events if e["event"] == "stage.finished")
 
 
 def test_a_paused_daemon_does_not_resume_an_interrupted_iteration(db: Lineage) -> None:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from workers.checkpoints import read_manifest, verify_checkpoint
 from workers.runtime import GGUF_CHECKPOINT_KIND, ModelRuntime, convert_gguf_checkpoint, smollm2_gguf_path
@@ -50,8 +51,17 @@ def test_smollm2_loads_from_gguf_and_answers_a_chat_prompt_in_english(gguf_runti
     assert runtime.tokenizer.chat_template, "the GGUF carries SmolLM2's chat template"
 
 
-def test_conversion_writes_a_plain_checkpoint_that_answers_the_same(gguf_path: Path, gguf_runtime: ModelRuntime, tmp_path: Path) -> None:
-    converted = convert_gguf_checkpoint(gguf_path, tmp_path / "smollm2")
+def test_conversion_writes_a_plain_checkpoint_that_answers_the_same(
+    gguf_path: Path, gguf_runtime: ModelRuntime, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
+    with structlog.testing.capture_logs() as events:
+        converted = convert_gguf_checkpoint(gguf_path, tmp_path / "smollm2")
+
+    # stderr is not a terminal here (as in a worker's log): no per-tensor progress bar, one log line per stage.
+    err = capfd.readouterr().err
+    assert "GGUF tensors" not in err and "\r" not in err, err[:300]
+    assert [e["event"] for e in events if e["event"].startswith("gguf.")] == ["gguf.dequantizing", "gguf.dequantized", "gguf.converted"]
 
     manifest = verify_checkpoint(converted)
     assert manifest.metadata["kind"] == GGUF_CHECKPOINT_KIND
