@@ -85,9 +85,9 @@ def build_tokenizer(
     return tokenizer
 
 
-def _config(arch: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, context_length: int):
+def _config(arch: str, tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, context_length: int, tie: bool = True):
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    common = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **ids}
+    common = {"vocab_size": len(tokenizer), "tie_word_embeddings": tie, **ids}
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=context_length, **common)
     if arch == "gpt_neox":
@@ -115,21 +115,36 @@ def build_tiny_model(
     pad_token: bool = True,
     eos_token: bool = True,
     vocab_size: int = 512,
+    tie_embeddings: bool = True,
+    output_scale: float = 1.0,
 ) -> Path:
     """Write a randomly initialised tiny causal LM plus its tokenizer to ``out_dir``, as a
     checkpoint with a manifest (so its corruption is detected like any other checkpoint's).
 
     ``arch`` is one of :data:`ARCHITECTURES`; ``chat_template`` None makes a base model (no
     template), ``pad_token``/``eos_token`` False leave those tokens out (as some real tokenizers do).
+
+    ``output_scale`` multiplies the output layer (which needs ``tie_embeddings=False``). A random
+    model's logits span only about ``±0.02 · hidden_size`` (±2.6 at hidden size 128), and a LoRA
+    adapter, which leaves the output layer and the final norm frozen, cannot widen that: every
+    prediction stays nearly uniform (an SFT loss floor near 3.7 nats), each token's gradient stays
+    large against that ceiling, and what the answer should depend on is learned late or not at
+    all. A trained model's logits span tens of units; a scale of about 6 gives the random model
+    that range. Untied, the output layer is its own: a tied random model predicts the token it
+    has just read (the residual stream is mostly that token's embedding).
     """
+    if output_scale != 1.0 and tie_embeddings:
+        raise ValueError("output_scale needs tie_embeddings=False: scaling a tied output layer scales the input embeddings too")
     from workers.checkpoints import write_checkpoint
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; use one of {ARCHITECTURES}")
     tokenizer = build_tokenizer(extra_corpus, vocab_size, chat_template=chat_template, pad_token=pad_token, eos_token=eos_token)
-    config = _config(arch, tokenizer, hidden_size, num_layers, context_length)
+    config = _config(arch, tokenizer, hidden_size, num_layers, context_length, tie=tie_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(output_scale)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 

@@ -202,3 +202,22 @@ def test_get_runtime_caches_and_evicts(model_dir: Path, tmp_path: Path) -> None:
     finally:
         clear_runtime_cache()
     assert cached_runtime_paths() == []
+
+
+def test_output_scale_gives_the_random_model_a_trained_models_logit_range(tmp_path: Path) -> None:
+    ids = torch.tensor([list(range(3, 40))])
+
+    def logits(name: str, **options) -> tuple[torch.Tensor, AutoModelForCausalLM]:
+        model = AutoModelForCausalLM.from_pretrained(str(build_tiny_model(tmp_path / name, hidden_size=128, **options)))
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0], model
+
+    plain, _ = logits("default")
+    scaled, untied = logits("scaled", tie_embeddings=False, output_scale=6.0)
+
+    # The default random model's logits stay within a few units; a trained model's span tens of units.
+    assert plain.abs().max() < 4 < scaled.abs().max()
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    # Tied, it predicts the token it just read; with an output layer of its own it does not.
+    assert (plain.argmax(-1) == ids[0]).float().mean() > 0.9
+    assert (scaled.argmax(-1) == ids[0]).float().mean() < 0.2

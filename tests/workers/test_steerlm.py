@@ -26,6 +26,7 @@ from workers.stages.steerlm_sft import steerlm_sft
 from workers.steerlm import CHECKPOINT_KIND, SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
 from workers.tiny_model import build_tiny_model
 
+STEER_STEPS = 60
 SHORT_ANSWER = "Yes."
 LONG_ANSWER = "Here is an answer: the result is computed step by step, then checked once more."
 # Everything but verbosity is held at 2, so the verbosity value is the only thing that tells the two apart.
@@ -113,8 +114,13 @@ def verbosity_model(tmp_path_factory) -> Path:
     rng = random.Random(0)
     # A tokenizer that has seen attribute strings, as a real model's has seen such text.
     corpus = [steerlm_system_text({name: rng.randint(0, 4) for name in ATTRIBUTES}) for _ in range(100)]
+    # Logits in a trained model's range and an output layer of its own (see build_tiny_model). With the
+    # random model's ±2.6 logits LoRA SFT plateaus at 3.7 nats: every answer token's gradient stays large
+    # against that ceiling and swamps the one token where the verbosity digit matters, so whether
+    # training picked the digit up at all depended on the run (300 steps, and still it sometimes did not).
     base = build_tiny_model(
-        tmp_path_factory.mktemp("steer") / "base", hidden_size=128, extra_corpus=load_seed_prompts() + corpus + [SHORT_ANSWER, LONG_ANSWER]
+        tmp_path_factory.mktemp("steer") / "base", hidden_size=128, tie_embeddings=False, output_scale=6.0,
+        extra_corpus=load_seed_prompts() + corpus + [SHORT_ANSWER, LONG_ANSWER],
     )
     prompts = load_seed_prompts()[:8]
     examples = [
@@ -122,7 +128,8 @@ def verbosity_model(tmp_path_factory) -> Path:
         for prompt in prompts
         for value in (0, 4)
     ]
-    settings = SteerLMStageSettings(learning_rate=1e-2, max_steps=300, batch_size=4, lora_r=16, lora_alpha=32)
+    # Each step sees all 16 examples: both verbosities of every prompt, so the digit is all that tells them apart.
+    settings = SteerLMStageSettings(learning_rate=3e-3, max_steps=STEER_STEPS, batch_size=16, lora_r=16, lora_alpha=32)
     result = sft_attribute_conditioned(str(base), examples, tmp_path_factory.mktemp("steer") / "sft", settings, seed=0)
     return Path(result.checkpoint_path)
 
@@ -153,7 +160,7 @@ def test_the_steerlm_checkpoint_is_merged_verified_and_marked(verbosity_model: P
     assert manifest.metadata["kind"] == CHECKPOINT_KIND
     assert manifest.metadata["steerlm"]["attributes"] == list(ATTRIBUTES)
     assert manifest.metadata["num_examples"] == 16
-    assert manifest.metadata["metrics"]["steps"] == 300
+    assert manifest.metadata["metrics"]["steps"] == STEER_STEPS
     assert manifest.metadata["metrics"]["loss"] < manifest.metadata["metrics"]["first_loss"]
 
 
