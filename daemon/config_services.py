@@ -23,6 +23,11 @@ class ScheduleSettings(Section):
     max_consecutive_failures: int | None = Field(5, ge=1)
     # A second daemon on the same lineage DB waits as standby and retries the leader lock this often.
     standby_poll_seconds: float = Field(5.0, gt=0)
+    # How long the daemon keeps retrying an unreachable lineage DB (capped exponential backoff with
+    # jitter, one log line per outage) before the cycle fails.
+    db_outage_seconds: float = Field(900.0, gt=0)
+    # A failed cycle waits interval x 2^(failures-1) before the next attempt, at most this long.
+    max_failure_backoff_seconds: float = Field(600.0, ge=0)
 
     @model_validator(mode="after")
     def _one_trigger(self) -> ScheduleSettings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy import select
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.db import lineage
-from daemon.db.engine import transaction
+from daemon.db.engine import retry_while_unreachable, transaction
 from daemon.db.models import Event, Iteration, IterationStatus, StageRun, StageStatus, utcnow
 from daemon.stage_specs import STAGE_ORDER, stages_for
 
@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 PARKED_EVENT = "parked"
 
 ProgressFn = Callable[[str, str], None]
+T = TypeVar("T")
 
 
 class StageDispatcher(Protocol):
@@ -104,6 +105,10 @@ def _finish_iteration(sessions: sessionmaker[Session], iteration_id: int, status
         return iteration.decision
 
 
+def _retrying(settings: Settings, fn: Callable[[], T], what: str) -> T:
+    return retry_while_unreachable(fn, what, settings.schedule.db_outage_seconds)
+
+
 def run_cycle(
     sessions: sessionmaker[Session], settings: Settings, dispatcher: StageDispatcher, progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -126,7 +131,7 @@ def run_cycle(
             raise CycleStopped(f"iteration {iteration_id} resumes at {stage}")
         if progress:
             progress(stage, "running")
-        _mark_queued(sessions, iteration_id, stage)
+        _retrying(settings, lambda: _mark_queued(sessions, iteration_id, stage), f"queueing {stage}")
         try:
             dispatcher.run_stage(iteration_id, stage)
         except Exception as exc:
@@ -136,7 +141,7 @@ def run_cycle(
             raise CycleError(f"iteration {iteration_id}: stage {stage} failed: {exc}") from exc
         if progress:
             progress(stage, "done")
-    decision = _finish_iteration(sessions, iteration_id, IterationStatus.completed)
+    decision = _retrying(settings, lambda: _finish_iteration(sessions, iteration_id, IterationStatus.completed), "finishing the iteration")
     with sessions() as session:
         stage_seconds = {s: r.compute_seconds or 0.0 for s, r in _stage_rows(session, iteration_id).items() if s in pending}
     report = CycleReport(iteration_id, decision, time.perf_counter() - started, stage_seconds, resumed_from)

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import yaml
@@ -18,11 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
+from daemon.db.engine import retry_while_unreachable
 from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus
 from daemon.stage_runner import execute_stage
 from daemon.stage_runs import StageContext, lease_is_live, stage_input_hash
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class EagerDispatcher:
@@ -100,8 +103,7 @@ class CeleryDispatcher:
 
     def run_stage(self, iteration_id: int, stage: str) -> dict[str, Any]:
         bound = log.bind(iteration_id=iteration_id, stage=stage)
-        with self.sessions() as session:
-            input_hash = stage_input_hash(session, iteration_id, stage)
+        input_hash = self._db(lambda: self._input_hash(iteration_id, stage), f"hashing the inputs of {stage}")
         attempts_before = self._row(iteration_id, stage).attempts
         self._publish(iteration_id, stage, input_hash)
         timer = RedispatchTimer(self.settings.worker.redispatch_seconds)
@@ -150,14 +152,29 @@ class CeleryDispatcher:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _iteration_running(self, iteration_id: int) -> bool:
+    def _db(self, fn: Callable[[], T], what: str) -> T:
+        # A lineage DB restart while a stage runs must not end the cycle: the stage goes on in its
+        # worker, and the wait resumes once the DB answers again.
+        return retry_while_unreachable(fn, what, self.settings.schedule.db_outage_seconds)
+
+    def _input_hash(self, iteration_id: int, stage: str) -> str:
         with self.sessions() as session:
-            iteration = session.get(Iteration, iteration_id)
-            return iteration is not None and iteration.status == IterationStatus.running
+            return stage_input_hash(session, iteration_id, stage)
+
+    def _iteration_running(self, iteration_id: int) -> bool:
+        def read() -> bool:
+            with self.sessions() as session:
+                iteration = session.get(Iteration, iteration_id)
+                return iteration is not None and iteration.status == IterationStatus.running
+
+        return self._db(read, "reading the iteration")
 
     def _row(self, iteration_id: int, stage: str) -> StageRun:
-        with self.sessions() as session:
-            return session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage)).one()
+        def read() -> StageRun:
+            with self.sessions() as session:
+                return session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage)).one()
+
+        return self._db(read, f"waiting for {stage}")
 
 
 def _unheld_reason(row: StageRun) -> str:

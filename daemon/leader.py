@@ -262,13 +262,25 @@ class LeaderElection:
             stop.wait(self.poll_seconds)
         return False
 
-    def still_leader(self) -> bool:
+    def still_leader(self) -> bool | None:
+        """True while this process leads. A lock lost with its connection (a DB restart) is taken
+        again if nobody else took it meanwhile. False: another daemon holds it now (stop). None:
+        the DB cannot be asked right now (try again later)."""
         if not self.leading:
             return False
-        if not self.lock.still_held():
-            self.leading = False
-            log.error("leader.lost", identity=_identity())
-        return self.leading
+        if self.lock.still_held():
+            return True
+        try:
+            reacquired = self.lock.try_acquire()
+        except Exception as exc:  # the DB is still away: neither leading for sure nor replaced
+            log.warning("leader.lock_unreachable", error=str(exc).splitlines()[0])
+            return None
+        if reacquired:
+            log.info("leader.reacquired", identity=_identity())
+            return True
+        self.leading = False
+        log.error("leader.lost", identity=_identity(), leader=self.lock.holder())
+        return False
 
     def resign(self) -> None:
         if self.leading:

@@ -21,6 +21,7 @@ from daemon.leader import LeaderElection
 log = structlog.get_logger(__name__)
 
 CYCLE_JOB_ID = "kaizen-cycle"
+GAVE_UP_EVENT = "daemon_gave_up"
 
 
 class Daemon:
@@ -41,6 +42,8 @@ class Daemon:
         self.scheduler = BlockingScheduler(timezone="UTC")
         # SIGTERM/SIGINT: no new stage starts, the waits end, the leader lock is released on the way out.
         self.stopping = threading.Event()
+        self._lock_unknown_since: float | None = None
+        self._retry_at = 0.0
         self.stop_signal: str | None = None
         if hasattr(dispatcher, "stop_event"):
             dispatcher.stop_event = self.stopping
@@ -70,18 +73,41 @@ class Daemon:
         return state.paused
 
     def _still_leader(self) -> bool:
-        if self.leader is None or self.leader.still_leader():
+        leading = True if self.leader is None else self.leader.still_leader()
+        if leading:
+            self._lock_unknown_since = None
             return True
-        self.gave_up = "lost the leader lock (lineage DB connection dropped?); another daemon may lead now. Restart to rejoin as standby"
+        if leading is None:  # the lineage DB is away: skip this tick, ask again on the next
+            self._lock_unknown_since = self._lock_unknown_since or time.monotonic()
+            if time.monotonic() - self._lock_unknown_since < self.settings.schedule.db_outage_seconds:
+                return False
+            self.gave_up = f"the lineage DB has been unreachable for {self.settings.schedule.db_outage_seconds:g}s (schedule.db_outage_seconds)"
+        else:
+            self.gave_up = "another daemon took the leader lock while this one was cut off from the lineage DB; it leads now. Restart to rejoin as standby"
         log.error("daemon.giving_up", reason=self.gave_up)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         return False
 
+    def _record_giving_up(self) -> None:
+        """An event for the dashboard and /metrics (kaizen_events_total{kind="daemon_gave_up"})."""
+        from daemon.db.engine import transaction
+        from daemon.db.models import Event
+
+        try:
+            with transaction(self.sessions) as session:
+                session.add(Event(kind=GAVE_UP_EVENT, actor="daemon", reason=self.gave_up))
+        except Exception as exc:  # noqa: BLE001 - the DB may be why we give up; the log line stands
+            log.warning("daemon.giving_up_not_recorded", error=str(exc).splitlines()[0])
+
+    def _backing_off(self) -> bool:
+        """After a failed cycle, wait interval x 2^(failures-1) (capped) before the next attempt."""
+        return time.monotonic() < self._retry_at
+
     def _tick(self) -> None:
         if self.max_cycles is not None and self.completed >= self.max_cycles:
             return
-        if not self._still_leader():
+        if not self._still_leader() or self._backing_off():
             return
         if self._paused():
             return
@@ -94,12 +120,16 @@ class Daemon:
             return
         except CycleError as exc:
             self.failures += 1
-            log.error("cycle.failed", error=str(exc), consecutive_failures=self.failures)
+            wait = min(self.settings.schedule.max_failure_backoff_seconds, (self.settings.schedule.interval_seconds or 5.0) * 2 ** (self.failures - 1))
+            self._retry_at = time.monotonic() + wait
+            log.error("cycle.failed", error=str(exc), consecutive_failures=self.failures, next_attempt_in_seconds=round(wait, 1))
             limit = self.settings.schedule.max_consecutive_failures
             if limit is not None and self.failures >= limit:
                 self.gave_up = f"{self.failures} cycles failed in a row; last error: {exc}"
                 log.error("daemon.giving_up", reason=self.gave_up)
-                self.scheduler.shutdown(wait=False)
+                self._record_giving_up()
+                if self.scheduler.running:
+                    self.scheduler.shutdown(wait=False)
             return
         self.failures = 0
         with self._lock:

@@ -7,6 +7,7 @@ the machine's shared Redis or PostgreSQL (tests/production/harness.py, ops/bench
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import signal
 import socket
@@ -71,15 +72,33 @@ def postgres_bin(tool: str) -> str:
 
 @dataclass
 class PrivatePostgres:
-    """A PostgreSQL server of this test's own (initdb in ``workdir``, a free port, trust auth),
-    so a test may stop and restart it without touching anyone else's server."""
+    """A PostgreSQL server of this test's own (initdb in a temp dir, a free port, trust auth),
+    so a test may stop and restart it without touching anyone else's server.
+
+    PostgreSQL refuses to run as root: as root, its files belong to the ``postgres`` user and its
+    commands run through ``runuser``.
+    """
 
     workdir: Path
     port: int = field(default_factory=free_port)
+    home: Path | None = None
 
     @property
     def datadir(self) -> Path:
-        return self.workdir / "pgdata"
+        if self.home is None:
+            self.home = Path(tempfile.mkdtemp(prefix="kaizen-pg-"))  # not under a 0700 pytest dir: postgres must reach it
+            if os.geteuid() == 0:
+                shutil.chown(self.home, "postgres", "postgres")
+        return self.home / "pgdata"
+
+    def _run(self, args: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*prefix, *args], **kwargs)  # type: ignore[call-overload]
+
+    def cleanup(self) -> None:
+        self.stop("immediate")
+        if self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -87,7 +106,7 @@ class PrivatePostgres:
 
     def init(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
+        self._run(
             [postgres_bin("initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
@@ -97,15 +116,15 @@ class PrivatePostgres:
             self.init()
         # The Unix socket goes to /tmp: a socket path under a deep pytest tmp dir can exceed the 107-byte limit.
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {tempfile.gettempdir()} -c fsync=off"
-        subprocess.run(
-            [postgres_bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.workdir / "postgres.log"), "-o", options, "-w", "start"],
+        self._run(
+            [postgres_bin("pg_ctl"), "-D", str(self.datadir), "-l", str(self.datadir.parent / "postgres.log"), "-o", options, "-w", "start"],
             check=True, stdout=subprocess.DEVNULL,
         )
         wait_for(lambda: postgres_up(self.url), 60, "the private PostgreSQL server")
 
     def stop(self, mode: str = "fast") -> None:
         if (self.datadir / "postmaster.pid").exists():
-            subprocess.run([postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"], check=False, stdout=subprocess.DEVNULL)
+            self._run([postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"], check=False, stdout=subprocess.DEVNULL)
 
     def restart(self) -> None:
         self.stop()

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 
 if TYPE_CHECKING:
     from daemon.config import Settings
+
+log = structlog.get_logger(__name__)
 
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
@@ -74,6 +80,36 @@ def dry_run(factory: sessionmaker[Session], change: Callable[[Session], object])
     with factory() as session, session.begin():
         change(session)
         session.rollback()
+
+
+T = TypeVar("T")
+
+
+def retry_while_unreachable(fn: Callable[[], T], what: str, limit_seconds: float, first_delay: float = 0.5, cap: float = 30.0) -> T:
+    """``fn()``, retried while the database is unreachable (a restart, a network blip).
+
+    Capped exponential backoff with full jitter, so a fleet of daemons and workers does not
+    reconnect in lockstep; one warning when the outage starts and one line when it ends. Re-raises
+    once the outage has lasted ``limit_seconds``. Other errors are not retried.
+    """
+    started: float | None = None
+    delay = first_delay
+    while True:
+        try:
+            value = fn()
+        except (OperationalError, InterfaceError) as exc:
+            now = time.monotonic()
+            if started is None:
+                started = now
+                log.warning("db.unreachable", during=what, error=str(exc).splitlines()[0], retrying_for_seconds=limit_seconds)
+            if now - started >= limit_seconds:
+                raise
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, cap)
+            continue
+        if started is not None:
+            log.info("db.reachable_again", during=what, outage_seconds=round(time.monotonic() - started, 1))
+        return value
 
 
 def alembic_config(url: str) -> Config:

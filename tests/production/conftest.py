@@ -53,7 +53,7 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
     server = PrivatePostgres(tmp_path / "postgres")
     server.start()
     yield server
-    server.stop("immediate")
+    server.cleanup()
 
 
 @pytest.fixture()

@@ -75,7 +75,28 @@ def test_sqlite_standby_takes_over_when_the_leader_process_is_killed(tmp_path: P
     _standby_takes_over_when_the_leader_is_killed(f"sqlite:///{tmp_path / 'lineage.db'}")
 
 
-def test_a_leader_that_lost_its_lock_connection_stops_before_starting_a_cycle(tmp_path: Path, pg_url: str, pg_sessions) -> None:  # type: ignore[no-untyped-def]
+def _kill_lock_sessions(pg_url: str) -> None:
+    # An operator's pg_terminate_backend, a network cut, a server restart: the session and its lock are gone.
+    with make_engine(pg_url).connect() as conn:
+        killed = conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'kaizen-leader%'"
+        )).scalar()
+    assert killed == 1
+
+
+def test_a_leader_that_lost_its_lock_connection_takes_the_lock_again_if_nobody_else_did(pg_url: str) -> None:
+    election = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
+    assert election.wait_until_leader()
+    _kill_lock_sessions(pg_url)
+    assert election.still_leader() is True  # re-acquired on a new session
+    other = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
+    assert other.lock.try_acquire() is False  # and really held again
+    other.resign()
+    election.resign()
+
+
+def test_a_leader_whose_lock_another_daemon_took_stops_before_starting_a_cycle(tmp_path: Path, pg_url: str, pg_sessions) -> None:  # type: ignore[no-untyped-def]
     from daemon.bootstrap import initialise
 
     settings = load_settings(None, data_dir=tmp_path / "data", database_url=pg_url, model={"path": str(tmp_path / "external-model")},
@@ -84,22 +105,16 @@ def test_a_leader_that_lost_its_lock_connection_stops_before_starting_a_cycle(tm
     election = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
     assert election.wait_until_leader()
     sessions = initialise(settings)
-    # An operator's pg_terminate_backend, a network cut: the session and its lock are gone.
-    with make_engine(pg_url).connect() as conn:
-        killed = conn.execute(text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name LIKE 'kaizen-leader%'"
-        )).scalar()
-    assert killed == 1
+    _kill_lock_sessions(pg_url)
+    other = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
+    assert other.wait_until_leader(), "the lock is free for the next leader"
     daemon = Daemon(settings, sessions, EagerDispatcher(settings, sessions), max_cycles=1, leader=election)
 
     daemon._tick()
 
-    assert daemon.gave_up is not None and "lost the leader lock" in daemon.gave_up
+    assert daemon.gave_up is not None and "another daemon took the leader lock" in daemon.gave_up
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Iteration)) == 0
-    other = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
-    assert other.wait_until_leader(), "the lock is free for the next leader"
     other.resign()
     election.resign()
 
