@@ -218,6 +218,9 @@ class LoraTrainingSettings(LoraSettings):
     batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)
+    # Trainer state (adapter, optimizer, scheduler, RNG) is saved every this many optimizer steps
+    # beside the checkpoint-to-be, so an attempt taken over after its worker died resumes there; 0: never.
+    save_steps: int = Field(50, ge=0)
 
 
 class TrainingSettings(LoraTrainingSettings):

@@ -60,6 +60,10 @@ class WorkerSettings(Section):
     # Claims of one stage of one iteration before it fails for good, whether its attempts raised
     # (the daemon parks the iteration) or their workers died mid-stage (the next delivery gives up).
     max_stage_attempts: int = Field(3, ge=1)
+    # Celery's soft shutdown: on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT)
+    # a running stage gets this long before it is killed; trainer state saved every
+    # training.save_steps survives either way and the next attempt resumes from it.
+    soft_shutdown_seconds: float = Field(60.0, ge=0)
 
 
 class DashboardSettings(Section):

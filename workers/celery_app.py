@@ -60,6 +60,7 @@ def make_celery(settings: Settings) -> Celery:
         # Keep reconnecting to a restarted broker for as long as it takes.
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_soft_shutdown_timeout=settings.worker.soft_shutdown_seconds,
         worker_hijack_root_logger=False,
     )
     app.task(name=TASK_NAME, bind=True)(_run_stage_task)

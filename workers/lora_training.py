@@ -11,7 +11,9 @@ the same kind and parent is reused instead of training again.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import torch
 
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from daemon.config import LoraTrainingSettings
@@ -130,11 +135,16 @@ def existing_checkpoint(out: Path, base_model_path: str, kind: str) -> dict[str,
     return meta
 
 
-def training_arguments(settings: LoraTrainingSettings, *, output_dir: str, seed: int, progress: bool) -> dict[str, Any]:
-    """The TRL config arguments both trainers share, from their config section (training / steerlm)."""
+def training_arguments(settings: LoraTrainingSettings, *, output_dir: str, seed: int, progress: bool, save: bool = False) -> dict[str, Any]:
+    """The TRL config arguments both trainers share, from their config section (training / steerlm).
+
+    ``save``: trainer state goes to ``output_dir`` every ``settings.save_steps`` (the newest only);
+    else nothing is saved there. The merged model is committed by write_checkpoint either way.
+    """
     use_cuda = torch.cuda.is_available()
-    return {
-        "output_dir": output_dir,  # nothing is saved here (save_strategy="no"); the merged model is committed by write_checkpoint
+    saving = {"save_strategy": "steps", "save_steps": settings.save_steps, "save_total_limit": 1} if save else {"save_strategy": "no"}
+    return saving | {
+        "output_dir": output_dir,
         "learning_rate": settings.learning_rate,
         "lr_scheduler_type": settings.lr_scheduler_type,
         "num_train_epochs": settings.epochs,
@@ -145,7 +155,6 @@ def training_arguments(settings: LoraTrainingSettings, *, output_dir: str, seed:
         "seed": seed,
         "data_seed": seed,
         "logging_steps": 1,
-        "save_strategy": "no",
         "report_to": "none",
         "use_cpu": not use_cuda,
         "bf16": use_cuda and torch.cuda.is_bf16_supported(),
@@ -214,8 +223,8 @@ def train_lora_checkpoint(
             if logs is not None and log_callback is not None:
                 log_callback(dict(logs, step=state.global_step))
 
-    with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
-        arguments = training_arguments(settings, output_dir=scratch, seed=seed, progress=progress) | dict(reporting or {})
+    with _trainer_output_dir(out, settings, scratch_prefix) as (scratch, resume_from):
+        arguments = training_arguments(settings, output_dir=scratch, seed=seed, progress=progress, save=settings.save_steps > 0) | dict(reporting or {})
         config = config_cls(**arguments, **config_kwargs)
         trainer = trainer_cls(
             model=model,
@@ -231,7 +240,10 @@ def train_lora_checkpoint(
         if check_trainer is not None:
             check_trainer(trainer)
         started = time.perf_counter()
-        trainer.train()
+        resumed_from_step = _saved_step(resume_from)
+        if resume_from is not None:
+            log.info("training.resumed", kind=kind, from_step=resumed_from_step, state=resume_from)
+        trainer.train(resume_from_checkpoint=resume_from)
         train_seconds = time.perf_counter() - started
         history = [dict(e) for e in trainer.state.log_history]
 
@@ -244,11 +256,40 @@ def train_lora_checkpoint(
         "metrics": metrics,
         "log_history": history,
         "train_seconds": train_seconds,
+        "resumed_from_step": resumed_from_step,
         **(extra_metadata or {}),
     }
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     peft_model.eval()
-    return _commit_merged(out, peft_model, tokenizer, metadata), metadata
+    committed = _commit_merged(out, peft_model, tokenizer, metadata)
+    shutil.rmtree(trainer_state_dir(out), ignore_errors=True)  # the checkpoint exists: its trainer state is not needed
+    return committed, metadata
+
+
+def trainer_state_dir(out: Path) -> Path:
+    """Where the trainer state of the checkpoint-to-be ``out`` is saved: beside it, the same for
+    every attempt of the stage, so an attempt taken over after its worker died finds it."""
+    return out.parent / f".trainer-state-{out.name}"
+
+
+@contextlib.contextmanager
+def _trainer_output_dir(out: Path, settings: LoraTrainingSettings, scratch_prefix: str):  # type: ignore[no-untyped-def]
+    """(output dir, newest saved state to resume from or None): the state dir when state is saved, else a scratch dir."""
+    if settings.save_steps <= 0:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
+            yield scratch, None
+        return
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = trainer_state_dir(out)
+    state.mkdir(parents=True, exist_ok=True)
+    yield str(state), get_last_checkpoint(str(state))
+
+
+def _saved_step(checkpoint: str | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
 # --------------------------------------------------------------------------- summary and commit

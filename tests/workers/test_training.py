@@ -180,3 +180,28 @@ def test_explicit_reference_model_and_failed_reload_check(base_dir, tmp_path, mo
         dpo_update(str(base_dir), EXAMPLES[:2], out, quick)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_an_interrupted_dpo_update_resumes_from_its_last_saved_step(base_dir, tmp_path) -> None:
+    """A worker dies mid-training (here: an exception out of the trainer's log callback at step 5,
+    after the state of step 4 was saved); the next attempt resumes at step 4, not at step 0."""
+    from workers.lora_training import trainer_state_dir
+
+    settings = SETTINGS.model_copy(update={"max_steps": 8, "save_steps": 2})
+    out = tmp_path / "checkpoints" / "ckpt-0001"
+
+    def dies_at_step_5(entry: dict) -> None:
+        if entry.get("step") == 5 and "loss" in entry:
+            raise RuntimeError("worker killed")
+
+    with pytest.raises(RuntimeError, match="worker killed"):
+        dpo_update(str(base_dir), EXAMPLES, out, settings, log_callback=dies_at_step_5)
+    assert not out.exists()
+    assert (trainer_state_dir(out) / "checkpoint-4").is_dir()
+
+    steps: list[int] = []
+    result = dpo_update(str(base_dir), EXAMPLES, out, settings, log_callback=lambda e: steps.append(e["step"]))
+    meta = read_manifest(result.checkpoint_path).metadata
+    assert meta["resumed_from_step"] == 4  # the trainer's global_step at resume
+    assert min(steps) == 5 and max(steps) == 8  # steps 1-4 were not trained again
+    assert not trainer_state_dir(out).exists()  # the committed checkpoint makes the state unneeded
