@@ -96,12 +96,11 @@ def test_a_leader_that_lost_its_lock_connection_takes_the_lock_again_if_nobody_e
     election.resign()
 
 
-def test_a_leader_whose_lock_another_daemon_took_stops_before_starting_a_cycle(tmp_path: Path, pg_url: str, pg_sessions) -> None:  # type: ignore[no-untyped-def]
+def test_a_leader_whose_lock_another_daemon_took_stops_before_starting_a_cycle(tmp_path: Path, tiny_model_dir: Path, pg_url: str, pg_sessions) -> None:  # type: ignore[no-untyped-def]
     from daemon.bootstrap import initialise
 
-    settings = load_settings(None, data_dir=tmp_path / "data", database_url=pg_url, model={"path": str(tmp_path / "external-model")},
+    settings = load_settings(None, data_dir=tmp_path / "data", database_url=pg_url, model={"path": str(tiny_model_dir)},
                              worker={"mode": "eager"})
-    (tmp_path / "external-model").mkdir()
     election = LeaderElection(leader_lock_for(pg_url), poll_seconds=0.1)
     assert election.wait_until_leader()
     sessions = initialise(settings)
