@@ -129,7 +129,7 @@ def resume(reason: ReasonOption = None, actor: ActorOption = None, config: Confi
     _set_paused(False, reason, actor, config, data_dir)
 
 
-registry_app = typer.Typer(help="The MLflow Model Registry mirror of the lineage (tracking.backends: [mlflow]).", no_args_is_help=True)
+registry_app = typer.Typer(help="The MLflow Model Registry mirror of the lineage (needs mlflow in tracking.backends).", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 
 

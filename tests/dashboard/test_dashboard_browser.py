@@ -10,6 +10,7 @@ import pytest
 
 from daemon.dashboard import create_dashboard_app
 from daemon.db import lineage
+from daemon.stage_specs import CORE_STAGES
 from ops.screenshot_dashboard import CHROMIUM, launch_chromium, serve_in_background
 
 from .conftest import TOKEN, Seeded
@@ -96,4 +97,4 @@ def test_an_iteration_page_renders_its_charts(page: Any) -> None:
     page.goto("/iterations/3")
     assert page.locator("#iteration-id").inner_text() == "3"
     assert page.locator("#chart-iteration-scores rect.bar").count() >= 1
-    assert page.locator("#chart-iteration-stages rect.bar").count() == 6
+    assert page.locator("#chart-iteration-stages rect.bar").count() == len(CORE_STAGES)

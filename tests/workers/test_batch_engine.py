@@ -49,10 +49,14 @@ def _submit(engine: BatchEngine, runtime: ModelRuntime, prompt: str, **spec) -> 
 def test_sequences_joining_a_running_batch_decode_exactly_as_alone(runtime: ModelRuntime) -> None:
     alone = [samples[0] for samples in runtime.generate(PROMPTS, max_new_tokens=16, temperature=0)]
     engine = BatchEngine(runtime, max_batch_size=8).start()
-    listeners = []
-    for prompt in PROMPTS:  # staggered: each one joins a batch that is already decoding
-        listeners.append(_submit(engine, runtime, prompt))
-        time.sleep(0.02)
+    # The first sequence is decoding (it has emitted a token) before the others are submitted, so
+    # they join a running batch; a fixed sleep instead raced the tiny model's decode speed.
+    first = _submit(engine, runtime, PROMPTS[0])
+    deadline = time.monotonic() + 60
+    while not first.tokens and not first.done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert first.tokens and not first.done.is_set(), "the first sequence must still be decoding when the others join"
+    listeners = [first, *(_submit(engine, runtime, prompt) for prompt in PROMPTS[1:])]
     assert all(listener.done.wait(60) for listener in listeners)
     assert [listener.text for listener in listeners] == [g.text for g in alone]
     assert [listener.num_tokens for listener in listeners] == [g.num_tokens for g in alone]
