@@ -37,14 +37,7 @@ FILLER = "the sea is clear and cold we like to walk along the shore every day wi
 DECODE = {"beta": BETA, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine oversubscribed
-    # threads make a training step up to 100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def marker_pairs(marker: str, instead: str, *, n: int = 24, seed: int = 0) -> list[PreferenceExample]:

@@ -108,15 +108,7 @@ def test_the_stage_skips_training_when_the_model_cannot_label(tmp_path: Path, ti
 # --------------------------------------------------------------------------- mechanism
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # What the stages run with (model.cpu_threads: 1). Tiny models gain nothing from intra-op threads,
-    # and on a loaded 2-core machine two threads made this module's training 20x slower (the results
-    # are bit-identical either way).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
