@@ -28,7 +28,7 @@ def resolve_initial_model(settings: Settings) -> tuple[str, str]:
     configured = settings.model.path
     if configured == TINY_MODEL:
         return str(_built_tiny_model(settings)), TINY_MODEL
-    from workers.runtime import convert_gguf_checkpoint, is_gguf_file, smollm2_gguf_path
+    from workers.model_files import convert_gguf_checkpoint, is_gguf_file, smollm2_gguf_path
 
     if configured == SMOLLM2_MODEL:
         target = settings.resolved_data_dir / "models" / SMOLLM2_DIR_NAME

@@ -25,7 +25,7 @@
 ``auto`` (default)
     ``chat_template`` when the tokenizer has one, else ``urial``: that is the case URIAL exists for.
 
-Pure: no tokenizer here. ``workers.runtime.render_prompt`` applies the chosen format.
+Pure: no tokenizer here. ``workers.runtime.ModelRuntime.render_chat`` applies the chosen format.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from policies import suites
 from policies.stats import proportion_ci
 from workers import artifacts
 from workers.judges import build_judge
-from workers.runtime import Generation
+from workers.generation import Generation
 from workers.loading import load_runtime, user_prompt
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from workers import artifacts
-from workers.runtime import ModelRuntime, configure_cpu_threads, get_runtime
+from workers.runtime import ModelRuntime, configure_cpu_threads
+from workers.runtime_cache import get_runtime
 
 if TYPE_CHECKING:
     from daemon.config import Settings

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from policies.model_profile import ModelProfile
 from policies.prompt_format import PromptFormatError
-from workers.runtime import ModelSourceError, is_gguf_file
+from workers.model_files import ModelSourceError, is_gguf_file
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
@@ -65,7 +65,8 @@ def check_model(path: str, *, key: str = "model.path", prompt_format: str = "aut
     """Everything :mod:`workers.model_profile` promises for ``path``, in the order a user fixes it; the model is loaded once."""
     from transformers import AutoConfig
 
-    from workers.runtime import ModelRuntime, load_tokenizer
+    from workers.model_files import load_tokenizer
+    from workers.runtime import ModelRuntime
 
     check_source(path, key)
     if not is_gguf_file(path):
@@ -100,7 +101,7 @@ def check_model(path: str, *, key: str = "model.path", prompt_format: str = "aut
 def check_tokenizers_match(base_path: str, other_path: str, *, key: str) -> None:
     """``other_path`` must tokenise like ``base_path`` (GenARM adds their next-token log-probs id by id)."""
     from workers.genarm import TokenizerMismatchError, check_shared_tokenizer
-    from workers.runtime import load_tokenizer
+    from workers.model_files import load_tokenizer
 
     try:
         check_shared_tokenizer(load_tokenizer(base_path), load_tokenizer(other_path), base_name=base_path, reward_name=other_path)

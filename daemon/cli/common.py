@@ -50,7 +50,8 @@ def initialise_checked(settings: Settings) -> Any:
     """``daemon.bootstrap.initialise`` in a model-holding process: model.cpu_threads applied, and a
     model that fails its checks (workers.model_checks) is one line and exit 1, nothing registered."""
     from daemon.bootstrap import initialise
-    from workers.runtime import ModelSourceError, configure_cpu_threads
+    from workers.model_files import ModelSourceError
+    from workers.runtime import configure_cpu_threads
 
     configure_cpu_threads(settings.model.cpu_threads)
     try:

@@ -13,7 +13,7 @@ def _check_reward_models(settings) -> None:  # type: ignore[no-untyped-def]
     """Every configured reward-model path passes the model checks at start, not at a request."""
     from daemon.db import lineage
     from daemon.db.engine import open_lineage
-    from workers.runtime import ModelSourceError
+    from workers.model_files import ModelSourceError
     from workers.steering.genarm import check_configured_reward_models
 
     with open_lineage(settings)() as session:

@@ -27,7 +27,8 @@ from daemon.config import load_settings
 from ops.bench._common import QUESTIONS, print_load_average
 from policies import debias
 from workers.judges import build_judge
-from workers.runtime import ModelRuntime, configure_cpu_threads, convert_gguf_checkpoint, smollm2_gguf_path
+from workers.model_files import convert_gguf_checkpoint, smollm2_gguf_path
+from workers.runtime import ModelRuntime, configure_cpu_threads
 
 OFF_TOPIC = "Bananas are yellow because the moon is made of cheese, and cheese is yellow too."
 

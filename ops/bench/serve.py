@@ -38,7 +38,7 @@ def _model_dir(choice: str, work: Path) -> Path:
 
         return build_tiny_model(work / "tiny", extra_corpus=load_seed_prompts())
     if choice == "smollm2":
-        from workers.runtime import convert_gguf_checkpoint, smollm2_gguf_path
+        from workers.model_files import convert_gguf_checkpoint, smollm2_gguf_path
 
         return convert_gguf_checkpoint(smollm2_gguf_path(), work / "smollm2")
     return Path(choice)

@@ -22,7 +22,7 @@ PROBE = textwrap.dedent(
     import json, sys
     {body}
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})
-    model_side = sorted(m for m in sys.modules if m.startswith(("workers.runtime", "workers.stages", "workers.genarm", "workers.training")))
+    model_side = sorted(m for m in sys.modules if m.startswith(("workers.runtime", "workers.generation", "workers.scoring", "workers.model_files", "workers.stages", "workers.genarm", "workers.training")))
     print(json.dumps({{"heavy": heavy[:5], "model_side": model_side, **result}}))
     """
 )

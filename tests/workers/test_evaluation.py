@@ -22,7 +22,7 @@ from daemon.db.models import Checkpoint, CheckpointStatus, Iteration, IterationS
 from daemon.logs import configure_logging
 from policies.suites import load_instruct_checks, parse_items, score_item
 from workers import evaluation
-from workers.runtime import Generation
+from workers.generation import Generation
 from daemon.stage_runs import StageContext
 from workers.stages.evaluate_suites import evaluate_suites
 

@@ -9,14 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.runtime import (
-    RUNTIME_CACHE_SIZE,
-    Generation,
-    ModelRuntime,
-    cached_runtime_paths,
-    clear_runtime_cache,
-    get_runtime,
-)
+from workers.generation import Generation
+from workers.runtime import ModelRuntime
+from workers.runtime_cache import RUNTIME_CACHE_SIZE, cached_runtime_paths, clear_runtime_cache, get_runtime
 from workers.tiny_model import build_tiny_model
 
 QUESTIONS = [

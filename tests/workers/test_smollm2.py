@@ -13,7 +13,8 @@ import pytest
 import structlog.testing
 
 from workers.checkpoints import read_manifest, verify_checkpoint
-from workers.runtime import GGUF_CHECKPOINT_KIND, ModelRuntime, convert_gguf_checkpoint, smollm2_gguf_path
+from workers.model_files import GGUF_CHECKPOINT_KIND, convert_gguf_checkpoint, smollm2_gguf_path
+from workers.runtime import ModelRuntime
 
 pytestmark = pytest.mark.slow
 

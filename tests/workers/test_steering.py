@@ -14,7 +14,7 @@ from policies import steering as steering_registry
 from policies.steering import SteeringError, SteeringSpec
 from policies.steerlm import ATTRIBUTE_LINE_PREFIX
 from policies.urial import URIAL_STOP
-from workers.runtime import Generation
+from workers.generation import Generation
 from workers.steering import DecodeParams, SamplingDecoder, SteeringMethod, SteeringMethods, SteeringResources, method_class
 
 PARAMS = DecodeParams(max_tokens=8, temperature=0.0, top_p=1.0, n=2, seed=3, stop=("\n\n", ""))

@@ -20,7 +20,8 @@ from policies.steerlm import ATTRIBUTES, attribute_string, render_attribute_rubr
 from tests.factories import lineage_with_responses, small_cycle_settings
 from workers.checkpoints import read_manifest, verify_checkpoint
 from workers.judges import build_judge
-from workers.runtime import ModelRuntime, clear_runtime_cache
+from workers.runtime import ModelRuntime
+from workers.runtime_cache import clear_runtime_cache
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.steerlm_sft import steerlm_sft
 from workers.steerlm import CHECKPOINT_KIND, SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id

@@ -19,7 +19,8 @@ from transformers import DynamicCache, LogitsProcessor
 from policies.genarm import align_vocab_width, guided_scores, validate_beta, validate_weights, vocabulary_differences
 
 if TYPE_CHECKING:
-    from workers.runtime import Generation, ModelRuntime
+    from workers.generation import Generation
+    from workers.runtime import ModelRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -254,7 +255,7 @@ def guided_generate(
 def load_guides(
     guides: Sequence[RewardGuide], loader: Callable[[str], ModelRuntime] | None = None
 ) -> list[tuple[ModelRuntime, float]]:
-    """Runtimes for ``guides`` (``loader`` defaults to ``workers.runtime.get_runtime``, an LRU of 2 models)."""
+    """Runtimes for ``guides`` (``loader`` defaults to ``workers.runtime_cache.get_runtime``, an LRU of 2 models)."""
     if loader is None:
-        from workers.runtime import get_runtime as loader
+        from workers.runtime_cache import get_runtime as loader
     return [(loader(guide.model_path), guide.weight) for guide in guides]

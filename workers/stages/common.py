@@ -16,7 +16,8 @@ from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
 from workers.loading import load_runtime, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
 from daemon.stage_runs import StageContext
-from workers.runtime import Generation, ModelRuntime
+from workers.generation import Generation
+from workers.runtime import ModelRuntime
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from daemon.config import ServeSettings
-    from workers.runtime import Generation, ModelRuntime
+    from workers.generation import Generation
+    from workers.runtime import ModelRuntime
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from workers.steering.base import DecodeParams, Decoder, SteeringMethod, Steerin
 
 if TYPE_CHECKING:
     from daemon.config import Settings
-    from workers.runtime import Generation, ModelRuntime
+    from workers.generation import Generation
+    from workers.runtime import ModelRuntime
 
 ARM_STAGE = "genarm_train"
 

@@ -1,0 +1,192 @@
+"""Batched sampling for :class:`workers.runtime.ModelRuntime`: prompts in, :class:`Generation` out.
+
+Stop strings are matched on the generated text only (:class:`GeneratedTextStop`), and a stopped
+row's token count ends at its stop string, so ``Generation.num_tokens`` is what the text cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from policies.model_profile import check_context
+from workers.batching import ProgressCallback, chunks
+from workers.sampling import TemperatureTopPWarper
+
+if TYPE_CHECKING:
+    import threading
+
+    from policies.model_profile import ModelProfile
+
+ChunkLogitsProcessors = Callable[[torch.Tensor, torch.Tensor], Sequence[LogitsProcessor]]
+"""Called as ``make(input_ids, attention_mask)`` with each left-padded chunk before it is decoded."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled completion.
+
+    ``num_tokens`` counts the generated tokens that produced it (the EOS token included, tokens
+    after a stop string excluded). ``finished`` is True when the model ended the completion itself
+    (EOS, or a requested stop string) rather than running into ``max_new_tokens``.
+    """
+
+    text: str
+    num_tokens: int
+    finished: bool
+
+
+class GeneratedTextStop(StoppingCriteria):
+    """Stops a row once its generated text (not the prompt) contains a stop string.
+
+    transformers' own ``stop_strings`` matches the tail of prompt + output, so a stop string that
+    straddles the boundary ("is Paris" after a prompt ending in "is") stopped generation at once.
+    Only the last few generated tokens are decoded each step: a stop string of c characters ends
+    within the last c + 2 tokens.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, [s for s in stops if s], prompt_width
+        self.window = max((len(s) for s in self.stops), default=0) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        tails = generated[:, -self.window :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+class GenerationMixin:
+    """``generate`` for :class:`workers.runtime.ModelRuntime`, which supplies the attributes below."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    profile: ModelProfile
+    pad_token_id: int
+    eos_token_ids: list[int]
+    _lock: threading.RLock
+    context_ids: Callable[[str], list[int]]
+    _left_pad: Callable[[Sequence[Sequence[int]]], tuple[torch.Tensor, torch.Tensor]]
+    _decode: Callable[[list[int]], str]
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_samples: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        batch_size: int = 16,
+        stop_strings: list[str] | None = None,
+        progress: ProgressCallback | None = None,
+        logits_processors: ChunkLogitsProcessors | None = None,
+        **generate_kwargs: Any,
+    ) -> list[list[Generation]]:
+        """Sample ``num_samples`` completions for each already-rendered prompt.
+
+        Prompts are processed in chunks of at most ``batch_size`` sequences (prompts x samples;
+        at least one prompt per chunk). ``temperature == 0`` decodes greedily. With a ``seed`` the
+        result is reproducible for the same arguments; the global RNG state is left untouched.
+        Extra keyword arguments go to ``model.generate`` (e.g. ``min_new_tokens``).
+
+        ``logits_processors(input_ids, attention_mask)`` is called once per chunk with the chunk's
+        left-padded prompt batch, so stateful processors (e.g. GenARM's per-chunk KV caches) start
+        fresh for each chunk. transformers runs them after its own constraints (min_new_tokens ...)
+        and before the temperature/top-p warpers (``GenerationMixin._get_logits_processor``).
+        """
+        if num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+        if not prompts:
+            return []
+        # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
+        stops = list(dict.fromkeys(s for s in (*(stop_strings or []), *self.profile.stop_strings) if s))
+        contexts = [self.context_ids(p) for p in prompts]
+        for ids in contexts:
+            check_context(self.profile, len(ids), max_new_tokens)
+        do_sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            # Greedy decoding is deterministic: decode each prompt once and repeat the result
+            # (transformers refuses num_return_sequences > 1 without sampling or beams).
+            num_return_sequences=num_samples if do_sample else 1,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids or None,
+            bos_token_id=self.tokenizer.bos_token_id,
+            # Temperature and top-p run in TemperatureTopPWarper (a top-k prefilter instead of
+            # sorting the vocabulary); transformers' own warpers are switched off.
+            **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}),
+        )
+        per_prompt = num_samples if do_sample else 1  # sequences actually decoded per prompt
+        # Generation-config fields (min_new_tokens, repetition_penalty, ...) go into the config;
+        # transformers 5 deprecates passing them next to a generation_config object.
+        passthrough = config.update(**generate_kwargs)
+        prompts_per_chunk = max(1, batch_size // per_prompt)
+        results: list[list[Generation]] = []
+        devices = []
+        if self.device.type == "cuda":
+            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        # A seed gives a reproducible result without touching the process's RNG; without one the
+        # global RNG advances, so two unseeded calls give fresh samples.
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
+        with self._lock, torch.inference_mode(), rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            for chunk in chunks(contexts, prompts_per_chunk):
+                input_ids, attention_mask = self._left_pad(chunk)
+                processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
+                if do_sample:
+                    processors.append(TemperatureTopPWarper(temperature, top_p))
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
+                    # Stop strings are matched on the generated text only, never across the prompt.
+                    **({"stopping_criteria": StoppingCriteriaList([GeneratedTextStop(self.tokenizer, stops, input_ids.shape[1])])} if stops else {}),
+                    **passthrough,
+                )
+                new_tokens = out[:, input_ids.shape[1] :].tolist()
+                for i in range(len(chunk)):
+                    rows = new_tokens[i * per_prompt : (i + 1) * per_prompt]
+                    samples = [self._to_generation(row, stops) for row in rows]
+                    results.append(samples if do_sample else samples * num_samples)
+                if progress is not None:
+                    progress(len(results), len(prompts))
+        return results
+
+    def _to_generation(self, ids: list[int], stops: list[str]) -> Generation:
+        eos_at = next((k for k, t in enumerate(ids) if t in self.eos_token_ids), None)
+        if eos_at is not None:
+            ids, finished = ids[: eos_at + 1], True
+        else:
+            # A sequence that did not end in EOS either hit a stop string (and was padded after it
+            # while the rest of its batch went on) or ran to max_new_tokens.
+            finished = False
+        text = self._decode(ids)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            ids = ids[: self._tokens_until_stop(ids, stops)]
+            finished = True
+        return Generation(text=text, num_tokens=len(ids), finished=finished)
+
+    def _tokens_until_stop(self, ids: list[int], stops: list[str]) -> int:
+        """Smallest k such that the decoded first k tokens contain a stop string (binary search)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self._decode(ids[:mid])
+            if any(s in text for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
