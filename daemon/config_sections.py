@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from policies import rubric
+from policies.prompt_format import FORMAT_AUTO, PROMPT_FORMATS
 from policies.pairs import parse_strategy
 
 TINY_MODEL = "tiny"
@@ -34,7 +36,8 @@ class ModelSettings(Section):
     cpu_threads: int = Field(1, ge=0)
     # How chat messages become prompt text everywhere (sampling, judging, training, serving); see
     # policies/prompt_format.py. auto: the tokenizer's chat template, or URIAL for a base model.
-    prompt_format: Literal["auto", "chat_template", "urial", "plain"] = "auto"
+    # The allowed values are policies.prompt_format.PROMPT_FORMATS, so a new format is one edit there.
+    prompt_format: Literal[PROMPT_FORMATS] = FORMAT_AUTO  # type: ignore[valid-type]
     # Overrides the context window read from the model config (max_position_embeddings / n_positions)
     # or the tokenizer (model_max_length); prompts + max_new_tokens are kept inside it.
     context_length: int | None = Field(None, ge=16)
@@ -153,7 +156,8 @@ class JudgeSettings(Section):
     # How a model judge (self, frozen) reads its verdicts. logprob: P(score 1..5) after the
     # "Score:" cue, expected value (never unparseable; one forward pass, so num_samples,
     # max_new_tokens and temperature do not apply). text: K sampled judgments, parsed.
-    mode: Literal["text", "logprob"] = "logprob"
+    # The allowed values are policies.rubric.JUDGE_MODES, so a new mode is one edit there.
+    mode: Literal[rubric.JUDGE_MODES] = rubric.JUDGE_MODE_LOGPROB  # type: ignore[valid-type]
     num_samples: int = Field(2, ge=1, description="K judge samples averaged per response (text mode)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=5.0)

@@ -8,11 +8,12 @@ conflict, an out-of-range value or a value copied from the judged text yields no
 A missing score costs one sample; a wrong score trains the model on noise or, worse,
 rewards an answer for writing "Score: 5" into itself.
 
-Two judging modes use the same rubric prompt (``JUDGE_MODES``): ``text`` lets the judge write
-its justification and parses the score from it; ``logprob`` starts the judge's reply with the
-cue "Score:" and reads the judge's probability of each score 1-5 as the next token, scored as
-the expected value. The second cannot fail to parse and does not depend on a small model
-following the output format, only on what it ranks likelier.
+Two judging modes use the same rubric prompt (``JUDGE_MODES``, which is also the list the
+config's ``judge.mode`` allows): ``text`` lets the judge write its justification and parses
+the score from it; ``logprob`` starts the judge's reply with the cue "Score:" and reads the
+judge's probability of each score 1-5 as the next token, scored as the expected value. The
+second cannot fail to parse and does not depend on a small model following the output format,
+only on what it ranks likelier.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,40 @@ def test_a_recorded_config_that_no_longer_validates_is_a_one_line_error(tmp_path
 def test_an_iteration_without_a_recorded_config_uses_this_machines(tmp_path: Path) -> None:
     local = load_settings(None, data_dir=str(tmp_path), training={"beta": 0.2})
     assert local.for_iteration({}) is local
+
+
+# Settings whose allowed values are a tuple in policies/: the config's Literal is built from it.
+POLICY_LISTED_SETTINGS = [
+    ("judge", "mode", "policies.rubric", "JUDGE_MODES"),
+    ("model", "prompt_format", "policies.prompt_format", "PROMPT_FORMATS"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "module", "name"), POLICY_LISTED_SETTINGS)
+def test_a_policy_listed_setting_accepts_each_listed_value_and_names_them_all_when_wrong(
+    tmp_path: Path, section: str, key: str, module: str, name: str
+) -> None:
+    allowed = getattr(importlib.import_module(module), name)
+    config = tmp_path / "k.yaml"
+    for value in allowed:
+        config.write_text(f"{section}:\n  {key}: {value}\n")
+        assert getattr(getattr(load_settings(config), section), key) == value
+    config.write_text(f"{section}:\n  {key}: no-such-value\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert f"{section}.{key}: got 'no-such-value'" in str(caught.value)
+    assert all(repr(value) in str(caught.value) for value in allowed)
+
+
+@pytest.mark.parametrize(("section", "key", "module", "name"), POLICY_LISTED_SETTINGS)
+def test_a_value_added_to_the_policy_list_alone_is_accepted_by_the_config(section: str, key: str, module: str, name: str) -> None:
+    # A fresh interpreter extends the tuple before the config is imported: that one edit is all
+    # a new mode or format needs for the config to accept it.
+    program = (
+        f"import {module} as listed\n"
+        f"listed.{name} = (*listed.{name}, 'added-value')\n"
+        "from daemon.config import load_settings\n"
+        f"print(load_settings(None, {section}={{{key!r}: 'added-value'}}).{section}.{key})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "added-value"
