@@ -107,9 +107,11 @@ DEFAULT_CONFIG_FILE = "kaizen.yaml"
 # stage computes with comes from the config its iteration recorded (Settings.for_iteration), so a
 # worker with another kaizen.yaml, or an iteration resumed after a config edit, computes what the
 # lineage says it did.
+# The openai judge's base_url is where this machine reaches the judge server (a tunnel, an internal
+# name), like database_url; which judge answers is judge.openai.model, which stays recorded.
 MACHINE_LOCAL_KEYS: tuple[str, ...] = (
     "data_dir", "database_url", "artifacts_url", "log_format", "log_level",
-    "model.device", "model.cpu_threads",
+    "model.device", "model.cpu_threads", "judge.openai.base_url",
     "worker", "schedule", "dashboard", "serve", "tracking",
 )
 
@@ -207,16 +209,12 @@ class Settings(BaseSettings):
     def secret_env(self) -> dict[str, str]:
         """``KAIZEN_*`` variables carrying every secret set here, for a child process whose
         config file is a :meth:`snapshot` (environment variables override the file)."""
-        values = {
-            "KAIZEN_DATABASE_URL": self.database_url,
-            "KAIZEN_ARTIFACTS_URL": self.artifacts_url,
-            "KAIZEN_WORKER__BROKER_URL": self.worker.broker_url,
-            "KAIZEN_TRACKING__MLFLOW_URI": self.tracking.mlflow_uri,
-            "KAIZEN_SERVE__API_KEY": self.serve.api_key.get_secret_value() if self.serve.api_key else None,
-            "KAIZEN_DASHBOARD__TOKEN": self.dashboard.token.get_secret_value() if self.dashboard.token else None,
-        }
+        dump = self.model_dump()
+        # Every URL key, since the snapshot masks the passwords in them.
+        values = {_env_name(key): _get_dotted(dump, key) for key in URL_KEYS}
+        values["KAIZEN_SERVE__API_KEY"] = self.serve.api_key.get_secret_value() if self.serve.api_key else None
+        values["KAIZEN_DASHBOARD__TOKEN"] = self.dashboard.token.get_secret_value() if self.dashboard.token else None
         return {name: value for name, value in values.items() if value}
-
 
     def for_iteration(self, snapshot: Mapping[str, Any]) -> Settings:
         """The settings an iteration computes with: its recorded ``snapshot``, with this machine's
@@ -249,6 +247,11 @@ def _recorded() -> Iterator[None]:
         _FROM_RECORD.reset(token)
 
 
+def _env_name(key: str) -> str:
+    """The ``KAIZEN_*`` variable that sets the dotted ``key`` (env_nested_delimiter is ``__``)."""
+    return "KAIZEN_" + key.upper().replace(".", "__")
+
+
 def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
     for part in key.split("."):
         data = data[part]
@@ -264,7 +267,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 MASK = "**********"  # what pydantic writes for a SecretStr
 # Dotted keys of the settings that may hold a URL with a password in it.
-URL_KEYS = ("database_url", "artifacts_url", "worker.broker_url", "tracking.mlflow_uri")
+URL_KEYS = ("database_url", "artifacts_url", "worker.broker_url", "tracking.mlflow_uri", "judge.openai.base_url")
 
 
 def redact_url(url: str) -> str:

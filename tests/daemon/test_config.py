@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from daemon.config import ConfigError, load_settings
+from daemon.config import MASK, ConfigError, load_settings
 
 
 def test_defaults_give_the_embedded_mode(tmp_path: Path) -> None:
@@ -138,3 +140,32 @@ def test_a_value_added_to_the_policy_list_alone_is_accepted_by_the_config(sectio
     )
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "added-value"
+
+
+JUDGE_URL = "http://judge:s3cret-pw@judge.internal:8000/v1"
+
+
+def test_the_judge_base_url_is_recorded_without_its_password(tmp_path: Path) -> None:
+    snapshot = load_settings(None, data_dir=str(tmp_path), judge={"openai": {"base_url": JUDGE_URL, "model": "big-judge"}}).snapshot()
+    assert "s3cret-pw" not in json.dumps(snapshot)
+    assert snapshot["judge"]["openai"] == {**snapshot["judge"]["openai"], "base_url": f"http://judge:{MASK}@judge.internal:8000/v1", "model": "big-judge"}
+
+
+def test_a_worker_reaches_the_judge_at_its_own_base_url_and_asks_the_recorded_judge_model(tmp_path: Path) -> None:
+    recorded = load_settings(None, data_dir=str(tmp_path), judge={"openai": {"base_url": JUDGE_URL, "model": "big-judge"}}).snapshot()
+    local = load_settings(None, data_dir=str(tmp_path), judge={"openai": {"base_url": "http://127.0.0.1:9999/v1", "model": "other"}})
+    used = local.for_iteration(recorded).judge.openai
+    assert (used.base_url, used.model) == ("http://127.0.0.1:9999/v1", "big-judge")
+
+
+def test_a_child_started_from_the_masked_snapshot_gets_the_judge_credentials_from_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What LocalWorker does: the config file is the snapshot, the secrets travel in KAIZEN_* variables.
+    parent = load_settings(None, data_dir=str(tmp_path), judge={"openai": {"base_url": JUDGE_URL}})
+    config = tmp_path / "worker-config.yaml"
+    config.write_text(yaml.safe_dump(parent.snapshot()))
+    for name, value in parent.secret_env().items():
+        monkeypatch.setenv(name, value)
+    child = load_settings(config)
+    assert child.for_iteration(parent.snapshot()).judge.openai.base_url == JUDGE_URL

@@ -1,6 +1,7 @@
-"""Secrets never leave: the serve API key, the dashboard token and the passwords in the database
-and broker URLs appear in no lineage row, log line, file of the data dir, CLI output or dashboard
-page/JSON after a real cycle (a `kaizen cycle` process, configured through the environment)."""
+"""Secrets never leave: the serve API key, the dashboard token and the passwords in the database,
+broker and openai judge URLs appear in no lineage row, log line, file of the data dir, CLI output
+or dashboard page/JSON after a real cycle (a `kaizen cycle` process, configured through the
+environment)."""
 
 from __future__ import annotations
 
@@ -65,12 +66,15 @@ def test_no_secret_reaches_the_lineage_the_logs_the_files_or_the_pages(
     tmp_path: Path, tiny_model_dir: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tag = uuid.uuid4().hex[:10]
-    secrets = {"api key": f"sk-{tag}", "dashboard token": f"tok-{tag}", "db password": f"dbpw-{tag}", "broker password": f"brpw-{tag}"}
+    secrets = {"api key": f"sk-{tag}", "dashboard token": f"tok-{tag}", "db password": f"dbpw-{tag}", "broker password": f"brpw-{tag}",
+               "judge url password": f"jdpw-{tag}"}
     env = {
         "KAIZEN_SERVE__API_KEY": secrets["api key"],
         "KAIZEN_DASHBOARD__TOKEN": secrets["dashboard token"],
         # Eager mode never connects to it: only its place in the configuration matters here.
         "KAIZEN_WORKER__BROKER_URL": f"redis://:{secrets['broker password']}@127.0.0.1:9/0",
+        # Recorded only: the cycle judges with the self-judge.
+        "KAIZEN_JUDGE__OPENAI__BASE_URL": f"http://judge:{secrets['judge url password']}@127.0.0.1:9/v1",
     }
     if backend == "postgres":  # the local server trusts; the password is carried but not needed
         pg_url = request.getfixturevalue("pg_url")

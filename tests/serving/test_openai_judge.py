@@ -9,9 +9,12 @@ from pathlib import Path
 
 import openai
 import pytest
+import structlog
+import structlog.testing
 from sqlalchemy import func, select
 
 from daemon.bootstrap import initialise
+from daemon.config import MASK
 from daemon.cycle import CycleError, run_cycle
 from daemon.db.models import Judgment, Prompt, Response, StageRun, StageStatus
 from daemon.dispatch import EagerDispatcher
@@ -86,6 +89,17 @@ def test_a_missing_api_key_variable_is_named(tmp_path: Path, tiny_model_dir: Pat
     judge = build_judge(settings, "gate", policy_path=str(tiny_model_dir), load_model=lambda path: None, backends=["openai"])  # type: ignore[arg-type,return-value]
     with pytest.raises(JudgeUnavailable, match="KAIZEN_TEST_JUDGE_KEY, which is not set"):
         judge.compare([("Name a colour.", "blue", "red")])
+
+
+def test_credentials_in_the_judge_url_appear_in_no_message_or_log_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = free_port()
+    settings = _settings(tmp_path, tiny_model_dir, port, base_url=f"http://judge:s3cret-pw@127.0.0.1:{port}/v1")
+    judge = build_judge(settings, "train", policy_path=str(tiny_model_dir), load_model=lambda path: None)  # type: ignore[arg-type,return-value]
+    with structlog.testing.capture_logs() as logs, pytest.raises(JudgeUnavailable) as caught:
+        judge.score([("Name a colour.", "blue")])
+    assert f"judge endpoint http://judge:{MASK}@127.0.0.1:{port}/v1/chat/completions unreachable after 2 attempts" in str(caught.value)
+    retries = [line for line in logs if line["event"] == "judge.openai_retry"]
+    assert retries and "s3cret-pw" not in repr(logs)
 
 
 def test_scores_and_verdicts_are_read_from_top_logprobs_when_the_server_sends_them() -> None:

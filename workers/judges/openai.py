@@ -10,7 +10,8 @@ Failures: a request that cannot connect, times out or gets 408/409/429/5xx is re
 ``max_retries`` times with exponential backoff; then :class:`JudgeUnavailable` says which
 endpoint failed and how to fix it. The stage fails before writing anything, so a re-run after
 the endpoint is back loses nothing. The API key is read from the environment variable named
-by ``api_key_env`` at request time and appears in no message.
+by ``api_key_env`` at request time and appears in no message; credentials written into
+``base_url`` (``user:password@``) are masked in every message and log line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import httpx
 import structlog
 
+from daemon.config import redact_url
 from policies import rubric
 from policies.steerlm import render_attribute_rubric_prompt
 from workers.judges.base import Comparison, Judge, JudgeUnavailable, Labels, PromptLike, Score, prompt_text
@@ -57,6 +59,8 @@ class Endpoint:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        # What messages and logs name: a stage's error is stored in the lineage, so no password.
+        self.shown_url = redact_url(self.url)
 
     def _headers(self) -> dict[str, str]:
         name = self.cfg.api_key_env
@@ -84,18 +88,18 @@ class Endpoint:
                     raise _Retryable(f"HTTP {response.status_code}")
                 if response.status_code >= 400:
                     raise JudgeUnavailable(
-                        f"judge endpoint {self.url} refused the request: HTTP {response.status_code} {response.text[:200]}; "
+                        f"judge endpoint {self.shown_url} refused the request: HTTP {response.status_code} {response.text[:200]}; "
                         "check judge.openai.model and the key in judge.openai.api_key_env"
                     )
                 return _reply(response.json())
             except (httpx.TransportError, _Retryable) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"{type(exc).__name__}: {exc}".replace(self.url, self.shown_url)
                 if attempt + 1 < attempts:
                     delay = self.cfg.backoff_seconds * 2**attempt
-                    log.warning("judge.openai_retry", url=self.url, attempt=attempt + 1, problem=problem, retry_in=delay)
+                    log.warning("judge.openai_retry", url=self.shown_url, attempt=attempt + 1, problem=problem, retry_in=delay)
                     time.sleep(delay)
         raise JudgeUnavailable(
-            f"judge endpoint {self.url} unreachable after {attempts} attempts ({problem}); "
+            f"judge endpoint {self.shown_url} unreachable after {attempts} attempts ({problem}); "
             "start the server or fix judge.openai.base_url, then run the stage again"
         )
 
