@@ -2,7 +2,7 @@
 
     .venv/bin/python -m ops.screenshot_dashboard            # writes ops/screenshots/*.png
 
-Seeds a demo lineage (ops.bench.dashboard.seed_lineage, plus a manual promotion and a rollback
+Seeds a demo lineage (ops.bench.lineage_seed.seed_lineage, plus a manual promotion and a rollback
 through the real lineage functions) in a temporary directory, serves the dashboard on a free
 loopback port and photographs the overview and one iteration. Nothing is downloaded: Playwright
 drives /usr/bin/chromium (`apt-get install -y chromium` if it is missing).
@@ -68,7 +68,7 @@ def seed_demo(data_dir: Path, iterations: int = 36) -> Any:
     from daemon.db import lineage
     from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
     from daemon.db.models import Checkpoint, CheckpointStatus
-    from ops.bench.dashboard import seed_lineage
+    from ops.bench.lineage_seed import seed_lineage
 
     settings = load_settings(None, data_dir=str(data_dir), dashboard={"token": "demo-token"})
     upgrade_to_head(settings.resolved_database_url)

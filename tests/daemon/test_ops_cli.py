@@ -257,7 +257,7 @@ def test_the_gate_does_not_undo_a_manual_rollback(history: Lineage) -> None:
 
 @pytest.fixture()
 def seeded(tmp_path: Path) -> Path:
-    from ops.bench.dashboard import seed_lineage
+    from ops.bench.lineage_seed import seed_lineage
 
     data = tmp_path / "data"
     url = f"sqlite:///{data / 'lineage.db'}"

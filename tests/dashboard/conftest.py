@@ -45,7 +45,7 @@ class Seeded:
 
 
 def seed(tmp_path: Path, token: str | None = TOKEN, iterations: int = 14) -> Seeded:
-    from ops.bench.dashboard import seed_lineage
+    from ops.bench.lineage_seed import seed_lineage
 
     dashboard: dict[str, Any] = {"token": token} if token else {}
     settings = load_settings(None, data_dir=str(tmp_path / "data"), dashboard=dashboard)
