@@ -15,6 +15,7 @@ import torch
 
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback, chunks, common_prefix_length
+from workers.prefix_cache import MIN_SHARED_PREFIX, SharedPrefix, encode_prefix, logits_after_prefix, cache_argument, shared_prefix_length
 
 if TYPE_CHECKING:
     import threading
@@ -38,9 +39,12 @@ class ContinuationDistribution:
 class ScoringMixin:
     """Log-prob scoring for :class:`workers.runtime.ModelRuntime`, which supplies the attributes below."""
 
+    model: Any
     device: torch.device
     profile: ModelProfile
+    pad_token_id: int
     _lock: threading.RLock
+    _forward_params: set[str]
     context_ids: Callable[[str], list[int]]
     encode_completion: Callable[[str], list[int]]
     _left_pad: Callable[[Sequence[Sequence[int]]], tuple[torch.Tensor, torch.Tensor]]
@@ -129,8 +133,7 @@ class ScoringMixin:
                 contexts = [self.context_ids(p) for p in chunk]
                 for ids in contexts:
                     check_context(self.profile, len(ids), 0)
-                input_ids, attention_mask = self._left_pad(contexts)
-                logits = self._forward_logits(input_ids, attention_mask, keep_last=1)[:, -1, :]
+                logits = self._last_logits(contexts, None, keep_last=1)[0][:, -1, :]
                 probs = torch.softmax(logits.index_select(-1, cand_ids), dim=-1)
                 results.extend(probs.cpu().tolist())
         return results
@@ -141,6 +144,7 @@ class ScoringMixin:
         continuations: Sequence[str],
         *,
         batch_size: int = 8,
+        share_prefix: bool = True,
     ) -> list[ContinuationDistribution]:
         """Which of ``continuations`` the model would write after each prompt, as probabilities.
 
@@ -151,6 +155,10 @@ class ScoringMixin:
         digits. When every continuation is one distinct token after the context, one forward pass
         of the context gives all of them; otherwise (a tokenizer that writes " 1" as two tokens
         but " 2" as one) each continuation's tokens are scored in full.
+
+        With ``share_prefix`` the token prefix all contexts share (a judge's rubric) is computed
+        once for the call and reused by every forward pass (:mod:`workers.prefix_cache`); False
+        computes every context whole (the reference the reuse is tested against).
         """
         if len(continuations) < 2:
             raise ValueError("need at least two continuations to choose among")
@@ -164,15 +172,30 @@ class ScoringMixin:
         single = [i for i, s in enumerate(suffixes) if all(len(t) == 1 for t in s) and len({t[0] for t in s}) == len(s)]
         results: dict[int, ContinuationDistribution] = {}
         with self._lock, torch.inference_mode():
+            prefix = self._shared_prefix(contexts) if share_prefix else None
             for chunk in chunks(single, batch_size):
-                input_ids, attention_mask = self._left_pad([contexts[i] for i in chunk])
-                logits = self._forward_logits(input_ids, attention_mask, keep_last=1)[:, -1, :]
+                logits = self._last_logits([contexts[i] for i in chunk], prefix, keep_last=1)[0][:, -1, :]
                 choice_ids = torch.tensor([[t[0] for t in suffixes[i]] for i in chunk], dtype=torch.long, device=self.device)
                 logprobs = torch.log_softmax(logits, dim=-1).gather(-1, choice_ids)
                 results.update(zip(chunk, map(_distribution, logprobs.cpu().tolist()), strict=True))
             for i in sorted(set(range(len(prompts))) - set(single)):
-                results[i] = _distribution(self._suffix_logprobs(contexts[i], suffixes[i], batch_size))
+                results[i] = _distribution(self._suffix_logprobs(contexts[i], suffixes[i], batch_size, prefix))
         return [results[i] for i in range(len(prompts))]
+
+    def _shared_prefix(self, contexts: Sequence[Sequence[int]]) -> SharedPrefix | None:
+        """The cache of the contexts' shared prefix, where it is long enough to pay and the model allows it."""
+        length, argument = shared_prefix_length(contexts), cache_argument(self._forward_params)
+        if length < MIN_SHARED_PREFIX or argument is None:
+            return None
+        return encode_prefix(self.model, contexts[0][:length], self.device, argument)
+
+    def _last_logits(self, seqs: Sequence[Sequence[int]], prefix: SharedPrefix | None, keep_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits of each sequence's last ``keep_last`` positions, and the right-aligned ids
+        they were run on (with a prefix, only the ids after it)."""
+        if prefix is not None:
+            return logits_after_prefix(self.model, prefix, seqs, self.pad_token_id, self.device, keep_last)
+        input_ids, attention_mask = self._left_pad(seqs)
+        return self._forward_logits(input_ids, attention_mask, keep_last=keep_last), input_ids
 
     def _split_continuations(self, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         encoded = [self.context_ids(prompt + continuation) for continuation in continuations]
@@ -184,14 +207,14 @@ class ScoringMixin:
             raise ValueError(f"continuations {list(continuations)!r} are not told apart by their tokens")
         return encoded[0][:shared], suffixes
 
-    def _suffix_logprobs(self, context: list[int], suffixes: list[list[int]], batch_size: int) -> list[float]:
+    def _suffix_logprobs(self, context: list[int], suffixes: list[list[int]], batch_size: int, prefix: SharedPrefix | None) -> list[float]:
         """log p(suffix | context), summed over the suffix tokens, for each suffix."""
         totals: list[float] = []
         for chunk in chunks(suffixes, batch_size):
-            input_ids, attention_mask = self._left_pad([context + suffix for suffix in chunk])
             longest = max(len(suffix) for suffix in chunk)
-            # Left padding puts each suffix at the end of its row; see token_logprobs.
-            logprobs = torch.log_softmax(self._forward_logits(input_ids, attention_mask, keep_last=longest + 1)[:, :-1, :], dim=-1)
+            # Every row ends in the last column, so each suffix sits at the end; see token_logprobs.
+            logits, input_ids = self._last_logits([context + suffix for suffix in chunk], prefix, keep_last=longest + 1)
+            logprobs = torch.log_softmax(logits[:, :-1, :], dim=-1)
             picked = logprobs.gather(-1, input_ids[:, -longest:].unsqueeze(-1)).squeeze(-1).cpu()
             totals += [float(picked[row, longest - len(suffix) :].sum()) for row, suffix in enumerate(chunk)]
         return totals

