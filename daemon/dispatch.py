@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.db.engine import retry_while_unreachable
+from daemon.db.lineage import lineage_uuid
 from daemon.db.models import Iteration, IterationStatus, StageRun, StageStatus
 from daemon.stage_runner import execute_stage
 from daemon.stage_runs import StageContext, lease_is_live, stage_input_hash
@@ -97,6 +98,8 @@ class CeleryDispatcher:
         # would otherwise last the whole stage timeout.
         self.worker_health = worker_health
         self.app = make_celery(settings)
+        # Messages go to this lineage's own queues and carry its uuid (workers/lineage_queues.py).
+        self.lineage_id = self._db(self._lineage_id, "reading the lineage id")
         self.redispatches = 0
         # Set by the daemon on SIGTERM/SIGINT: stop waiting; the stage's worker keeps its lease.
         self.stop_event = threading.Event()
@@ -134,13 +137,13 @@ class CeleryDispatcher:
         """Send the stage; retry while the broker is unreachable (e.g. restarting), then give up."""
         from kombu.exceptions import OperationalError
 
-        from workers.celery_app import TASK_NAME, queue_for
+        from workers.celery_app import publish_stage
 
         deadline = time.monotonic() + self.settings.worker.publish_retry_seconds
         delay = 0.25
         while True:
             try:
-                self.app.send_task(TASK_NAME, args=[iteration_id, stage, input_hash], queue=queue_for(stage))
+                publish_stage(self.app, self.lineage_id, iteration_id, stage, input_hash)
                 return
             except (OperationalError, OSError) as exc:
                 if time.monotonic() + delay > deadline:
@@ -156,6 +159,13 @@ class CeleryDispatcher:
         # A lineage DB restart while a stage runs must not end the cycle: the stage goes on in its
         # worker, and the wait resumes once the DB answers again.
         return retry_while_unreachable(fn, what, self.settings.schedule.db_outage_seconds)
+
+    def _lineage_id(self) -> str:
+        with self.sessions() as session:
+            found = lineage_uuid(session)
+        if found is None:
+            raise RuntimeError("the lineage DB has no lineage id: it is not migrated to head (`kaizen init`)")
+        return found
 
     def _input_hash(self, iteration_id: int, stage: str) -> str:
         with self.sessions() as session:

@@ -21,6 +21,9 @@ Worker settings for hours-long GPU stages, and why:
 * One model-holding process per GPU: this module and the worker's parent process never import
   torch (the stages are imported inside the task, in the pool process), so no CUDA context can
   exist before the fork. Run one ``kaizen worker -Q gpu --concurrency 1`` per GPU.
+* Queues per lineage (workers/lineage_queues.py): ``-Q gpu`` consumes ``kaizen.<lineage uuid>.gpu``
+  of the lineage DB the worker is configured for, and every message carries that uuid; a message
+  of another lineage that reaches a worker anyway is sent on to its own lineage's queue, unclaimed.
 """
 
 from __future__ import annotations
@@ -34,15 +37,20 @@ from celery.signals import worker_init, worker_process_init
 
 from daemon.config import EMBEDDED_TRANSPORT, Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
+from daemon.db.lineage import lineage_uuid
 from daemon.logs import configure_logging
 import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
 from daemon.stage_runner import execute_stage
 from daemon.stage_runs import StageContext, StageDeliveryDropped
+from workers.lineage_queues import consume_lineage_queues, lineage_queue, wait_for_lineage_uuid
 from workers.owner import bind_pool_process_to_worker, bind_worker_to_owner
 
 TASK_NAME = "kaizen.run_stage"
 
 log = structlog.get_logger(__name__)
+
+# The lineage this worker process serves: set at worker start, inherited by the forked pool.
+_served_lineage: str | None = None
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -92,6 +100,15 @@ def _configure_worker_logging(**_: Any) -> None:
     bind_worker_to_owner()  # a local worker dies with its daemon (workers/owner.py)
 
 
+@worker_init.connect
+def _consume_this_lineages_queues(sender: Any, **_: Any) -> None:
+    # Before the pool forks and the consumer starts: the worker only ever sees its lineage's messages.
+    global _served_lineage
+    _served_lineage = wait_for_lineage_uuid(load_settings().resolved_database_url)
+    queues = consume_lineage_queues(sender.app.amqp.queues, _served_lineage)
+    log.info("worker.lineage", lineage_id=_served_lineage, queues=queues)
+
+
 @worker_process_init.connect
 def _fresh_engine_after_fork(**_: Any) -> None:
     # A connection pool must never cross a fork.
@@ -99,11 +116,17 @@ def _fresh_engine_after_fork(**_: Any) -> None:
     bind_pool_process_to_worker()
 
 
-def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | None = None) -> dict[str, Any]:
+def _run_stage_task(
+    task: Any, iteration_id: int, stage: str, input_hash: str | None = None, lineage_id: str | None = None
+) -> dict[str, Any]:
     from daemon.stage_specs import stage_function  # the stage's code is imported here, in the pool process: the parent never loads torch
 
     settings = load_settings()
     ctx = StageContext(settings=settings, sessions=_worker_sessions(settings.resolved_database_url), iteration_id=iteration_id)
+    with ctx.sessions() as session:
+        refusal = _foreign_lineage(lineage_id, lineage_uuid(session))  # read at each claim: the DB may have been reset
+    if refusal:
+        return _refuse(task, iteration_id, stage, input_hash, lineage_id, refusal)
     delivery = task.request.delivery_info or {}
     try:
         return execute_stage(ctx, stage, stage_function(stage), expected_input_hash=input_hash)
@@ -112,6 +135,34 @@ def _run_stage_task(task: Any, iteration_id: int, stage: str, input_hash: str | 
         log.warning("stage.delivery_dropped", iteration_id=iteration_id, stage=stage, reason=str(exc),
                     redelivered=bool(delivery.get("redelivered")))
         return {"dropped": str(exc)}
+
+
+def _foreign_lineage(message_lineage: str | None, db_lineage: str | None) -> str | None:
+    """Why this worker must not claim a message, if it must not: it is not of the worker's lineage DB."""
+    if message_lineage is None:
+        return "the message names no lineage"
+    if message_lineage != db_lineage:
+        return f"the message is for lineage {message_lineage}; this worker's lineage DB is {db_lineage}"
+    return None
+
+
+def _refuse(task: Any, iteration_id: int, stage: str, input_hash: str | None, lineage_id: str | None, reason: str) -> dict[str, Any]:
+    """Leave the stage unclaimed. A message of another lineage goes on to that lineage's own queue,
+    where its workers take it: acking it here must not take it away from its owner."""
+    owner_queue = lineage_queue(lineage_id, queue_for(stage)) if lineage_id and lineage_id != _served_lineage else None
+    log.error("stage.foreign_lineage", iteration_id=iteration_id, stage=stage, reason=reason, served_lineage=_served_lineage,
+              forwarded_to=owner_queue)
+    if owner_queue and lineage_id:
+        publish_stage(task.app, lineage_id, iteration_id, stage, input_hash)
+    return {"refused": reason}
+
+
+def publish_stage(app: Celery, lineage_id: str, iteration_id: int, stage: str, input_hash: str | None) -> None:
+    """Send a stage to the workers of lineage ``lineage_id``: its own queue, its uuid in the message."""
+    app.send_task(
+        TASK_NAME, args=[iteration_id, stage, input_hash], kwargs={"lineage_id": lineage_id},
+        queue=lineage_queue(lineage_id, queue_for(stage)),
+    )
 
 
 def queue_for(stage: str) -> str:

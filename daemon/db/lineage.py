@@ -10,12 +10,14 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from daemon.db.models import (
-    ChampionPointer, ChampionStackEntry, Checkpoint, CheckpointStatus, DaemonControl, Event, Iteration, IterationStatus, utcnow,
+    ChampionPointer, ChampionStackEntry, Checkpoint, CheckpointStatus, DaemonControl, Event, Iteration, IterationStatus, LineageIdentity,
+    utcnow,
 )
 
 CHAMPION_ROW_ID = 1
 INITIAL_CHECKPOINT_ID = "ckpt-0000"
 CONTROL_ROW_ID = 1
+IDENTITY_ROW_ID = 1
 # Event kinds that move the champion pointer, in the order they are replayed to find the history.
 INITIAL_EVENT = "init"
 GATE_PROMOTION_EVENT = "promotion"
@@ -255,3 +257,9 @@ def set_paused(session: Session, paused: bool, *, actor: str, reason: str | None
     row.changed_at = utcnow()
     session.add(Event(kind=PAUSE_EVENT if paused else RESUME_EVENT, actor=actor, reason=reason))
     return True
+
+
+def lineage_uuid(session: Session) -> str | None:
+    """The lineage's uuid (revision 0007 made it); None before the DB is migrated that far."""
+    row = session.get(LineageIdentity, IDENTITY_ROW_ID)
+    return row.uuid if row else None

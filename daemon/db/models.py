@@ -280,6 +280,19 @@ class ChampionStackEntry(Base):
     event_id: Mapped[int | None] = mapped_column(ForeignKey("events.id"))
 
 
+class LineageIdentity(Base):
+    """A single row (id=1): the lineage's uuid, made once when its DB is migrated (revision 0007).
+
+    Stage messages carry it and each lineage has Celery queues of its own named after it
+    (workers/celery_app.py), so two lineages sharing one broker never take each other's stages.
+    """
+
+    __tablename__ = "lineage_identity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
 # Indexes for the dashboard's and /metrics' queries (measured by ops/bench/dashboard.py), declared
 # here so the tables above stay as the first migration made them. Each covers its query: the
 # database answers from the index without reading the wide rows (config snapshots, stage results).

@@ -265,6 +265,23 @@ def production_config(tmp_path: Path, model_dir: Path, database_url: str, broker
 # --------------------------------------------------------------------------- lineage checks
 
 
+def lineage_queue_of(sessions: sessionmaker[Session], queue: str) -> str | None:
+    """The broker queue of logical ``queue`` (gpu, cpu) of this lineage; None before it is migrated."""
+    from workers.lineage_queues import lineage_queue
+
+    with sessions() as session, _before_migration_is_none():
+        found = lineage.lineage_uuid(session)
+        return lineage_queue(found, queue) if found else None
+    return None
+
+
+def lineage_id_of(sessions: sessionmaker[Session]) -> str:
+    with sessions() as session:
+        found = lineage.lineage_uuid(session)
+    assert found is not None, "the lineage DB is not migrated"
+    return found
+
+
 def stage_row(sessions: sessionmaker[Session], iteration_id: int, stage: str) -> StageRun | None:
     with sessions() as session:
         return session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage == stage)).one_or_none()

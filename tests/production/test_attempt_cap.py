@@ -19,7 +19,7 @@ from daemon.config import load_settings
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.models import Checkpoint, Event, Iteration, IterationStatus, StageStatus
 from tests.production.harness import (
-    Processes, assert_lineage_consistent, production_config, spawn_daemon, spawn_python, spawn_worker, stage_row, wait_for,
+    Processes, assert_lineage_consistent, lineage_id_of, production_config, spawn_daemon, spawn_python, spawn_worker, stage_row, wait_for,
 )
 from daemon.stage_runs import GAVE_UP_EVENT
 
@@ -55,10 +55,10 @@ def test_an_always_crashing_dpo_update_is_bounded_by_the_attempt_cap_and_never_y
     crashing.kill9()
 
     # The crashing stops; a redelivery of the parked iteration's dpo_update reaches a healthy worker.
-    from workers.celery_app import TASK_NAME, make_celery
+    from workers.celery_app import make_celery, publish_stage
 
     healthy = processes.add(spawn_worker(config, name="healthy-worker"))
-    make_celery(load_settings(config)).send_task(TASK_NAME, args=[1, "dpo_update", row.input_hash], queue="gpu")
+    publish_stage(make_celery(load_settings(config)), lineage_id_of(sessions), 1, "dpo_update", row.input_hash)
     wait_for(lambda: healthy.has_event("stage.delivery_dropped", iteration_id=1, stage="dpo_update"), 120,
              "the healthy worker to drop the parked iteration's dpo_update", interval=0.5)
     assert not healthy.has_event("stage.started", stage="dpo_update")

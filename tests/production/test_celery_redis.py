@@ -15,7 +15,7 @@ from daemon.cycle import start_or_resume_iteration
 from daemon.db.engine import alembic_config, make_engine, make_session_factory
 from daemon.db.models import Judgment, Prompt, StageRun, StageStatus
 from tests.production.harness import (
-    Processes, assert_lineage_exact, production_config, spawn_daemon, spawn_worker, stage_row, wait_for,
+    Processes, assert_lineage_exact, lineage_id_of, production_config, spawn_daemon, spawn_worker, stage_row, wait_for,
 )
 from daemon.stage_runs import stage_input_hash
 from daemon.stage_specs import CORE_STAGES
@@ -61,7 +61,7 @@ def test_a_cycle_completes_with_a_daemon_and_one_celery_worker_over_redis_and_po
 def test_the_same_stage_delivered_twice_to_two_worker_processes_computes_once(
     tmp_path: Path, tiny_model_dir: Path, pg_url: str, redis_url: str, processes: Processes
 ) -> None:
-    from workers.celery_app import TASK_NAME, make_celery
+    from workers.celery_app import make_celery, publish_stage
 
     config = production_config(tmp_path, tiny_model_dir, pg_url, redis_url, worker={"lease_seconds": 60})
     settings = load_settings(config)
@@ -73,7 +73,7 @@ def test_the_same_stage_delivered_twice_to_two_worker_processes_computes_once(
     app = make_celery(settings)
 
     for _ in range(2):
-        app.send_task(TASK_NAME, args=[iteration_id, "generate_prompts", input_hash], queue="gpu")
+        publish_stage(app, lineage_id_of(sessions), iteration_id, "generate_prompts", input_hash)
 
     def both_deliveries_finished() -> bool:
         events = [e.get("event") for e in worker.events()]

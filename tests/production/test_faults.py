@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.models import Iteration, StageRun
 from tests.production.harness import (
-    PrivateRedis, Processes, assert_lineage_exact, production_config, spawn_daemon, spawn_worker, stage_running, succeeded_stages,
+    PrivateRedis, Processes, assert_lineage_exact, lineage_queue_of, production_config, spawn_daemon, spawn_worker, stage_running, succeeded_stages,
     wait_for,
 )
 from daemon.stage_specs import CORE_STAGES
@@ -115,10 +115,11 @@ def test_redis_restarted_mid_cycle_daemon_and_worker_reconnect_and_finish(
     sessions = _sessions(pg_url)
     daemon = processes.add(spawn_daemon(config, cycles=1))
     # No worker yet: the first stage's message waits in Redis ...
-    wait_for(lambda: private_redis.client().llen("gpu") > 0, 120, "the daemon to queue generate_prompts", interval=0.05)
+    gpu_queue = wait_for(lambda: lineage_queue_of(sessions, "gpu"), 120, "the daemon to migrate the lineage DB", interval=0.05)
+    wait_for(lambda: private_redis.client().llen(gpu_queue) > 0, 120, "the daemon to queue generate_prompts", interval=0.05)
     # ... and is lost with it.
     private_redis.restart()
-    assert private_redis.client().llen("gpu") == 0
+    assert private_redis.client().llen(gpu_queue) == 0
     processes.add(spawn_worker(config))
     # Then Redis goes away again while the worker trains.
     wait_for(lambda: stage_running(sessions, "dpo_update"), 300, "the worker to start dpo_update", interval=0.05)
