@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -125,7 +125,7 @@ def digest_inputs(inputs: dict[str, Any]) -> str:
 def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
     """The hash of everything ``stage`` of ``iteration_id`` reads; raises StageNotReady if an
     upstream stage has not succeeded."""
-    from daemon.stage_specs import OPTIONAL_STAGES, STAGE_ORDER
+    from daemon.stage_specs import STAGE_ORDER
 
     iteration = session.get(Iteration, iteration_id)
     if iteration is None:
@@ -136,6 +136,15 @@ def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
         r.stage: r
         for r in session.scalars(select(StageRun).where(StageRun.iteration_id == iteration_id, StageRun.stage.in_(STAGE_ORDER[: STAGE_ORDER.index(stage)])))
     }
+    return digest_stage_inputs(iteration_id, stage, iteration.parent_checkpoint_id, iteration.config_snapshot, rows)
+
+
+def digest_stage_inputs(iteration_id: int, stage: str, parent_checkpoint_id: str | None, config: Mapping[str, Any], rows: Mapping[str, Any]) -> str:
+    """The input hash from the iteration's values and its stage ``rows`` (stage name -> anything
+    with ``status``, ``input_hash`` and ``result``). Apart from the session so that a migration
+    re-hashing rows it rewrote computes exactly what a claim compares against."""
+    from daemon.stage_specs import OPTIONAL_STAGES, STAGE_ORDER
+
     # An optional stage the iteration was started without has no row: it is not upstream.
     upstream_names = [name for name in STAGE_ORDER[: STAGE_ORDER.index(stage)] if name in rows or name not in OPTIONAL_STAGES]
     upstream = []
@@ -145,13 +154,5 @@ def stage_input_hash(session: Session, iteration_id: int, stage: str) -> str:
             raise StageNotReady(f"iteration {iteration_id}: {stage} needs {name}, which has not succeeded yet")
         upstream.append({"stage": name, "input_hash": row.input_hash, "result": row.result})
     return digest_inputs(
-        {
-            "iteration": iteration_id,
-            "stage": stage,
-            "parent_checkpoint": iteration.parent_checkpoint_id,
-            "config": iteration.config_snapshot,
-            "upstream": upstream,
-        }
+        {"iteration": iteration_id, "stage": stage, "parent_checkpoint": parent_checkpoint_id, "config": config, "upstream": upstream}
     )
-
-
