@@ -36,13 +36,13 @@ def test_downgrade_and_upgrade_again_on_a_populated_db(tmp_path: Path) -> None:
         assert session.scalars(select(Checkpoint)).all() == []
 
 
-# ---------------------------------------------------------------- 0007: secrets recorded in clear
+# ---------------------------------------------------------------- 0008: secrets recorded in clear
 
 CLEAR = {
-    "serve api key": "sk-clear-api-key-0007",
-    "db password": "dbpw-clear-0007",
-    "broker password": "brpw-clear-0007",
-    "judge url password": "jdpw-clear-0007",
+    "serve api key": "sk-clear-api-key-0008",
+    "db password": "dbpw-clear-0008",
+    "broker password": "brpw-clear-0008",
+    "judge url password": "jdpw-clear-0008",
 }
 
 
@@ -60,9 +60,9 @@ def _snapshot_as_old_versions_recorded(data_dir: Path) -> dict:
 
 
 def _old_lineage(url: str, snapshot: dict) -> int:
-    """A lineage at revision 0006 with one running iteration: two stages done, the judge failed
+    """A lineage at revision 0007 with one running iteration: two stages done, the judge failed
     with an error quoting its endpoint, as the openai judge's errors did."""
-    command.upgrade(alembic_config(url), "0006")
+    command.upgrade(alembic_config(url), "0007")
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     with transaction(sessions) as session:

@@ -1,7 +1,7 @@
 """mask the secrets older versions recorded in clear in iterations' config snapshots
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 
 Before secrets were masked, ``Settings.snapshot()`` wrote ``serve.api_key`` and the passwords in
 the URL settings (database, broker, artifacts, MLflow, openai judge) into every iteration's
@@ -31,8 +31,8 @@ from daemon.stage_specs import STAGE_ORDER
 
 
 # revision identifiers, used by Alembic.
-revision: str = '0007'
-down_revision: Union[str, Sequence[str], None] = '0006'
+revision: str = '0008'
+down_revision: Union[str, Sequence[str], None] = '0007'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
