@@ -21,6 +21,22 @@ def chunks(seq: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
+def chunks_by_weight(weights: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive index groups whose weights sum to at most ``limit`` (a heavier item is a group alone).
+
+    Generation packs prompts by their sample counts, so a prompt's samples share one batch.
+    """
+    groups: list[list[int]] = []
+    total = 0
+    for index, weight in enumerate(weights):
+        if not groups or total + weight > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += weight
+    return groups
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` with every sequence right-aligned, so all rows end together."""
     width = max(len(s) for s in seqs)

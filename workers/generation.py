@@ -7,7 +7,7 @@ row's token count ends at its stop string, so ``Generation.num_tokens`` is what 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from policies.model_profile import check_context
-from workers.batching import ProgressCallback, chunks
+from workers.batching import ProgressCallback, chunks_by_weight
 from workers.sampling import TemperatureTopPWarper
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class GenerationMixin:
         self,
         prompts: list[str],
         *,
-        num_samples: int = 1,
+        num_samples: int | Sequence[int] = 1,
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_p: float = 0.95,
@@ -90,20 +90,21 @@ class GenerationMixin:
         logits_processors: ChunkLogitsProcessors | None = None,
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
-        """Sample ``num_samples`` completions for each already-rendered prompt.
+        """Sample completions for each already-rendered prompt: ``num_samples`` each, or
+        ``num_samples[i]`` for prompt i, so callers with different needs share one decode.
 
-        Prompts are processed in chunks of at most ``batch_size`` sequences (prompts x samples;
-        at least one prompt per chunk). ``temperature == 0`` decodes greedily. With a ``seed`` the
-        result is reproducible for the same arguments; the global RNG state is left untouched.
-        Extra keyword arguments go to ``model.generate`` (e.g. ``min_new_tokens``).
+        Prompts are processed in chunks of at most ``batch_size`` sequences (a prompt's samples
+        stay in one chunk; at least one prompt per chunk). ``temperature == 0`` decodes greedily.
+        With a ``seed`` the result is reproducible for the same arguments; the global RNG state is
+        left untouched. Extra keyword arguments go to ``model.generate`` (e.g. ``min_new_tokens``).
 
         ``logits_processors(input_ids, attention_mask)`` is called once per chunk with the chunk's
-        left-padded prompt batch, so stateful processors (e.g. GenARM's per-chunk KV caches) start
-        fresh for each chunk. transformers runs them after its own constraints (min_new_tokens ...)
-        and before the temperature/top-p warpers (``GenerationMixin._get_logits_processor``).
+        left-padded batch (one row per decoded sequence), so stateful processors (e.g. GenARM's
+        per-chunk KV caches) start fresh for each chunk. transformers runs them after its own
+        constraints (min_new_tokens ...) and before the temperature/top-p warpers
+        (``GenerationMixin._get_logits_processor``).
         """
-        if num_samples < 1:
-            raise ValueError("num_samples must be >= 1")
+        counts = _sample_counts(num_samples, len(prompts))
         if not prompts:
             return []
         # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
@@ -112,12 +113,34 @@ class GenerationMixin:
         for ids in contexts:
             check_context(self.profile, len(ids), max_new_tokens)
         do_sample = temperature > 0
-        config = GenerationConfig(
+        config = self._generation_config(max_new_tokens, do_sample)
+        # Generation-config fields (min_new_tokens, repetition_penalty, ...) go into the config;
+        # transformers 5 deprecates passing them next to a generation_config object.
+        passthrough = config.update(**generate_kwargs)
+        # Greedy decoding is deterministic: decode each prompt once and repeat the result.
+        decoded = counts if do_sample else [1] * len(prompts)
+        warper = TemperatureTopPWarper(temperature, top_p) if do_sample else None
+        results: list[list[Generation]] = []
+        with self._lock, torch.inference_mode(), _seeded(seed, self.device):
+            for chunk in chunks_by_weight(decoded, batch_size):
+                # One row per decoded sequence, a prompt's rows together: what transformers'
+                # num_return_sequences would build, but with a count per prompt.
+                rows = [contexts[i] for i in chunk for _ in range(decoded[i])]
+                new_tokens = self._decode_rows(rows, config, stops, warper, logits_processors, passthrough)
+                start = 0
+                for i in chunk:
+                    samples = [self._to_generation(row, stops) for row in new_tokens[start : start + decoded[i]]]
+                    start += decoded[i]
+                    results.append(samples if do_sample else samples * counts[i])
+                if progress is not None:
+                    progress(len(results), len(prompts))
+        return results
+
+    def _generation_config(self, max_new_tokens: int, do_sample: bool) -> GenerationConfig:
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            # Greedy decoding is deterministic: decode each prompt once and repeat the result
-            # (transformers refuses num_return_sequences > 1 without sampling or beams).
-            num_return_sequences=num_samples if do_sample else 1,
+            num_return_sequences=1,  # rows are repeated per sample before decoding (see generate)
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
@@ -125,43 +148,31 @@ class GenerationMixin:
             # sorting the vocabulary); transformers' own warpers are switched off.
             **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if do_sample else {}),
         )
-        per_prompt = num_samples if do_sample else 1  # sequences actually decoded per prompt
-        # Generation-config fields (min_new_tokens, repetition_penalty, ...) go into the config;
-        # transformers 5 deprecates passing them next to a generation_config object.
-        passthrough = config.update(**generate_kwargs)
-        prompts_per_chunk = max(1, batch_size // per_prompt)
-        results: list[list[Generation]] = []
-        devices = []
-        if self.device.type == "cuda":
-            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-        # A seed gives a reproducible result without touching the process's RNG; without one the
-        # global RNG advances, so two unseeded calls give fresh samples.
-        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
-        with self._lock, torch.inference_mode(), rng:
-            if seed is not None:
-                torch.manual_seed(seed)
-            for chunk in chunks(contexts, prompts_per_chunk):
-                input_ids, attention_mask = self._left_pad(chunk)
-                processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
-                if do_sample:
-                    processors.append(TemperatureTopPWarper(temperature, top_p))
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
-                    # Stop strings are matched on the generated text only, never across the prompt.
-                    **({"stopping_criteria": StoppingCriteriaList([GeneratedTextStop(self.tokenizer, stops, input_ids.shape[1])])} if stops else {}),
-                    **passthrough,
-                )
-                new_tokens = out[:, input_ids.shape[1] :].tolist()
-                for i in range(len(chunk)):
-                    rows = new_tokens[i * per_prompt : (i + 1) * per_prompt]
-                    samples = [self._to_generation(row, stops) for row in rows]
-                    results.append(samples if do_sample else samples * num_samples)
-                if progress is not None:
-                    progress(len(results), len(prompts))
-        return results
+
+    def _decode_rows(
+        self,
+        rows: list[list[int]],
+        config: GenerationConfig,
+        stops: list[str],
+        warper: LogitsProcessor | None,
+        logits_processors: ChunkLogitsProcessors | None,
+        passthrough: dict[str, Any],
+    ) -> list[list[int]]:
+        """The new token ids of each row after one ``model.generate`` call on the left-padded rows."""
+        input_ids, attention_mask = self._left_pad(rows)
+        processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
+        if warper is not None:
+            processors.append(warper)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            **({"logits_processor": LogitsProcessorList(processors)} if processors else {}),
+            # Stop strings are matched on the generated text only, never across the prompt.
+            **({"stopping_criteria": StoppingCriteriaList([GeneratedTextStop(self.tokenizer, stops, input_ids.shape[1])])} if stops else {}),
+            **passthrough,
+        )
+        return out[:, input_ids.shape[1] :].tolist()
 
     def _to_generation(self, ids: list[int], stops: list[str]) -> Generation:
         eos_at = next((k for k, t in enumerate(ids) if t in self.eos_token_ids), None)
@@ -190,3 +201,30 @@ class GenerationMixin:
             else:
                 lo = mid + 1
         return hi
+
+
+def _sample_counts(num_samples: int | Sequence[int], prompts: int) -> list[int]:
+    counts = [num_samples] * prompts if isinstance(num_samples, int) else list(num_samples)
+    if len(counts) != prompts:
+        raise ValueError(f"{len(counts)} sample counts for {prompts} prompts")
+    if any(n < 1 for n in counts) or (isinstance(num_samples, int) and num_samples < 1):
+        raise ValueError("num_samples must be >= 1")
+    return counts
+
+
+def _seeded(seed: int | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """With a seed, a reproducible RNG that leaves the process's untouched; without one the global
+    RNG advances, so two unseeded calls give fresh samples."""
+    if seed is None:
+        return contextlib.nullcontext()
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    return _manual_seed(seed, devices)
+
+
+@contextlib.contextmanager
+def _manual_seed(seed: int, devices: list[int]) -> Iterator[None]:
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -117,6 +117,31 @@ def test_greedy_batched_equals_unbatched(runtime: ModelRuntime, prompts: list[st
     assert all(len({g.text for g in samples}) == 1 for samples in multi)
 
 
+def test_sample_counts_per_prompt_keep_each_prompts_answers(runtime: ModelRuntime, prompts: list[str]) -> None:
+    """One call with a count per prompt (respond's policy samples + RLCD answers) maps answers to prompts."""
+    counts = [2, 1, 3, 1]
+    greedy = runtime.generate(prompts, num_samples=counts, temperature=0, max_new_tokens=10, batch_size=3)
+    alone = [runtime.generate([p], temperature=0, max_new_tokens=10)[0][0] for p in prompts]
+    assert [len(samples) for samples in greedy] == counts
+    assert greedy == [[answer] * n for answer, n in zip(alone, counts, strict=True)]
+    assert len({answer.text for answer in alone}) > 1  # the mapping is visible: answers depend on the prompt
+
+    kwargs = {"max_new_tokens": 10, "temperature": 1.0, "batch_size": 3}
+    sampled = runtime.generate(prompts, num_samples=counts, seed=5, **kwargs)
+    assert [len(samples) for samples in sampled] == counts
+    assert runtime.generate(prompts, num_samples=counts, seed=5, **kwargs) == sampled  # the seed is respected
+    assert runtime.generate(prompts, num_samples=counts, seed=6, **kwargs) != sampled
+    # A uniform list is the integer count: existing callers decode exactly as before.
+    assert runtime.generate(prompts, num_samples=[2] * 4, seed=5, **kwargs) == runtime.generate(prompts, num_samples=2, seed=5, **kwargs)
+
+
+def test_sample_counts_must_match_the_prompts(runtime: ModelRuntime, prompts: list[str]) -> None:
+    with pytest.raises(ValueError, match="2 sample counts for 4 prompts"):
+        runtime.generate(prompts, num_samples=[1, 2])
+    with pytest.raises(ValueError, match=">= 1"):
+        runtime.generate(prompts, num_samples=[1, 0, 1, 1])
+
+
 def test_stop_strings_truncate(runtime: ModelRuntime, prompts: list[str]) -> None:
     kwargs = {"max_new_tokens": 24, "temperature": 1.0, "seed": 5}
     full = runtime.generate(prompts[:1], **kwargs)[0][0]

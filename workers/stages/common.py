@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -54,8 +55,9 @@ def prompts_of_role(session: Session, iteration_id: int, role: str) -> list[Prom
     )
 
 
-def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int, seed: int, **overrides: Any) -> list[list[Generation]]:
-    """``runtime.generate`` on the texts that fit the model's context with room for the new tokens.
+def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int | Sequence[int], seed: int, **overrides: Any) -> list[list[Generation]]:
+    """``runtime.generate`` on the texts that fit the model's context with room for the new tokens:
+    ``n`` samples per text, or ``n[i]`` for text i.
 
     A text that does not fit gets no samples (an empty list in its place): the loop skips it and
     counts it (:func:`over_context`) instead of crashing or feeding the model a clipped prompt.
@@ -63,11 +65,12 @@ def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int
     g = ctx.settings.generation
     max_new_tokens = overrides.get("max_new_tokens", g.max_new_tokens)
     kept = [i for i, text in enumerate(texts) if runtime.fits(text, max_new_tokens)]
+    counts = [n] * len(texts) if isinstance(n, int) else list(n)
     if len(kept) < len(texts):
         log.warning("prompts.over_context", skipped=len(texts) - len(kept), of=len(texts), context_length=runtime.profile.context_length)
     outputs = runtime.generate(
         [texts[i] for i in kept],
-        num_samples=n,
+        num_samples=[counts[i] for i in kept],
         max_new_tokens=max_new_tokens,
         temperature=overrides.get("temperature", g.temperature),
         top_p=g.top_p,

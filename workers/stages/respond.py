@@ -15,6 +15,7 @@ from daemon.db.models import Prompt, Response
 from policies import principles
 from policies.constraints import Constraint, check_all
 from policies.pairs import KIND_ANCHORED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERIFIED
+from workers.generation import Generation
 from workers.runtime import ModelRuntime
 from daemon.db.lineage import lineage_root
 from daemon.stage_runs import StageContext, StageOutput
@@ -32,24 +33,16 @@ def respond(ctx: StageContext) -> StageOutput:
         prompts = prompts_of_role(session, ctx.iteration_id, "train")
     runtime = runtime_for(ctx, champion.path)
     seed = stage_seed(ctx, "respond")
-    rows: list[Response] = []
-    finished: list[bool] = []
-    skipped = 0
-    if strategies & POLICY_STRATEGIES:
-        policy_rows, policy_finished, policy_skipped = _sampled_responses(ctx, runtime, prompts, n, seed, "policy")
-        rows += policy_rows
-        finished += policy_finished
-        skipped += policy_skipped
+    policy_rows, rlcd_rows, finished, skipped = _policy_and_rlcd(ctx, runtime, prompts, strategies, seed)
+    rows = policy_rows
     # Temporal Self-Rewarding's rejected answers come from the initial model; while the champion
     # is the initial model, its own samples serve (build_pairs reads them as the anchor).
     if KIND_ANCHORED in strategies and initial.id != champion.id:
-        anchor_rows, _, anchor_skipped = _sampled_responses(ctx, runtime_for(ctx, initial.path), prompts, n, seed + 2, "anchor")
-        rows += anchor_rows
-        skipped += anchor_skipped
-    if KIND_RLCD in strategies:
-        rlcd_rows, rlcd_skipped = _rlcd_responses(ctx, runtime, prompts, seed + 1)
-        rows += rlcd_rows
-        skipped += rlcd_skipped
+        anchor_runtime = runtime_for(ctx, initial.path)
+        anchor_out = sample(ctx, anchor_runtime, _policy_texts(anchor_runtime, prompts, ctx), n=n, seed=seed + 2)
+        rows += _sample_rows(ctx, prompts, anchor_out, "anchor")
+        skipped += over_context(anchor_out)
+    rows += rlcd_rows
 
     def write(session: Session) -> dict[str, Any]:
         session.add_all(rows)
@@ -69,23 +62,37 @@ def respond(ctx: StageContext) -> StageOutput:
     return StageOutput(result, write)
 
 
-def _sampled_responses(
-    ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], n: int, seed: int, kind: str
-) -> tuple[list[Response], list[bool], int]:
-    """N answers per prompt as Response rows of `kind`, whether each ended before max_new_tokens,
-    and how many prompts did not fit the context. The rendered text is exactly what dpo_update
-    trains on (same call, same budget)."""
-    budget = ctx.settings.generation.max_new_tokens
-    samples = sample(ctx, runtime, [user_prompt(runtime, p.text, budget) for p in prompts], n=n, seed=seed)
-    rows: list[Response] = []
-    finished: list[bool] = []
-    for prompt, outputs in zip(prompts, samples, strict=True):
-        rows += [
-            Response(iteration_id=ctx.iteration_id, prompt_id=prompt.id, kind=kind, sample_index=i, text=o.text, num_tokens=o.num_tokens)
-            for i, o in enumerate(outputs)
-        ]
-        finished += [o.finished for o in outputs]
-    return rows, finished, over_context(samples)
+def _policy_and_rlcd(
+    ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], strategies: set[str], seed: int
+) -> tuple[list[Response], list[Response], list[bool], int]:
+    """Policy samples (N per prompt) and RLCD answers (one per steered request) in one decode call.
+
+    Both come from the champion with the same budget, so one batched call serves them (measured:
+    17% less CPU than two calls, issue 14). Returns the policy rows, the RLCD rows, whether each
+    policy sample ended before max_new_tokens, and how many requests did not fit the context.
+    """
+    policy = _policy_texts(runtime, prompts, ctx) if strategies & POLICY_STRATEGIES else []
+    rlcd, meta = _rlcd_texts(runtime, prompts, ctx.settings.generation.max_new_tokens) if KIND_RLCD in strategies else ([], [])
+    n = ctx.settings.respond.num_samples
+    outputs = sample(ctx, runtime, policy + rlcd, n=[n] * len(policy) + [1] * len(rlcd), seed=seed)
+    policy_out, rlcd_out = outputs[: len(policy)], outputs[len(policy) :]
+    policy_rows = _sample_rows(ctx, prompts, policy_out, "policy") if policy else []
+    finished = [o.finished for samples in policy_out for o in samples]
+    return policy_rows, _rlcd_rows(ctx, meta, rlcd_out), finished, over_context(outputs)
+
+
+def _policy_texts(runtime: ModelRuntime, prompts: list[Prompt], ctx: StageContext) -> list[str]:
+    """Each prompt as the model's user turn, exactly as dpo_update renders it (same call, same budget)."""
+    return [user_prompt(runtime, p.text, ctx.settings.generation.max_new_tokens) for p in prompts]
+
+
+def _sample_rows(ctx: StageContext, prompts: list[Prompt], samples: list[list[Generation]], kind: str) -> list[Response]:
+    """The answers of each prompt as Response rows of ``kind``, numbered by sample."""
+    return [
+        Response(iteration_id=ctx.iteration_id, prompt_id=prompt.id, kind=kind, sample_index=i, text=o.text, num_tokens=o.num_tokens)
+        for prompt, outputs in zip(prompts, samples, strict=True)
+        for i, o in enumerate(outputs)
+    ]
 
 
 def _satisfaction(prompts: list[Prompt], responses: list[Response]) -> dict[str, Any]:
@@ -104,19 +111,20 @@ def _satisfaction(prompts: list[Prompt], responses: list[Response]) -> dict[str,
     }
 
 
-def _rlcd_responses(ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], seed: int) -> tuple[list[Response], int]:
+def _rlcd_texts(runtime: ModelRuntime, prompts: list[Prompt], budget: int) -> tuple[list[str], list[tuple[Prompt, str, str]]]:
+    """A positive and a negative principle-steered request per prompt, with (prompt, principle, kind) each."""
     texts, meta = [], []
-    budget = ctx.settings.generation.max_new_tokens
     for index, prompt in enumerate(prompts):
         pair = principles.pick_principle(index)
         for positive in (True, False):
             texts.append(runtime.render_chat(principles.rlcd_messages(prompt.text, pair, positive), max_new_tokens=budget))
             meta.append((prompt, pair.name, "rlcd_positive" if positive else "rlcd_negative"))
-    outputs = sample(ctx, runtime, texts, n=1, seed=seed)
-    rows = [
+    return texts, meta
+
+
+def _rlcd_rows(ctx: StageContext, meta: list[tuple[Prompt, str, str]], outputs: list[list[Generation]]) -> list[Response]:
+    return [
         Response(iteration_id=ctx.iteration_id, prompt_id=p.id, kind=kind, principle=name, text=o[0].text, num_tokens=o[0].num_tokens)
         for (p, name, kind), o in zip(meta, outputs, strict=True)
         if o
     ]
-    return rows, over_context(outputs)
-

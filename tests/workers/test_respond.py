@@ -1,0 +1,95 @@
+"""respond decodes the policy samples and the RLCD answers in one generate call, and every
+answer still lands on its own prompt, kind, sample index and principle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from daemon.db.engine import transaction
+from daemon.db.models import Response
+from policies import principles
+from tests.factories import lineage_with_responses
+from workers.runtime import ModelRuntime
+from workers.runtime_cache import clear_runtime_cache
+from workers.stages.common import user_prompt
+from workers.stages.respond import respond
+from workers.tiny_model import build_tiny_model
+
+PROMPTS = ["hi", "Write a short poem about the sea.", "Explain how photosynthesis works"]
+N = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A scaled, untied output layer: greedy answers then depend on the prompt, so a misplaced
+    # answer is visible.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tie_embeddings=False, output_scale=6.0)
+
+
+@pytest.fixture
+def generate_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The per-prompt sample counts of every ModelRuntime.generate call."""
+    calls: list[list[int]] = []
+    original = ModelRuntime.generate
+
+    def recording(self, prompts, *, num_samples=1, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append([num_samples] * len(prompts) if isinstance(num_samples, int) else list(num_samples))
+        return original(self, prompts, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(ModelRuntime, "generate", recording)
+    clear_runtime_cache()
+    return calls
+
+
+def _respond(tmp_path: Path, model_dir: Path, **generation: float) -> tuple[list[Response], dict]:
+    ctx, _ = lineage_with_responses(
+        tmp_path / "data", model_dir, [(p, []) for p in PROMPTS],
+        generation={"max_new_tokens": 8, "batch_size": 4, **generation}, respond={"num_samples": N}, pairs={"strategy": "self_reward+rlcd"},
+    )
+    output = respond(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        rows = list(session.scalars(select(Response).order_by(Response.id)))
+        session.expunge_all()
+    return rows, output.result
+
+
+def _by_prompt(rows: list[Response]) -> dict[int, list[Response]]:
+    grouped: dict[int, list[Response]] = {}
+    for row in rows:
+        grouped.setdefault(row.prompt_id, []).append(row)
+    return dict(sorted(grouped.items()))
+
+
+def test_policy_and_rlcd_share_one_decode_call(tmp_path: Path, model_dir: Path, generate_calls: list[list[int]]) -> None:
+    rows, result = _respond(tmp_path, model_dir, temperature=0.0)
+    assert generate_calls == [[N] * len(PROMPTS) + [1] * 2 * len(PROMPTS)]
+    assert result["policy"] == N * len(PROMPTS) and result["rlcd_positive"] == result["rlcd_negative"] == len(PROMPTS)
+
+    runtime = ModelRuntime.load(str(model_dir), device="cpu")
+    for index, (prompt_text, prompt_rows) in enumerate(zip(PROMPTS, _by_prompt(rows).values(), strict=True)):
+        policy = [r for r in prompt_rows if r.kind == "policy"]
+        assert [r.sample_index for r in policy] == list(range(N))
+        # Greedy: each answer is what its own request decodes alone, so none moved to another prompt.
+        alone = runtime.generate([user_prompt(runtime, prompt_text, 8)], temperature=0, max_new_tokens=8)[0][0].text
+        assert {r.text for r in policy} == {alone}
+        pair = principles.pick_principle(index)
+        for kind, positive in (("rlcd_positive", True), ("rlcd_negative", False)):
+            (row,) = [r for r in prompt_rows if r.kind == kind]
+            request = runtime.render_chat(principles.rlcd_messages(prompt_text, pair, positive), max_new_tokens=8)
+            assert row.principle == pair.name
+            assert row.text == runtime.generate([request], temperature=0, max_new_tokens=8)[0][0].text
+    assert len({r.text for r in rows if r.kind == "policy"}) > 1  # answers depend on the prompt
+
+
+def test_the_stage_seed_gives_the_same_answers_again(tmp_path: Path, model_dir: Path, generate_calls: list[list[int]]) -> None:
+    first, _ = _respond(tmp_path / "a", model_dir, temperature=1.0)
+    again, _ = _respond(tmp_path / "b", model_dir, temperature=1.0)
+    texts = [(r.kind, r.sample_index, r.principle, r.text) for r in first]
+    assert texts == [(r.kind, r.sample_index, r.principle, r.text) for r in again]
+    policy = _by_prompt([r for r in first if r.kind == "policy"])
+    assert any(len({r.text for r in group}) > 1 for group in policy.values())  # sampled, not one draw repeated
