@@ -89,6 +89,11 @@ def _stage_rows(session: Session, iteration_id: int) -> dict[str, StageRun]:
     return {row.stage: row for row in rows}
 
 
+def _stage_statuses(sessions: sessionmaker[Session], iteration_id: int) -> dict[str, StageStatus]:
+    with sessions() as session:
+        return {stage: row.status for stage, row in _stage_rows(session, iteration_id).items()}
+
+
 def _mark_queued(sessions: sessionmaker[Session], iteration_id: int, stage: str) -> None:
     with transaction(sessions) as session:
         row = _stage_rows(session, iteration_id)[stage]
@@ -114,12 +119,12 @@ def run_cycle(
     should_stop: Callable[[], bool] | None = None,
 ) -> CycleReport:
     started = time.perf_counter()
-    iteration_id, resumed = start_or_resume_iteration(sessions, settings)
+    # The tick's first writes and reads: retried through a DB blip like every call below.
+    iteration_id, resumed = _retrying(settings, lambda: start_or_resume_iteration(sessions, settings), "starting the iteration")
     bound = log.bind(iteration_id=iteration_id)
-    with sessions() as session:
-        rows = _stage_rows(session, iteration_id)
-    order = [s for s in STAGE_ORDER if s in rows]  # the stages this iteration was started with
-    pending = [s for s in order if rows[s].status != StageStatus.succeeded]
+    statuses = _retrying(settings, lambda: _stage_statuses(sessions, iteration_id), "reading the stage rows")
+    order = [s for s in STAGE_ORDER if s in statuses]  # the stages this iteration was started with
+    pending = [s for s in order if statuses[s] != StageStatus.succeeded]
     resumed_from = pending[0] if resumed and pending else None
     bound.info("cycle.started", resumed=resumed, resume_at=resumed_from)
     for stage in order:

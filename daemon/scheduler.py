@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
@@ -17,6 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import Settings
 from daemon.cycle import CycleError, CycleStopped, StageDispatcher, run_cycle
 from daemon.leader import LeaderElection
+
+if TYPE_CHECKING:
+    from daemon.db.lineage import PauseState
 
 log = structlog.get_logger(__name__)
 
@@ -60,10 +64,11 @@ class Daemon:
 
         An interrupted iteration stays `running` in the DB and is resumed after `kaizen resume`.
         """
-        from daemon.db.lineage import pause_state
+        from daemon.db.engine import retry_while_unreachable
 
-        with self.sessions() as session:
-            state = pause_state(session)
+        # The tick's first read of the lineage DB: a restart or a blip is waited out with backoff
+        # like the cycle's other calls, instead of failing the tick with a traceback every interval.
+        state = retry_while_unreachable(self._read_pause_state, "reading the pause state", self.settings.schedule.db_outage_seconds)
         if state.paused != getattr(self, "_was_paused", False):
             self._was_paused = state.paused
             if state.paused:
@@ -71,6 +76,12 @@ class Daemon:
             else:
                 log.info("daemon.resumed")
         return state.paused
+
+    def _read_pause_state(self) -> PauseState:
+        from daemon.db.lineage import pause_state
+
+        with self.sessions() as session:
+            return pause_state(session)
 
     def _still_leader(self) -> bool:
         leading = True if self.leader is None else self.leader.still_leader()
