@@ -261,6 +261,9 @@ class Serving:
         finally:
             gone.cancel()
         if work not in done:
+            # Free the slots now: the consumer's cancellation reaches Run.events' cleanup only
+            # when the loop next runs it, and the engine would decode for nobody until then.
+            run.cancel()
             work.cancel()
             log.info("serve.client_disconnected", id=job.envelope.ident)
             raise ApiError(499, "client closed the request", kind="client_closed")

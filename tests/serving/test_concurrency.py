@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -46,6 +49,29 @@ def test_eight_concurrent_clients_are_decoded_in_one_batch(tmp_path: Path, tiny_
         assert max(steps) > 1, f"every decode step had one sequence: {steps}"
 
 
+def _running_engine(server: Server):  # type: ignore[no-untyped-def]
+    """The engine, once a sequence is decoding on it (within 30 s)."""
+    engine = None
+    deadline = time.monotonic() + 30
+    while (engine is None or engine.running < 1) and time.monotonic() < deadline:
+        engines = server.app.state.serving.engines()
+        engine = engines[0] if engines else None
+        time.sleep(0.01)
+    assert engine is not None and engine.running >= 1, "no sequence started decoding"
+    return engine
+
+
+def _assert_slot_freed(server: Server, engine) -> None:  # type: ignore[no-untyped-def]
+    """The abandoned request was cancelled, and the only slot serves the next request at once."""
+    deadline = time.monotonic() + 30
+    while engine.stats["cancelled"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats["cancelled"] == 1 and engine.running == 0
+    reply = openai_client(server).chat.completions.create(model="kaizen", messages=MESSAGES, max_tokens=3)
+    assert reply.usage.completion_tokens == 3
+    assert engine.stats["tokens"] < 1000  # the abandoned one (2000 tokens asked) stopped early
+
+
 def test_a_dropped_stream_frees_its_slot(tmp_path: Path, tiny_model_dir: Path) -> None:
     with _deploy(tmp_path, tiny_model_dir, max_batch_size=1, max_new_tokens=2000) as server:
         body = {"model": "kaizen", "messages": MESSAGES, "max_tokens": 2000, "stream": True, "logit_bias": {"2": -100}}  # 2: EOS, never ends early
@@ -53,15 +79,21 @@ def test_a_dropped_stream_frees_its_slot(tmp_path: Path, tiny_model_dir: Path) -
             for line in response.iter_lines():
                 if '"content"' in line and '"role"' not in line:
                     break  # the client goes away after its first token
-        engine = _engine(server)
-        deadline = time.monotonic() + 30
-        while engine.stats["cancelled"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine.stats["cancelled"] == 1 and engine.running == 0
-        # The only slot is free again: the next request is served, and the dropped one stopped early.
-        reply = openai_client(server).chat.completions.create(model="kaizen", messages=MESSAGES, max_tokens=3)
-        assert reply.usage.completion_tokens == 3
-        assert engine.stats["tokens"] < 1000
+        _assert_slot_freed(server, _engine(server))
+
+
+def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with _deploy(tmp_path, tiny_model_dir, max_batch_size=1, max_new_tokens=2000) as server:
+        body = json.dumps({"model": "kaizen", "messages": MESSAGES, "max_tokens": 2000, "logit_bias": {"2": -100}}).encode()  # 2: EOS
+        url = urlsplit(server.base)
+        # A raw connection, so the test closes it exactly while the request is decoding.
+        with socket.create_connection((url.hostname, url.port), timeout=30) as connection:
+            connection.sendall(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            engine = _running_engine(server)
+        _assert_slot_freed(server, engine)
 
 
 def test_healthz_answers_while_64_requests_are_queued(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -94,12 +126,8 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, tiny_model_di
         long = {"model": "kaizen", "messages": MESSAGES, "max_tokens": 2000, "logit_bias": {"2": -100}}  # 2: EOS
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(httpx.post, f"{server.base}/v1/chat/completions", json=long, timeout=300)
-            engine = None
+            engine = _running_engine(server)
             deadline = time.monotonic() + 30
-            while (engine is None or engine.running < 1) and time.monotonic() < deadline:
-                engines = server.app.state.serving.engines()
-                engine = engines[0] if engines else None
-                time.sleep(0.01)
             waiting = pool.submit(httpx.post, f"{server.base}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=300)
             while engine.waiting < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
