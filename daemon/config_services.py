@@ -62,7 +62,8 @@ class WorkerSettings(Section):
     max_stage_attempts: int = Field(3, ge=1)
     # Celery's soft shutdown: on a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT)
     # a running stage gets this long before it is killed; trainer state saved every
-    # training.save_steps survives either way and the next attempt resumes from it.
+    # training.save_steps survives either way and the next attempt resumes from it. A warm
+    # shutdown (SIGTERM) makes a running trainer save at once and hand over (workers/graceful_stop.py).
     soft_shutdown_seconds: float = Field(60.0, ge=0)
 
 

@@ -22,6 +22,9 @@ lineage DB turns that into exactly-once effects:
   over after ``worker.max_stage_attempts`` claims (each worker died mid-stage: OOM, a crash that
   kills the process) fails the stage and its iteration for good, with a ``stage_gave_up`` event,
   instead of letting Celery's requeue loop forever.
+* **Hand-over.** A stage interrupted by its worker's warm shutdown (:class:`StageInterrupted`,
+  after saving its trainer state) goes back to ``pending`` with its lease released and its
+  attempt uncounted: the next delivery claims it at once and resumes from the saved state.
 * **Fenced commit.** A stage computes outside any transaction, then writes its outputs and its
   ``succeeded`` row in one transaction that first checks the row is still claimed by this
   worker: a worker whose lease was taken over discards its work (:class:`LeaseLost`), so two
@@ -52,6 +55,7 @@ from daemon.stage_runs import (
     StageGaveUp,
     StageHeldElsewhere,
     StageInputMismatch,
+    StageInterrupted,
     StageOutput,
     StaleStageMessage,
     as_utc,
@@ -239,6 +243,17 @@ def _record_failure(ctx: StageContext, stage: str, worker_id: str, exc: BaseExce
             row.lease_expires_at = None
 
 
+def _hand_over(ctx: StageContext, stage: str, worker_id: str, exc: StageInterrupted) -> None:
+    """Release this worker's claim: pending again, no live lease, this attempt not counted."""
+    with transaction(ctx.sessions) as session:
+        row = _stage_row(session, ctx.iteration_id, stage)
+        if row.status == StageStatus.running and row.worker_id == worker_id:
+            row.status = StageStatus.pending
+            row.attempts = max(row.attempts - 1, 0)
+            row.lease_expires_at = None
+            row.error = f"handed over by {worker_id}: {exc}"
+
+
 def _claim_or_wait(ctx: StageContext, stage: str, worker_id: str, expected_input_hash: str | None) -> Claim:
     """Claim the stage; if a live lease holds it, wait up to one lease period for it to finish or expire."""
     claim = _claim(ctx, stage, worker_id, expected_input_hash)
@@ -281,6 +296,10 @@ def execute_stage(ctx: StageContext, stage: str, stage_fn: StageFn, *, expected_
     with _LeaseKeeper(ctx, stage, worker_id) as keeper:
         try:
             output = stage_fn(recorded_context(ctx))
+        except StageInterrupted as exc:
+            bound.warning("stage.handed_over", reason=str(exc))
+            _hand_over(ctx, stage, worker_id, exc)
+            raise
         except Exception as exc:
             bound.error("stage.failed", error=str(exc))
             _record_failure(ctx, stage, worker_id, exc)

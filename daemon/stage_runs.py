@@ -57,6 +57,11 @@ class StageGaveUp(StageDeliveryDropped):
     """The stage was claimed worker.max_stage_attempts times without finishing; it failed for good."""
 
 
+class StageInterrupted(Exception):
+    """The worker is shutting down: the stage saved what it had (trainer state) and hands itself
+    over unfinished, for the next worker to resume. Not a failure: it counts no attempt."""
+
+
 GAVE_UP_EVENT = "stage_gave_up"
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "join_uri",
     "local_checkpoint",
     "model_path_for_loading",
+    "filesystem",
     "publish_checkpoint",
     "read_jsonl",
     "verified_manifest",
@@ -89,7 +90,7 @@ def join_uri(base: str | Path, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return url_to_fs(uri)
     except ImportError as exc:
@@ -126,7 +127,7 @@ def publish_checkpoint(settings: Settings, local_dir: str | Path, checkpoint_id:
         return str(source)
     digest = hashlib.sha256((source / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
     uri = join_uri(root, CHECKPOINTS, f"{checkpoint_id}-{digest}")
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     if not fs.exists(f"{path}/{MANIFEST_NAME}"):  # content-addressed: else this exact one is there already
         for entry in manifest.files:
             target = f"{path}/{entry.path}"
@@ -144,7 +145,7 @@ def local_checkpoint(settings: Settings, uri: str) -> Path:
         path = local_path(uri)
         verified_manifest(path)
         return path
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     manifest_path = f"{path}/{MANIFEST_NAME}"
     if not fs.exists(manifest_path):
         raise CheckpointError(f"checkpoint {uri}: missing {MANIFEST_NAME} (incomplete or not a checkpoint)")
@@ -266,7 +267,7 @@ def write_jsonl(uri: str, records: Iterable[dict[str, Any]]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         return
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, data)  # one object PUT: atomic on object stores
 
@@ -275,7 +276,7 @@ def read_jsonl(uri: str) -> Iterator[dict[str, Any]]:
     if is_local(uri):
         data = local_path(uri).read_bytes()
     else:
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         data = fs.cat_file(path)
     for line in data.decode("utf-8").splitlines():
         if line.strip():

@@ -33,7 +33,8 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_process_init, worker_shutting_down
 
 from daemon.config import EMBEDDED_TRANSPORT, Settings, load_settings
 from daemon.db.engine import make_engine, make_session_factory
@@ -41,7 +42,8 @@ from daemon.db.lineage import lineage_uuid
 from daemon.logs import configure_logging
 import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
 from daemon.stage_runner import execute_stage
-from daemon.stage_runs import StageContext, StageDeliveryDropped
+from daemon.stage_runs import StageContext, StageDeliveryDropped, StageInterrupted
+from workers.graceful_stop import ask_pool_to_stop, listen_for_stop_requests
 from workers.lineage_queues import consume_lineage_queues, lineage_queue, wait_for_lineage_uuid
 from workers.owner import bind_pool_process_to_worker, bind_worker_to_owner
 
@@ -51,6 +53,8 @@ log = structlog.get_logger(__name__)
 
 # The lineage this worker process serves: set at worker start, inherited by the forked pool.
 _served_lineage: str | None = None
+# The worker (Celery's WorkController) in its main process, for its pool's pids at shutdown.
+_worker: Any = None
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -103,7 +107,8 @@ def _configure_worker_logging(**_: Any) -> None:
 @worker_init.connect
 def _consume_this_lineages_queues(sender: Any, **_: Any) -> None:
     # Before the pool forks and the consumer starts: the worker only ever sees its lineage's messages.
-    global _served_lineage
+    global _served_lineage, _worker
+    _worker = sender
     _served_lineage = wait_for_lineage_uuid(load_settings().resolved_database_url)
     queues = consume_lineage_queues(sender.app.amqp.queues, _served_lineage)
     log.info("worker.lineage", lineage_id=_served_lineage, queues=queues)
@@ -114,6 +119,14 @@ def _fresh_engine_after_fork(**_: Any) -> None:
     # A connection pool must never cross a fork.
     _worker_sessions.cache_clear()
     bind_pool_process_to_worker()
+    listen_for_stop_requests()  # a warm shutdown saves a running trainer's state first (workers/graceful_stop.py)
+
+
+@worker_shutting_down.connect
+def _save_training_before_exit(**_: Any) -> None:
+    pool = getattr(_worker, "pool", None)
+    if pool is not None:
+        ask_pool_to_stop(pool.info.get("processes", []))
 
 
 def _run_stage_task(
@@ -130,6 +143,9 @@ def _run_stage_task(
     delivery = task.request.delivery_info or {}
     try:
         return execute_stage(ctx, stage, stage_function(stage), expected_input_hash=input_hash)
+    except StageInterrupted as exc:
+        # Back to the queue unclaimed: the next worker resumes the stage from its saved state.
+        raise Reject(str(exc), requeue=True) from exc
     except StageDeliveryDropped as exc:
         # Acknowledged without computing: the lineage DB already has (or will get) this stage.
         log.warning("stage.delivery_dropped", iteration_id=iteration_id, stage=stage, reason=str(exc),

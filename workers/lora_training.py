@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from daemon.stage_runs import StageInterrupted
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers.graceful_stop import stop_requested
+from workers.trainer_state import STATE_PREFIX, RemoteTrainerState
 
 log = structlog.get_logger(__name__)
 
@@ -188,6 +191,7 @@ def train_lora_checkpoint(
     check_trainer: Callable[[Any], None] | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train a LoRA adapter on ``base_model_path`` with a TRL trainer; merge it and commit the checkpoint at ``out``.
 
@@ -196,6 +200,7 @@ def train_lora_checkpoint(
     ``summarise(log_history)``: the metrics; ``check_trainer``: called on the trainer before it
     trains. Returns the checkpoint path and its manifest metadata (``extra_metadata`` wins over
     the common entries). ``reporting``: TRL's ``report_to``/``run_name`` (workers.tracking).
+    ``state_store``: a remote artifact store's copy of the saved trainer state (workers.trainer_state).
     """
     from datasets import Dataset
     from peft import LoraConfig
@@ -223,7 +228,20 @@ def train_lora_checkpoint(
             if logs is not None and log_callback is not None:
                 log_callback(dict(logs, step=state.global_step))
 
-    with _trainer_output_dir(out, settings, scratch_prefix) as (scratch, resume_from):
+    class _MirrorSaves(TrainerCallback):
+        # Each save also goes to the remote artifact store: a worker elsewhere can resume from it.
+        def on_save(self, args, state, control, **kwargs):
+            if state_store is not None:
+                state_store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    class _SaveAndStopOnShutdown(TrainerCallback):
+        # The worker is shutting down (workers/graceful_stop.py): save this step's state, stop.
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_requested():
+                control.should_save = True
+                control.should_training_stop = True
+
+    with _trainer_output_dir(out, settings, scratch_prefix, state_store) as (scratch, resume_from):
         arguments = training_arguments(settings, output_dir=scratch, seed=seed, progress=progress, save=settings.save_steps > 0) | dict(reporting or {})
         config = config_cls(**arguments, **config_kwargs)
         trainer = trainer_cls(
@@ -232,7 +250,8 @@ def train_lora_checkpoint(
             train_dataset=Dataset.from_list(rows(tokenizer)),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[_Forward()],
+            # Without saved state there is nothing to resume from: a shutdown then waits for the stage.
+            callbacks=[_Forward(), _MirrorSaves(), _SaveAndStopOnShutdown()] if settings.save_steps > 0 else [_Forward()],
             **(trainer_kwargs or {}),
         )
         if not progress:
@@ -245,6 +264,7 @@ def train_lora_checkpoint(
             log.info("training.resumed", kind=kind, from_step=resumed_from_step, state=resume_from)
         trainer.train(resume_from_checkpoint=resume_from)
         train_seconds = time.perf_counter() - started
+        _hand_over_if_stopped(trainer, kind, scratch)
         history = [dict(e) for e in trainer.state.log_history]
 
     metrics = summarise(history)
@@ -263,18 +283,30 @@ def train_lora_checkpoint(
     peft_model.eval()
     committed = _commit_merged(out, peft_model, tokenizer, metadata)
     shutil.rmtree(trainer_state_dir(out), ignore_errors=True)  # the checkpoint exists: its trainer state is not needed
+    if state_store is not None:
+        state_store.clear()
     return committed, metadata
+
+
+def _hand_over_if_stopped(trainer, kind: str, state_dir: str) -> None:  # type: ignore[no-untyped-def]
+    """A run stopped by a shutdown request is not a model: it ends the stage unfinished."""
+    if not stop_requested() or trainer.state.global_step >= trainer.state.max_steps:
+        return
+    step = trainer.state.global_step
+    log.warning("training.stopped_for_shutdown", kind=kind, saved_step=step, state=state_dir)
+    raise StageInterrupted(f"{kind} stopped at step {step} of {trainer.state.max_steps} for a worker shutdown; its state is saved in {state_dir}")
 
 
 def trainer_state_dir(out: Path) -> Path:
     """Where the trainer state of the checkpoint-to-be ``out`` is saved: beside it, the same for
     every attempt of the stage, so an attempt taken over after its worker died finds it."""
-    return out.parent / f".trainer-state-{out.name}"
+    return out.parent / f"{STATE_PREFIX}{out.name}"
 
 
 @contextlib.contextmanager
-def _trainer_output_dir(out: Path, settings: LoraTrainingSettings, scratch_prefix: str):  # type: ignore[no-untyped-def]
-    """(output dir, newest saved state to resume from or None): the state dir when state is saved, else a scratch dir."""
+def _trainer_output_dir(out: Path, settings: LoraTrainingSettings, scratch_prefix: str, state_store: RemoteTrainerState | None):  # type: ignore[no-untyped-def]
+    """(output dir, newest saved state to resume from or None): the state dir when state is saved, else a scratch dir.
+    With no save on this machine, the newest one in the remote artifact store is fetched."""
     if settings.save_steps <= 0:
         with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
             yield scratch, None
@@ -283,7 +315,11 @@ def _trainer_output_dir(out: Path, settings: LoraTrainingSettings, scratch_prefi
 
     state = trainer_state_dir(out)
     state.mkdir(parents=True, exist_ok=True)
-    yield str(state), get_last_checkpoint(str(state))
+    newest = get_last_checkpoint(str(state))
+    if newest is None and state_store is not None:
+        fetched = state_store.download_newest(state)
+        newest = str(fetched) if fetched else None
+    yield str(state), newest
 
 
 def _saved_step(checkpoint: str | None) -> int:

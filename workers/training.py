@@ -49,6 +49,7 @@ from workers.lora_training import (
 )
 
 if TYPE_CHECKING:
+    from workers.trainer_state import RemoteTrainerState
     from daemon.config import TrainingSettings
 
 __all__ = [
@@ -217,6 +218,7 @@ def dpo_update(
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` with DPO from ``base_model_path``; write the merged model.
 
@@ -236,7 +238,7 @@ def dpo_update(
     if existing is not None:
         return TrainResult.from_checkpoint(out, existing, reused=True)
     with progress_bars(progress):
-        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress, reporting)
+        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress, reporting, state_store)
 
 
 def _dpo_update(
@@ -249,6 +251,7 @@ def _dpo_update(
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> TrainResult:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -281,5 +284,6 @@ def _dpo_update(
         check_trainer=expect_adapter_disabled_reference,
         extra_metadata={"reference": str(reference_model_path) if ref_model is not None else "adapter_disabled_parent"},
         reporting=reporting,
+        state_store=state_store,
     )
     return TrainResult.from_checkpoint(path, metadata)

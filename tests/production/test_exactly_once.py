@@ -21,7 +21,10 @@ from daemon.db import lineage
 from daemon.db.engine import make_engine, make_session_factory, transaction, upgrade_to_head
 from daemon.db.models import Iteration, IterationStatus, Prompt, StageRun, StageStatus, utcnow
 from daemon.stage_runner import execute_stage
-from daemon.stage_runs import LeaseLost, StageContext, StageHeldElsewhere, StageInputMismatch, StageNotReady, StageOutput, StaleStageMessage, stage_input_hash
+from daemon.stage_runs import (
+    LeaseLost, StageContext, StageHeldElsewhere, StageInputMismatch, StageInterrupted, StageNotReady, StageOutput, StaleStageMessage,
+    stage_input_hash,
+)
 
 
 class CountingStage:
@@ -137,6 +140,22 @@ def test_a_redelivery_after_the_worker_died_takes_over_the_expired_lease_and_rer
     assert stage.calls == 1 and row.status == StageStatus.succeeded
     assert row.attempts == 2 and row.worker_id != "gone-host:4242:deadbeef"
     assert _prompts(ctx) == 1
+
+
+def test_a_stage_interrupted_by_a_worker_shutdown_is_handed_over_uncounted_and_the_next_delivery_runs_it(ctx: StageContext) -> None:
+    def interrupted(_ctx: StageContext) -> StageOutput:
+        raise StageInterrupted("stopped at step 4 of 8 for a worker shutdown")
+
+    with pytest.raises(StageInterrupted):
+        execute_stage(ctx, "generate_prompts", interrupted)
+
+    row = _row(ctx)
+    assert row.status == StageStatus.pending and row.attempts == 0 and row.lease_expires_at is None
+    assert "handed over" in (row.error or "") and _prompts(ctx) == 0
+    stage = CountingStage()
+    assert execute_stage(ctx, "generate_prompts", stage) == {"call": 1}  # at once: no lease to wait out
+    row = _row(ctx)
+    assert row.status == StageStatus.succeeded and row.attempts == 1 and row.error is None
 
 
 def test_a_worker_whose_lease_was_taken_over_discards_its_result(ctx: StageContext) -> None:

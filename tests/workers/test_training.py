@@ -205,3 +205,78 @@ def test_an_interrupted_dpo_update_resumes_from_its_last_saved_step(base_dir, tm
     assert meta["resumed_from_step"] == 4  # the trainer's global_step at resume
     assert min(steps) == 5 and max(steps) == 8  # steps 1-4 were not trained again
     assert not trainer_state_dir(out).exists()  # the committed checkpoint makes the state unneeded
+
+
+@pytest.fixture()
+def stop_listener():  # type: ignore[no-untyped-def]
+    """This process listens for the worker-shutdown stop request as a pool process does."""
+    import signal
+
+    from workers.graceful_stop import STOP_SIGNAL, listen_for_stop_requests
+
+    listen_for_stop_requests()
+    yield STOP_SIGNAL
+    signal.signal(STOP_SIGNAL, signal.SIG_DFL)
+    listen_for_stop_requests()  # no request left for the next test
+
+
+def test_a_shutdown_request_saves_the_trainer_state_at_once_and_hands_the_stage_over(base_dir, tmp_path, stop_listener) -> None:
+    """The stop signal arrives while step 3 is logged (the periodic save is every 100 steps): the
+    trainer saves at the end of the next step, 4, and stops; nothing is committed, and the next
+    attempt resumes at step 4."""
+    import os
+
+    from daemon.stage_runs import StageInterrupted
+    from workers.graceful_stop import listen_for_stop_requests
+    from workers.lora_training import trainer_state_dir
+
+    settings = SETTINGS.model_copy(update={"max_steps": 8, "save_steps": 100})
+    out = tmp_path / "checkpoints" / "ckpt-0001"
+
+    def shutdown_at_step_3(entry: dict) -> None:
+        if entry.get("step") == 3 and "loss" in entry:
+            os.kill(os.getpid(), stop_listener)
+
+    with pytest.raises(StageInterrupted, match="stopped at step 4 of 8"):
+        dpo_update(str(base_dir), EXAMPLES, out, settings, log_callback=shutdown_at_step_3)
+    assert not out.exists()
+    assert [p.name for p in trainer_state_dir(out).glob("checkpoint-*")] == ["checkpoint-4"]  # the shutdown's save, no other
+
+    listen_for_stop_requests()  # the next worker's pool process
+    steps: list[int] = []
+    result = dpo_update(str(base_dir), EXAMPLES, out, settings, log_callback=lambda e: steps.append(e["step"]))
+    assert read_manifest(result.checkpoint_path).metadata["resumed_from_step"] == 4
+    assert min(steps) == 5 and max(steps) == 8  # steps 1-4 were not trained again
+
+
+def test_a_save_in_a_remote_artifact_store_is_resumed_by_a_worker_on_another_machine(base_dir, tmp_path, stop_listener) -> None:
+    """Under a remote artifacts_url each save is uploaded beside the checkpoint-to-be (marker
+    last); a worker with no local save (another machine) downloads the newest and resumes it."""
+    import os
+    import uuid
+
+    import fsspec
+
+    from daemon.stage_runs import StageInterrupted
+    from workers.graceful_stop import listen_for_stop_requests
+    from workers.trainer_state import SAVE_MARKER, RemoteTrainerState
+
+    store = RemoteTrainerState(f"memory://kaizen-test-{uuid.uuid4().hex[:8]}/artifacts/checkpoints/.trainer-state-ckpt-0001")
+    fs, root = fsspec.core.url_to_fs(store.uri)
+    settings = SETTINGS.model_copy(update={"max_steps": 8, "save_steps": 2})
+
+    def shutdown_at_step_3(entry: dict) -> None:
+        if entry.get("step") == 3 and "loss" in entry:
+            os.kill(os.getpid(), stop_listener)
+
+    first_machine = tmp_path / "a" / "staging" / "ckpt-0001"
+    with pytest.raises(StageInterrupted):
+        dpo_update(str(base_dir), EXAMPLES, first_machine, settings, log_callback=shutdown_at_step_3, state_store=store)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["checkpoint-4"]  # the older save 2 was dropped
+    assert fs.exists(f"{root}/checkpoint-4/{SAVE_MARKER}")
+
+    listen_for_stop_requests()
+    second_machine = tmp_path / "b" / "staging" / "ckpt-0001"
+    result = dpo_update(str(base_dir), EXAMPLES, second_machine, settings, state_store=store)
+    assert read_manifest(result.checkpoint_path).metadata["resumed_from_step"] == 4
+    assert not fs.exists(root)  # committed: the saved state is removed from the store too

@@ -15,6 +15,7 @@ from policies.pairs import KIND_ANCHORED, KIND_VERIFIED
 from workers import artifacts, tracking
 from workers.model_profile import checkpoint_profile
 from workers.runtime import configure_cpu_threads
+from workers.trainer_state import remote_trainer_state
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import jsonable, parent_checkpoint, runtime_for, stage_seed, steerlm_checkpoint, user_prompt
 
@@ -53,7 +54,9 @@ def dpo_update(ctx: StageContext) -> StageOutput:
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     with tracking.training_reporting(ctx, "dpo_update") as reporting:
         trained = train(
-            base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path, reporting=reporting
+            base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path, reporting=reporting,
+            # Under a remote artifacts_url the saved trainer state is kept there too, for a takeover elsewhere.
+            state_store=remote_trainer_state(ctx.settings, checkpoint_id),
         )
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
