@@ -45,6 +45,7 @@ from workers import lora_training as lora
 
 if TYPE_CHECKING:
     from daemon.config import LoraTrainingSettings
+    from workers.trainer_state import RemoteTrainerState
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -115,6 +116,7 @@ def sft_attribute_conditioned(
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> SteerTrainResult:
     """SFT ``base_model_path`` on attribute-conditioned examples; write the merged model to ``out_dir``.
 
@@ -144,6 +146,7 @@ def sft_attribute_conditioned(
         log_callback=log_callback,
         progress=progress,
         reporting=reporting,
+        state_store=state_store,
     )
 
 
@@ -159,6 +162,7 @@ def sft_lora_update(
     log_callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> SteerTrainResult:
     """Generic SFT + LoRA on TRL conversational prompt-completion records; merged, checked, written atomically.
 
@@ -175,7 +179,9 @@ def sft_lora_update(
             out, existing, reused=True, num_examples=int(existing.get("num_examples", 0))
         )
     with lora.progress_bars(progress):
-        return _train(base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress, reporting)
+        return _train(
+            base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress, reporting, state_store
+        )
 
 
 def _sft_metrics(steps: list[dict[str, Any]]) -> dict[str, float]:
@@ -201,6 +207,7 @@ def _train(
     log_callback: Callable[[dict[str, Any]], None] | None,
     progress: bool,
     reporting: Mapping[str, Any] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> SteerTrainResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -224,6 +231,7 @@ def _train(
         progress=progress,
         extra_metadata=extra_metadata,
         reporting=reporting,
+        state_store=state_store,
     )
     metrics = metadata["metrics"]
     seconds = round(metadata["train_seconds"], 3)

@@ -276,6 +276,7 @@ def test_under_a_remote_artifacts_url_steerlm_and_dpo_checkpoints_are_published_
     ctx.settings.steerlm.judge_samples, ctx.settings.steerlm.judge_max_new_tokens = 1, 96
     ctx.settings.judge.temperature = 0.0
     ctx.settings.steerlm.max_steps, ctx.settings.steerlm.batch_size = 2, 2
+    ctx.settings.steerlm.save_steps = ctx.settings.training.save_steps = 1  # every step's state goes to the store
     try:
         sft = _run_stage(ctx).result
         assert "skipped" not in sft, sft
@@ -304,6 +305,9 @@ def test_under_a_remote_artifacts_url_steerlm_and_dpo_checkpoints_are_published_
         dpo_parent = read_manifest(artifacts.local_checkpoint(ctx.settings, written[candidate_id].path)).metadata["parent"]
         assert dpo_parent == artifacts.model_path_for_loading(ctx.settings, written[steer_id].path)
         assert not (ctx.settings.artifacts_dir / "checkpoints" / steer_id).exists()
+        fs, root = fsspec.core.url_to_fs(store)
+        # Both checkpoints are committed: their saved trainer states are gone from the store.
+        assert not [p for p in fs.ls(f"{root}/checkpoints", detail=False) if ".trainer-state-" in p]
     finally:
         fs, root = fsspec.core.url_to_fs(store)
         if fs.exists(root):

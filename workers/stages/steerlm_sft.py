@@ -21,6 +21,7 @@ from workers.model_profile import checkpoint_profile
 from workers.runtime import ModelRuntime, configure_cpu_threads
 from workers.stages.common import jsonable, parent_checkpoint, runtime_for, stage_judge, stage_seed
 from workers.steerlm import SteerExample, sft_attribute_conditioned, steerlm_checkpoint_id
+from workers.trainer_state import remote_trainer_state
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +74,10 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
     configure_cpu_threads(ctx.settings.model.cpu_threads)
     base_path = artifacts.model_path_for_loading(ctx.settings, parent_path)
     with tracking.training_reporting(ctx, "steerlm_sft") as reporting:
-        trained = sft_attribute_conditioned(base_path, [ex for _, ex in examples], out_dir, config, seed=seed, reporting=reporting)
+        trained = sft_attribute_conditioned(
+            base_path, [ex for _, ex in examples], out_dir, config, seed=seed, reporting=reporting,
+            state_store=remote_trainer_state(ctx.settings, checkpoint_id),  # saves reach a remote store too
+        )
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
     # Under a remote artifacts_url this uploads the checkpoint (manifest last); locally it is in place.
