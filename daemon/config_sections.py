@@ -319,6 +319,9 @@ class GenArmStageSettings(LoraSettings):
     batch_size: int = Field(4, ge=1)
     lora_r: int = Field(LORA_R, ge=0, description="0: full fine-tune (tiny models)")
     max_length: int = Field(512, ge=16)
+    # As training.save_steps: the ARM trainer's state (weights, optimizer, batch order, RNG) is saved
+    # every this many steps beside the ARM-to-be, so a taken-over attempt resumes there; 0: never.
+    save_steps: int = Field(50, ge=0)
     # Weak-to-strong: train the reward model from a smaller model that shares the champion's
     # tokenizer; null starts from the iteration's parent checkpoint.
     base_model_path: str | None = None

@@ -39,3 +39,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def stop_listener() -> Iterator[object]:
+    """This process listens for the worker-shutdown stop request as a pool process does; yields the signal."""
+    import signal
+
+    from workers.graceful_stop import STOP_SIGNAL, listen_for_stop_requests
+
+    listen_for_stop_requests()
+    yield STOP_SIGNAL
+    signal.signal(STOP_SIGNAL, signal.SIG_DFL)
+    listen_for_stop_requests()  # no request left for the next test

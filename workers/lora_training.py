@@ -11,10 +11,7 @@ the same kind and parent is reused instead of training again.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from daemon.stage_runs import StageInterrupted
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
 from workers.graceful_stop import stop_requested
-from workers.trainer_state import STATE_PREFIX, RemoteTrainerState
+from workers.trainer_state import (
+    RemoteTrainerState, forget_saved_state, hand_over_if_stopped, resumable_output_dir, saved_step, trainer_state_dir,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +44,7 @@ __all__ = [
     "summarise_history",
     "token_ids",
     "train_lora_checkpoint",
+    "trainer_state_dir",
     "training_arguments",
 ]
 
@@ -241,7 +240,7 @@ def train_lora_checkpoint(
                 control.should_save = True
                 control.should_training_stop = True
 
-    with _trainer_output_dir(out, settings, scratch_prefix, state_store) as (scratch, resume_from):
+    with resumable_output_dir(out, settings.save_steps, scratch_prefix, state_store) as (scratch, resume_from):
         arguments = training_arguments(settings, output_dir=scratch, seed=seed, progress=progress, save=settings.save_steps > 0) | dict(reporting or {})
         config = config_cls(**arguments, **config_kwargs)
         trainer = trainer_cls(
@@ -259,12 +258,12 @@ def train_lora_checkpoint(
         if check_trainer is not None:
             check_trainer(trainer)
         started = time.perf_counter()
-        resumed_from_step = _saved_step(resume_from)
+        resumed_from_step = saved_step(resume_from)
         if resume_from is not None:
             log.info("training.resumed", kind=kind, from_step=resumed_from_step, state=resume_from)
         trainer.train(resume_from_checkpoint=resume_from)
         train_seconds = time.perf_counter() - started
-        _hand_over_if_stopped(trainer, kind, scratch)
+        hand_over_if_stopped(kind, trainer.state.global_step, trainer.state.max_steps, scratch)
         history = [dict(e) for e in trainer.state.log_history]
 
     metrics = summarise(history)
@@ -282,50 +281,8 @@ def train_lora_checkpoint(
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     peft_model.eval()
     committed = _commit_merged(out, peft_model, tokenizer, metadata)
-    shutil.rmtree(trainer_state_dir(out), ignore_errors=True)  # the checkpoint exists: its trainer state is not needed
-    if state_store is not None:
-        state_store.clear()
+    forget_saved_state(out, state_store)  # the checkpoint exists: its trainer state is not needed
     return committed, metadata
-
-
-def _hand_over_if_stopped(trainer, kind: str, state_dir: str) -> None:  # type: ignore[no-untyped-def]
-    """A run stopped by a shutdown request is not a model: it ends the stage unfinished."""
-    if not stop_requested() or trainer.state.global_step >= trainer.state.max_steps:
-        return
-    step = trainer.state.global_step
-    log.warning("training.stopped_for_shutdown", kind=kind, saved_step=step, state=state_dir)
-    raise StageInterrupted(f"{kind} stopped at step {step} of {trainer.state.max_steps} for a worker shutdown; its state is saved in {state_dir}")
-
-
-def trainer_state_dir(out: Path) -> Path:
-    """Where the trainer state of the checkpoint-to-be ``out`` is saved: beside it, the same for
-    every attempt of the stage, so an attempt taken over after its worker died finds it."""
-    return out.parent / f"{STATE_PREFIX}{out.name}"
-
-
-@contextlib.contextmanager
-def _trainer_output_dir(out: Path, settings: LoraTrainingSettings, scratch_prefix: str, state_store: RemoteTrainerState | None):  # type: ignore[no-untyped-def]
-    """(output dir, newest saved state to resume from or None): the state dir when state is saved, else a scratch dir.
-    With no save on this machine, the newest one in the remote artifact store is fetched."""
-    if settings.save_steps <= 0:
-        with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
-            yield scratch, None
-        return
-    from transformers.trainer_utils import get_last_checkpoint
-
-    state = trainer_state_dir(out)
-    state.mkdir(parents=True, exist_ok=True)
-    newest = get_last_checkpoint(str(state))
-    if newest is None and state_store is not None:
-        fetched = state_store.download_newest(state)
-        newest = str(fetched) if fetched else None
-    yield str(state), newest
-
-
-def _saved_step(checkpoint: str | None) -> int:
-    if checkpoint is None:
-        return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
 # --------------------------------------------------------------------------- summary and commit

@@ -207,19 +207,6 @@ def test_an_interrupted_dpo_update_resumes_from_its_last_saved_step(base_dir, tm
     assert not trainer_state_dir(out).exists()  # the committed checkpoint makes the state unneeded
 
 
-@pytest.fixture()
-def stop_listener():  # type: ignore[no-untyped-def]
-    """This process listens for the worker-shutdown stop request as a pool process does."""
-    import signal
-
-    from workers.graceful_stop import STOP_SIGNAL, listen_for_stop_requests
-
-    listen_for_stop_requests()
-    yield STOP_SIGNAL
-    signal.signal(STOP_SIGNAL, signal.SIG_DFL)
-    listen_for_stop_requests()  # no request left for the next test
-
-
 def test_a_shutdown_request_saves_the_trainer_state_at_once_and_hands_the_stage_over(base_dir, tmp_path, stop_listener) -> None:
     """The stop signal arrives while step 3 is logged (the periodic save is every 100 steps): the
     trainer saves at the end of the next step, 4, and stops; nothing is committed, and the next

@@ -2,14 +2,23 @@
 
 See the package docstring (workers/genarm/__init__.py). The trainer takes the config's ``genarm``
 section as it is (``lora_r == 0``: a full fine-tune, for tiny models).
+
+Resumable like the TRL trainers (workers.trainer_state): every ``genarm.save_steps`` steps the
+trainable weights, the optimizer, the batch order and the RNG states are saved as
+``checkpoint-<step>/`` beside the ARM-to-be (and mirrored to a remote artifact store); an attempt
+taken over resumes from the newest save, and a worker shutdown saves at the end of the step and
+hands the stage over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +28,11 @@ import torch
 
 from policies.genarm import bradley_terry_loss, pair_accuracy, truncate_prompt_completion
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
+from workers.graceful_stop import stop_requested
 from workers.model_profile import training_max_length
+from workers.trainer_state import (
+    STEP_FILE, RemoteTrainerState, forget_saved_state, hand_over_if_stopped, resumable_output_dir, saved_step,
+)
 from workers.training import PreferenceExample
 
 if TYPE_CHECKING:
@@ -29,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 ARM_CHECKPOINT_KIND = "genarm_arm"
 _RELOAD_ATOL = 1e-4
+_STATE_FILE = "state.pt"  # in a save: trainable weights, optimizer, batch queue, losses, RNG states
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class ArmTrainResult:
     train_seconds: float
     loss_history: tuple[float, ...] = ()
     reused: bool = False  # out_dir already held this ARM; nothing was trained
+    resumed_from_step: int = 0  # the saved step this training resumed from (0: from the start)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields for a stage result (the per-step history stays in the manifest)."""
@@ -58,6 +73,7 @@ class ArmTrainResult:
             "steps": self.steps,
             "train_seconds": round(self.train_seconds, 3),
             "reused": self.reused,
+            "resumed_from_step": self.resumed_from_step,
         }
 
 
@@ -145,32 +161,115 @@ def _with_lora(model: Any, settings: GenArmStageSettings) -> Any:
     return get_peft_model(model, config)
 
 
-def _train_steps(model: Any, sequences: list[tuple[list[int], list[int]]], pad_id: int, settings: GenArmStageSettings, seed: int) -> list[float]:
-    """Adam steps on the BT loss; each step takes ``batch_size`` pairs from a reshuffled pass over them."""
+@dataclass
+class _Progress:
+    """Where the training loop is: what a save holds besides the weights and the optimizer."""
+
+    step: int
+    queue: list[int]
+    losses: list[float]
+
+
+def _save_state(state_dir: Path, model: Any, optimizer: Any, rng: random.Random, progress: _Progress, max_steps: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically (a temp dir renamed), then drop the older saves."""
+    name = f"checkpoint-{progress.step}"
+    tmp = state_dir / f".saving-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "queue": list(progress.queue),
+            "losses": list(progress.losses),
+            "python_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / _STATE_FILE,
+    )
+    (tmp / STEP_FILE).write_text(json.dumps({"global_step": progress.step, "max_steps": max_steps, "kind": ARM_CHECKPOINT_KIND}))
+    final = state_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for older in state_dir.glob("checkpoint-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def _load_state(save: Path, model: Any, optimizer: Any, rng: random.Random) -> _Progress:
+    """Restore a save into ``model``/``optimizer``/``rng``; the saved loop position."""
+    state = torch.load(save / _STATE_FILE, map_location="cpu", weights_only=True)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state["params"]):
+        raise CheckpointError(f"the saved ARM trainer state {save} holds other trainable weights than this model (settings changed?)")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    version, internal, gauss = state["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return _Progress(step=saved_step(save), queue=list(state["queue"]), losses=[float(x) for x in state["losses"]])
+
+
+def _train_steps(
+    model: Any,
+    sequences: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    settings: GenArmStageSettings,
+    seed: int,
+    *,
+    state_dir: Path | None = None,
+    resume_from: Path | None = None,
+    state_store: RemoteTrainerState | None = None,
+    log_callback: Callable[[dict[str, Any]], None] | None = None,
+) -> list[float]:
+    """Adam steps on the BT loss; each step takes ``batch_size`` pairs from a reshuffled pass over them.
+
+    With a ``state_dir`` the loop's state is saved there every ``settings.save_steps`` steps and
+    at the end of the step a shutdown request arrives in (then the stage is handed over);
+    ``resume_from``: a save to continue from. ``log_callback({"step", "loss"})`` after each step.
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     n_pairs = len(sequences) // 2
     per_step = min(settings.batch_size, n_pairs)
-    queue: list[int] = []
-    losses = []
+    progress = _Progress(step=0, queue=[], losses=[])
+    if resume_from is not None:
+        progress = _load_state(resume_from, model, optimizer, rng)
     model.train()
-    for _ in range(settings.max_steps):
-        if len(queue) < per_step:
+    while progress.step < settings.max_steps:
+        if len(progress.queue) < per_step:
             epoch = list(range(n_pairs))
             rng.shuffle(epoch)
-            queue += epoch
-        batch, queue = queue[:per_step], queue[per_step:]
+            progress.queue += epoch
+        batch, progress.queue = progress.queue[:per_step], progress.queue[per_step:]
         sums = _completion_logprob_sums(model, [sequences[2 * i] for i in batch] + [sequences[2 * i + 1] for i in batch], pad_id)
         loss = bradley_terry_loss(sums[:per_step], sums[per_step:], settings.beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss.item()))
+        progress.step += 1
+        progress.losses.append(float(loss.item()))
+        if log_callback is not None:
+            log_callback({"step": progress.step, "loss": progress.losses[-1]})
+        if state_dir is not None:
+            stopping = stop_requested()  # a worker shutdown (workers/graceful_stop.py): save this step, hand over
+            if stopping or progress.step % settings.save_steps == 0:
+                save = _save_state(state_dir, model, optimizer, rng, progress, settings.max_steps)
+                if state_store is not None:
+                    state_store.upload(save)
+            if stopping:
+                hand_over_if_stopped(ARM_CHECKPOINT_KIND, progress.step, settings.max_steps, state_dir)
     model.eval()
-    return losses
+    return progress.losses
 
 
 def _reused(out: Path, base_model_path: str) -> ArmTrainResult:
@@ -185,11 +284,19 @@ def _reused(out: Path, base_model_path: str) -> ArmTrainResult:
         path=str(out), beta=float(metadata["beta"]), loss_before=metrics["loss_before"], loss_after=metrics["loss_after"],
         accuracy_before=metrics["accuracy_before"], accuracy_after=metrics["accuracy_after"], steps=int(metrics["steps"]),
         train_seconds=float(metadata["train_seconds"]), loss_history=tuple(metadata.get("loss_history", ())), reused=True,
+        resumed_from_step=int(metadata.get("resumed_from_step", 0)),
     )
 
 
 def train_autoregressive_reward_model(
-    base_model_path: str, examples: Sequence[PreferenceExample], out_dir: Path, settings: GenArmStageSettings, *, seed: int = 0
+    base_model_path: str,
+    examples: Sequence[PreferenceExample],
+    out_dir: Path,
+    settings: GenArmStageSettings,
+    *,
+    seed: int = 0,
+    log_callback: Callable[[dict[str, Any]], None] | None = None,
+    state_store: RemoteTrainerState | None = None,
 ) -> ArmTrainResult:
     """Train an ARM from ``base_model_path`` on ``examples`` with the Bradley–Terry loss; write it to ``out_dir``.
 
@@ -199,6 +306,11 @@ def train_autoregressive_reward_model(
     manifest whose metadata holds ``kind="genarm_arm"``, β, the settings and the metrics. Before it
     is committed, the saved model is reloaded and must reproduce the trained model's scores. If
     ``out_dir`` already holds the ARM of this base, it is returned without training (``reused``).
+
+    With ``settings.save_steps > 0`` the training state is saved every that many steps beside
+    ``out_dir`` (workers.trainer_state; ``state_store``: its copy in a remote artifact store) and
+    a later call resumes from the newest save (``resumed_from_step``, also in the manifest); a
+    worker shutdown request saves and raises StageInterrupted. ``log_callback``: each step's loss.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,9 +328,16 @@ def train_autoregressive_reward_model(
     eval_batch = max(2, 2 * settings.batch_size)
 
     loss_before, accuracy_before = _bt_metrics(_score(model, sequences, pad_id, eval_batch), settings.beta)
-    started = time.perf_counter()
     trainable = _with_lora(model, settings)
-    losses = _train_steps(trainable, sequences, pad_id, settings, seed)
+    with resumable_output_dir(out, settings.save_steps, "kaizen-genarm-", state_store) as (state_dir, resume_from):
+        resumed_from_step = saved_step(resume_from)
+        if resume_from is not None:
+            log.info("training.resumed", kind=ARM_CHECKPOINT_KIND, from_step=resumed_from_step, state=resume_from)
+        started = time.perf_counter()
+        losses = _train_steps(
+            trainable, sequences, pad_id, settings, seed, log_callback=log_callback, state_store=state_store,
+            state_dir=Path(state_dir) if settings.save_steps > 0 else None, resume_from=Path(resume_from) if resume_from else None,
+        )
     trained = trainable.merge_and_unload() if settings.lora_r > 0 else trainable
     trained.eval()
     train_seconds = time.perf_counter() - started
@@ -232,7 +351,7 @@ def train_autoregressive_reward_model(
     metadata = {
         "kind": ARM_CHECKPOINT_KIND, "parent": str(base_model_path), "beta": settings.beta,
         "settings": settings.model_dump(mode="json", exclude={"enabled"}), "seed": seed, "num_pairs": len(examples), "metrics": metrics,
-        "loss_history": [round(x, 6) for x in losses], "train_seconds": train_seconds,
+        "loss_history": [round(x, 6) for x in losses], "train_seconds": train_seconds, "resumed_from_step": resumed_from_step,
     }
     probe = sequences[:2]
 
@@ -245,10 +364,12 @@ def train_autoregressive_reward_model(
             raise CheckpointError(f"saved ARM at {tmp} does not reproduce the trained model's scores ({expected.tolist()} vs {actual.tolist()})")
 
     path = write_checkpoint(out, write_fn, metadata)
+    forget_saved_state(out, state_store)  # the ARM exists: its trainer state is not needed
     log.info("genarm.trained", path=str(path), base=str(base_model_path), pairs=len(examples), train_seconds=round(train_seconds, 3), **metrics)
     return ArmTrainResult(
         path=str(path), beta=settings.beta, loss_before=loss_before, loss_after=loss_after, accuracy_before=accuracy_before,
         accuracy_after=accuracy_after, steps=len(losses), train_seconds=train_seconds, loss_history=tuple(losses),
+        resumed_from_step=resumed_from_step,
     )
 
 

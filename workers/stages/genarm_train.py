@@ -12,6 +12,7 @@ from daemon.db.models import Pair, Prompt, Response
 from workers import artifacts
 from workers.genarm import arm_checkpoint_id, train_autoregressive_reward_model
 from workers.runtime import configure_cpu_threads
+from workers.trainer_state import remote_trainer_state
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import parent_checkpoint, runtime_for, stage_seed, user_prompt
 from workers.training import PreferenceExample
@@ -25,6 +26,8 @@ def genarm_train(ctx: StageContext) -> StageOutput:
     than ``training.min_pairs``. The ARM is an artifact, not a lineage checkpoint: it is written
     like the DPO candidate (staged locally, published under a remote ``artifacts_url``) and
     recorded only in this stage's result: ``path`` (its URI), β, loss and pair accuracy before/after.
+    Resumable: a taken-over attempt continues from the newest trainer state saved every
+    ``genarm.save_steps`` (``resumed_from_step``); a worker shutdown saves and hands the stage over.
     """
     config = ctx.settings.genarm
     with ctx.sessions() as session:
@@ -43,6 +46,8 @@ def genarm_train(ctx: StageContext) -> StageOutput:
         artifacts.checkpoint_staging_dir(ctx.settings, arm_id),
         config,
         seed=stage_seed(ctx, "genarm_train"),
+        # Saved every genarm.save_steps beside the ARM-to-be; under a remote artifacts_url also there.
+        state_store=remote_trainer_state(ctx.settings, arm_id),
     )
     uri = artifacts.publish_checkpoint(ctx.settings, trained.path, arm_id)
     return StageOutput({**trained.summary(), "path": uri, "base_model_path": str(base_path), "pairs": len(examples)})
