@@ -71,6 +71,11 @@ class PromptSettings(Section):
     constraints_per_prompt: int = Field(1, ge=0, le=3)
     # Restrict the constraint kinds drawn for training prompts (null: every kind).
     constraint_kinds: list[str] | None = None
+    # How kinds are drawn: "learnability" weights each by p(1-p), p its pass rate on the last
+    # `curriculum_iterations` cycles' training samples (policies/curriculum.py), so prompts go
+    # where samples disagree and verified pairs exist; "uniform" ignores history.
+    kind_sampling: Literal["learnability", "uniform"] = "learnability"
+    curriculum_iterations: int = Field(3, ge=1)
     # Where prompts come from when self-instruct falls short: "seed" (the rubric seed set) or
     # "tasks" (policies/data/verifiable_tasks.json, short everyday tasks disjoint from the suite).
     top_up_from: Literal["seed", "tasks"] = "seed"

@@ -1,11 +1,14 @@
-"""Writes policies/data/instruct_checks.jsonl, the held-out `instruct-checks` suite.
+"""Writes the packaged held-out suites: policies/data/instruct_checks.jsonl (`instruct-checks`,
+what kaizen reports) and policies/data/gate_checks.jsonl (`gate-checks`, what the demo's gate
+decides on, so no decision is ever taken on the reported items).
 
 Every task stem below was written for kaizen (none is taken or paraphrased from a public
 benchmark). Each stem gets two items with different constraint sets (1-3 constraints each,
 from `policies.constraints`), drawn with a fixed seed, so re-running reproduces the file
 byte for byte; tests/policies/test_suites.py checks that it does. Training prompts come from
 a disjoint pool (policies/data/verifiable_tasks.json) with other seeds; the stems here open
-with "Describe/Explain/Give/Write/Suggest/Compose", the training ones with "Tell me/How/Why/What".
+with "Describe/Explain/Give/Write/Suggest/Compose", the gate's with "Outline/Share/Recommend/List/
+Draft/Sketch", the training ones with "Tell me/How/Why/What".
 
     python -m ops.make_instruct_checks          # rewrite the file
     python -m ops.make_instruct_checks --check  # exit 1 if the file is stale
@@ -16,16 +19,15 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import dataclass
 from importlib import resources
 
 from policies.constraints import render_prompt, sample_constraints
 
-SUITE_SEED = "kaizen/instruct-checks/v1"
 ITEMS_PER_STEM = 2
 # Weights of 1, 2 and 3 constraints per item: mostly one or two, so a small model's score
 # is not pinned at zero and per-kind satisfaction rates have enough items behind them.
 CONSTRAINT_COUNTS = (1, 1, 2, 2, 3)
-RESOURCE = "data/instruct_checks.jsonl"
 
 EVAL_STEMS = (
     "Describe your ideal weekend morning.",
@@ -150,12 +152,89 @@ EVAL_STEMS = (
     "Describe a farm in the early morning.",
 )
 
+GATE_STEMS = (
+    "Outline a plan for a rainy Sunday at home.",
+    "Share some ideas for a school bake sale.",
+    "Recommend a few activities for a snowy afternoon.",
+    "List things to bring on a day at the beach.",
+    "Draft a note asking a neighbor to feed your cat.",
+    "Outline the steps for washing a car by hand.",
+    "Share what you would pack for a camping night.",
+    "Recommend a board game for a family evening and say why.",
+    "Sketch a day in the life of a mail carrier.",
+    "Draft a short speech for a friend's farewell party.",
+    "Outline how to get ready for a music exam.",
+    "Share some tips for keeping houseplants green.",
+    "Recommend a few easy breakfasts for busy mornings.",
+    "List ways to make a small bedroom feel bigger.",
+    "Draft a message reminding a team about a deadline.",
+    "Outline how to organize a bookshelf.",
+    "Share your thoughts on why people collect stamps.",
+    "Recommend some habits for a calmer evening.",
+    "Sketch a scene at a busy airport.",
+    "Draft an ad for a used bicycle.",
+    "Outline how to teach a dog to sit.",
+    "Share some ideas for a birthday gift for a grandparent.",
+    "Recommend ways to spend less time on a phone.",
+    "List the good points of living near a park.",
+    "Draft a welcome note for a new club member.",
+    "Outline how to make a paper lantern.",
+    "Share what makes a cozy cafe inviting.",
+    "Recommend a simple routine for stretching after work.",
+    "Sketch a harbor at dawn.",
+    "Draft a thank-you message for a birthday present.",
+    "Outline the steps to repot a small plant.",
+    "Share some ways to celebrate a friend's success.",
+    "Recommend a few quiet places to study in a town.",
+    "List reasons a person might learn to swim.",
+    "Draft a notice about a lost set of keys.",
+    "Outline how to plan a simple dinner party.",
+    "Share some tips for a first visit to a zoo.",
+    "Recommend ways to keep a kitchen free of clutter.",
+    "Sketch an old bookshop on a side street.",
+    "Draft a reply accepting an invitation to a wedding.",
+    "Outline how to build a small snowman.",
+    "Share some reasons people write letters by hand.",
+    "Recommend a few games to play on a long train ride.",
+    "List what a good first aid kit should contain.",
+    "Draft a short note for a classmate who is sick.",
+    "Outline how to set up a tent in a field.",
+    "Share some ideas for decorating a classroom.",
+    "Recommend ways to make a morning walk more fun.",
+    "Sketch a village festival in summer.",
+    "Draft a message asking a landlord to fix a leaking tap.",
+    "Outline how to brew coffee with a simple filter.",
+    "Share why people like watching the stars.",
+    "Recommend some ways to meet new neighbors.",
+    "List some chores children can help with at home.",
+    "Draft a greeting for the first page of a travel diary.",
+    "Outline a weekly plan for cleaning a small flat.",
+    "Share some tips for painting a wall evenly.",
+    "Recommend a few snacks for a movie night.",
+    "Sketch a playground after a summer storm.",
+    "Draft a toast for a couple's anniversary dinner.",
+)
 
-def build_items() -> list[dict]:
+
+@dataclass(frozen=True)
+class PackagedSuite:
+    resource: str
+    stems: tuple[str, ...]
+    seed: str
+    id_prefix: str
+
+
+PACKAGED = (
+    PackagedSuite("data/instruct_checks.jsonl", EVAL_STEMS, "kaizen/instruct-checks/v1", "ic"),
+    PackagedSuite("data/gate_checks.jsonl", GATE_STEMS, "kaizen/gate-checks/v1", "gc"),
+)
+
+
+def build_items(suite: PackagedSuite = PACKAGED[0]) -> list[dict]:
     """The suite's items, in file order."""
-    rng = random.Random(SUITE_SEED)
+    rng = random.Random(suite.seed)
     items: list[dict] = []
-    for stem_index, stem in enumerate(EVAL_STEMS):
+    for stem_index, stem in enumerate(suite.stems):
         used: set[frozenset] = set()
         while len(used) < ITEMS_PER_STEM:
             constraints = sample_constraints(rng, rng.choice(CONSTRAINT_COUNTS), task=stem)
@@ -165,7 +244,7 @@ def build_items() -> list[dict]:
             used.add(kinds)
             items.append(
                 {
-                    "id": f"ic-{stem_index + 1:03d}-{len(used)}",
+                    "id": f"{suite.id_prefix}-{stem_index + 1:03d}-{len(used)}",
                     "prompt": render_prompt(stem, constraints),
                     "task": stem,
                     "constraints": [c.to_json() for c in constraints],
@@ -179,16 +258,19 @@ def render_jsonl(items: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    target = resources.files("policies").joinpath(RESOURCE)
-    text = render_jsonl(build_items())
-    if "--check" in argv:
-        stale = target.read_text(encoding="utf-8") != text
-        print(f"{RESOURCE}: {'stale, run python -m ops.make_instruct_checks' if stale else 'up to date'}")
-        return 1 if stale else 0
-    with resources.as_file(target) as path:
-        path.write_text(text, encoding="utf-8")
-    print(f"wrote {len(text.splitlines())} items to {RESOURCE}")
-    return 0
+    stale = False
+    for suite in PACKAGED:
+        target = resources.files("policies").joinpath(suite.resource)
+        text = render_jsonl(build_items(suite))
+        if "--check" in argv:
+            differs = target.read_text(encoding="utf-8") != text
+            stale = stale or differs
+            print(f"{suite.resource}: {'stale, run python -m ops.make_instruct_checks' if differs else 'up to date'}")
+            continue
+        with resources.as_file(target) as path:
+            path.write_text(text, encoding="utf-8")
+        print(f"wrote {len(text.splitlines())} items to {suite.resource}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -121,10 +121,12 @@ def sample_constraints(
     k: int,
     kinds: Sequence[str] | None = None,
     task: str | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> list[Constraint]:
     """`k` constraints of distinct, mutually compatible kinds, with sampled parameters.
 
-    `kinds` restricts the choice (default: every kind). Kinds that need the task
+    `kinds` restricts the choice (default: every kind); `weights` (positive, per kind; default
+    uniform) makes the draw a weighted one without replacement. Kinds that need the task
     (`repeat_request`) take part only when `task` is given. Deterministic for a given `rng`
     state. Raises ValueError when `k` compatible kinds cannot be found.
     """
@@ -134,7 +136,12 @@ def sample_constraints(
     for name in pool:
         kind_of(name)
     pool = [name for name in pool if task is not None or not KINDS[name].needs_task]
-    rng.shuffle(pool)
+    if weights is None:
+        rng.shuffle(pool)
+    else:
+        # Efraimidis-Spirakis: ordering by u^(1/w) is a weighted sample without replacement.
+        keys = {name: rng.random() ** (1.0 / weights[name]) for name in pool}
+        pool.sort(key=keys.__getitem__, reverse=True)
     chosen: list[str] = []
     for name in pool:
         if len(chosen) == k:

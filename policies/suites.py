@@ -6,6 +6,9 @@ recording live in `workers.evaluation`; this module never touches a model or a d
 - `instruct-checks`: the packaged held-out items (policies/data/instruct_checks.jsonl, made by
   ops/make_instruct_checks.py). An item scores 1 when its answer satisfies ALL its
   constraints, else 0; the suite score is the mean, and per-kind satisfaction rates are kept.
+- `gate-checks`: the gate's own held-out items (policies/data/gate_checks.jsonl), made and scored
+  like instruct-checks from 60 other stems. The gate selects candidates on it, so the reported
+  instruct-checks score stays a measurement on items no decision has looked at.
 - `jsonl`: a user's file, one JSON object per line: `{"prompt": ..., "constraints": [...]}`
   scored like instruct-checks, or `{"prompt": ..., "reference": ...}` scored 1 when the
   normalised reference (lower case, punctuation dropped, whitespace collapsed) occurs as a
@@ -29,9 +32,12 @@ from policies.self_instruct import normalize_prompt
 from policies.stats import minimum_detectable_difference, paired_bootstrap, proportion_ci
 
 SUITE_INSTRUCT_CHECKS = "instruct-checks"
+SUITE_GATE_CHECKS = "gate-checks"
 SUITE_JSONL = "jsonl"
 SUITE_PAIRWISE_VS_INITIAL = "pairwise-vs-initial"
 INSTRUCT_CHECKS_RESOURCE = "data/instruct_checks.jsonl"
+# Suites whose items ship with kaizen: name -> resource under policies/.
+PACKAGED_SUITES = {SUITE_INSTRUCT_CHECKS: INSTRUCT_CHECKS_RESOURCE, SUITE_GATE_CHECKS: "data/gate_checks.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ SUITES: dict[str, SuiteSpec] = {
     spec.name: spec
     for spec in (
         SuiteSpec(SUITE_INSTRUCT_CHECKS, "checks", "held-out prompts with verifiable constraints, all must hold"),
+        SuiteSpec(SUITE_GATE_CHECKS, "checks", "the gate's own held-out constraint prompts (other stems)"),
         SuiteSpec(SUITE_JSONL, "checks", "a user file of prompts with constraints or a reference answer"),
         SuiteSpec(SUITE_PAIRWISE_VS_INITIAL, "pairwise", "judged win rate against the lineage's initial model"),
     )
@@ -94,17 +101,26 @@ class SuiteSummary:
 # --- Items ----------------------------------------------------------------------------
 
 
+def packaged_text(suite: str) -> str:
+    """The JSON lines of a suite that ships with kaizen (a key of PACKAGED_SUITES)."""
+    return resources.files("policies").joinpath(PACKAGED_SUITES[suite]).read_text(encoding="utf-8")
+
+
+def load_packaged(suite: str) -> list[SuiteItem]:
+    return parse_items(packaged_text(suite), PACKAGED_SUITES[suite])
+
+
 def instruct_checks_text() -> str:
-    return resources.files("policies").joinpath(INSTRUCT_CHECKS_RESOURCE).read_text(encoding="utf-8")
+    return packaged_text(SUITE_INSTRUCT_CHECKS)
 
 
 def load_instruct_checks() -> list[SuiteItem]:
-    return parse_items(instruct_checks_text(), INSTRUCT_CHECKS_RESOURCE)
+    return load_packaged(SUITE_INSTRUCT_CHECKS)
 
 
-def instruct_check_tasks() -> list[str]:
-    """The task stems of the instruct-checks items (what training must never see)."""
-    return sorted({item.task or item.prompt for item in load_instruct_checks()})
+def heldout_suite_tasks() -> list[str]:
+    """The task stems of every packaged suite's items (what training must never see)."""
+    return sorted({item.task or item.prompt for suite in PACKAGED_SUITES for item in load_packaged(suite)})
 
 
 def parse_items(text: str, source: str) -> list[SuiteItem]:

@@ -12,13 +12,13 @@ a suite task, so a self-generated task that happens to match one cannot leak it 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 from policies.constraints import Constraint, render_prompt, sample_constraints
 from policies.self_instruct import deduplicate, load_task_list
-from policies.suites import instruct_check_tasks
+from policies.suites import heldout_suite_tasks
 
 TRAINING_TASKS_RESOURCE = "data/verifiable_tasks.json"
 # Stricter than self-instruct's near-duplicate threshold (0.7): training tasks must stay
@@ -42,11 +42,13 @@ def training_rng(seed: int, iteration: int) -> random.Random:
     return random.Random(f"kaizen/verifiable-train/{seed}/{iteration}")
 
 
-def attach_constraints(task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None) -> VerifiablePrompt:
-    """`task` with `k` compatible constraints (of `kinds`, default any); the prompt is the task
-    plus their sentences."""
+def attach_constraints(
+    task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
+) -> VerifiablePrompt:
+    """`task` with `k` compatible constraints (of `kinds`, default any; drawn by `weights`,
+    default uniform); the prompt is the task plus their sentences."""
     task = as_sentence(task)
-    constraints = tuple(sample_constraints(rng, k, kinds=kinds, task=task))
+    constraints = tuple(sample_constraints(rng, k, kinds=kinds, task=task, weights=weights))
     return VerifiablePrompt(task, constraints, render_prompt(task, constraints))
 
 
@@ -69,7 +71,7 @@ def task_of(prompt: str, constraints: Sequence[Constraint]) -> str:
 
 @lru_cache(maxsize=1)
 def _suite_tasks() -> tuple[str, ...]:
-    return tuple(instruct_check_tasks())
+    return tuple(heldout_suite_tasks())
 
 
 def drop_suite_overlaps(tasks: Sequence[str], max_overlap: float = SUITE_OVERLAP_LIMIT) -> list[str]:

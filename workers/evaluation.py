@@ -62,8 +62,9 @@ def prepare_suite(settings: Settings, suite_name: str, *, file: str | Path | Non
             raise ValueError(f"cannot read the jsonl suite file {path}: {exc.strerror or exc}") from None
         items = suites.parse_items(content, str(path))
     else:
-        content = suites.instruct_checks_text()
-        items = suites.load_instruct_checks()
+        packaged = suite_name if suite_name in suites.PACKAGED_SUITES else suites.SUITE_INSTRUCT_CHECKS
+        content = suites.packaged_text(packaged)
+        items = suites.load_packaged(packaged)
     if spec.kind == "pairwise":
         items = _pairwise_items(e.pairwise_prompts)
         config.update(pairwise_prompts=e.pairwise_prompts, initial=initial_id, judge=_judge_config(settings))

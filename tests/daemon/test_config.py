@@ -36,7 +36,7 @@ def test_file_and_environment_are_merged_env_wins(tmp_path: Path, monkeypatch: p
         ("respond:\n  num_sample: 4\n", "respond.num_sample: unknown key"),
         ("judge:\n  num_samples: 0\n", "judge.num_samples: Input should be greater than or equal to 1"),
         ("schedule:\n  cron: 'every day'\n", "schedule: invalid crontab"),
-        ("eval:\n  suites: [instruct-checks, mmlu]\n", "eval.suites: unknown suite 'mmlu', allowed values: 'instruct-checks', 'jsonl', 'pairwise-vs-initial'"),
+        ("eval:\n  suites: [instruct-checks, mmlu]\n", "eval.suites: unknown suite 'mmlu', allowed values: 'instruct-checks', 'gate-checks', 'jsonl', 'pairwise-vs-initial'"),
         ("eval:\n  suites: [jsonl]\n", "eval: the jsonl suite needs eval.jsonl_path"),
         ("respond: [1, 2\n", "invalid YAML"),
         ("- just\n- a list\n", "the top level must be a mapping"),

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ops.make_instruct_checks import EVAL_STEMS, build_items, render_jsonl
+from ops.make_instruct_checks import EVAL_STEMS, GATE_STEMS, PACKAGED, build_items, render_jsonl
+from policies.self_instruct import ngram_overlap
 from policies.constraints import KINDS, Constraint, check
 from policies.stats import minimum_detectable_difference
 from policies.suites import (
@@ -11,6 +12,8 @@ from policies.suites import (
     config_hash,
     instruct_checks_text,
     load_instruct_checks,
+    load_packaged,
+    packaged_text,
     paired_difference,
     parse_items,
     reference_matches,
@@ -20,8 +23,20 @@ from policies.suites import (
 )
 
 
-def test_packaged_suite_is_what_the_generator_writes():
+def test_packaged_suites_are_what_the_generator_writes():
     assert instruct_checks_text() == render_jsonl(build_items())
+    assert [packaged_text(name) for name in ("instruct-checks", "gate-checks")] == [
+        render_jsonl(build_items(suite)) for suite in PACKAGED]
+
+
+def test_the_gate_suite_shares_no_stem_or_item_with_the_reported_suite():
+    # The gate decides on gate-checks; instruct-checks is only ever measured, never selected on.
+    gate, reported = load_packaged("gate-checks"), load_instruct_checks()
+
+    assert len(gate) == 120 and {item.task for item in gate} == set(GATE_STEMS)
+    assert max(ngram_overlap(a, b) for a in GATE_STEMS for b in EVAL_STEMS) <= 0.5
+    assert not {item.prompt for item in gate} & {item.prompt for item in reported}
+    assert not {item.id for item in gate} & {item.id for item in reported}
 
 
 def test_suite_has_enough_items_with_one_to_three_valid_constraints():
@@ -111,8 +126,8 @@ def test_config_hash_covers_suite_decoding_and_content_only():
 
 
 def test_suite_registry_refuses_unknown_names():
-    assert set(SUITES) == {"instruct-checks", "jsonl", "pairwise-vs-initial"}
-    with pytest.raises(ValueError, match="allowed: instruct-checks, jsonl, pairwise-vs-initial"):
+    assert set(SUITES) == {"instruct-checks", "gate-checks", "jsonl", "pairwise-vs-initial"}
+    with pytest.raises(ValueError, match="allowed: gate-checks, instruct-checks, jsonl, pairwise-vs-initial"):
         suite_spec("mmlu")
 
 

@@ -1,7 +1,7 @@
 import random
 
 from policies.self_instruct import load_seed_prompts, ngram_overlap, normalize_prompt
-from policies.suites import instruct_check_tasks, load_instruct_checks
+from policies.suites import PACKAGED_SUITES, heldout_suite_tasks, load_packaged
 from policies.verifiable import (
     SUITE_OVERLAP_LIMIT,
     attach_constraints,
@@ -12,7 +12,8 @@ from policies.verifiable import (
 
 
 def test_training_tasks_and_seed_prompts_never_overlap_suite_tasks():
-    suite = instruct_check_tasks()
+    suite = heldout_suite_tasks()
+    assert {"Describe a farm in the early morning.", "Outline a plan for a rainy Sunday at home."} <= set(suite)
     for pool in (load_training_tasks(), load_seed_prompts()):
         worst = max(ngram_overlap(task, other) for task in pool for other in suite)
         assert worst <= SUITE_OVERLAP_LIMIT
@@ -20,8 +21,8 @@ def test_training_tasks_and_seed_prompts_never_overlap_suite_tasks():
 
 
 def test_rendered_training_prompts_never_equal_a_suite_prompt():
-    suite_prompts = {normalize_prompt(item.prompt) for item in load_instruct_checks()}
-    suite_tasks = {normalize_prompt(t) for t in instruct_check_tasks()}
+    suite_prompts = {normalize_prompt(item.prompt) for name in PACKAGED_SUITES for item in load_packaged(name)}
+    suite_tasks = {normalize_prompt(t) for t in heldout_suite_tasks()}
     for iteration in range(20):
         rng = training_rng(seed=0, iteration=iteration)
         for task in load_training_tasks() + load_seed_prompts():
@@ -47,7 +48,7 @@ def test_iterations_draw_different_constraints():
 
 
 def test_suite_tasks_and_near_copies_are_dropped():
-    suite_task = instruct_check_tasks()[0]
+    suite_task = heldout_suite_tasks()[0]
     near_copy = suite_task.rstrip(".") + " for me."
     tasks = [suite_task, "Why do people yawn?", near_copy]
 

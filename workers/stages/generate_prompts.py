@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.db.models import Prompt
-from policies import self_instruct, verifiable
-from policies.constraints import Constraint
+from daemon.db.models import Prompt, Response
+from policies import curriculum, self_instruct, verifiable
+from policies.constraints import KINDS, Constraint, check
 from policies.heldout import split_seed_prompts
 from daemon.stage_runs import StageContext, StageOutput
 from workers.runtime import ModelRuntime
@@ -68,9 +68,11 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
     rng.shuffle(unused)
     topped_up = unused[: cfg.per_cycle - generated]
     constraint_rng = verifiable.training_rng(ctx.settings.seed, ctx.iteration_id)
+    with ctx.sessions() as session:
+        weights = _kind_weights(ctx, session)
 
     def constrained(task: str) -> verifiable.VerifiablePrompt:
-        return verifiable.attach_constraints(task, constraint_rng, cfg.constraints_per_prompt, cfg.constraint_kinds)
+        return verifiable.attach_constraints(task, constraint_rng, cfg.constraints_per_prompt, cfg.constraint_kinds, weights)
 
     train = [(constrained(t), "generated") for t in accepted] + [(constrained(t), cfg.top_up_from) for t in topped_up]
 
@@ -92,10 +94,32 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
         "from_seed": len(topped_up),
         "self_generated_share": round(generated / total, 4) if total else 0.0,
         "constrained": sum(1 for vp, _ in train if vp.constraints),
+        "kind_weights": {kind: round(w, 4) for kind, w in sorted((weights or {}).items())} or None,
         "heldout": len(heldout),
         **counts,
     }
     return StageOutput(result, write)
+
+
+def _kind_weights(ctx: StageContext, session: Session) -> dict[str, float] | None:
+    """Learnability weights from the policy samples of the last few earlier iterations' training
+    prompts (None: uniform). Only training samples count, never a held-out suite's answers."""
+    cfg = ctx.settings.prompts
+    if cfg.kind_sampling == "uniform" or cfg.constraints_per_prompt == 0:
+        return None
+    window = select(Prompt.iteration_id).where(Prompt.role == "train", Prompt.iteration_id < ctx.iteration_id)
+    recent = sorted(set(session.scalars(window)))[-cfg.curriculum_iterations:]
+    rows = session.execute(
+        select(Prompt.constraints, Response.text)
+        .join(Response, Response.prompt_id == Prompt.id)
+        .where(Prompt.iteration_id.in_(recent), Prompt.role == "train", Response.kind == "policy")
+    )
+    observations = []
+    for constraint_json, text in rows:
+        for constraint in [Constraint.from_json(c) for c in constraint_json or []]:
+            observations.append((constraint.kind, check(constraint, text)))
+    kinds = cfg.constraint_kinds or sorted(KINDS)
+    return curriculum.learnability_weights(kinds, curriculum.tally(observations))
 
 
 def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int) -> str | None:
