@@ -64,6 +64,7 @@ class WorkerSettings(Section):
     # a running stage gets this long before it is killed; trainer state saved every
     # training.save_steps survives either way and the next attempt resumes from it. A warm
     # shutdown (SIGTERM) makes a running trainer save at once and hand over (workers/graceful_stop.py).
+    # `kaizen run` stopping its local worker gives that warm shutdown this long, then kills the worker.
     soft_shutdown_seconds: float = Field(60.0, ge=0)
 
 

@@ -243,19 +243,45 @@ class LocalWorker:
         return f"the local worker exited with code {code} (see {log_path}); it has been restarted"
 
     def stop(self) -> None:
-        """End the worker and its pool processes: SIGTERM to its group, SIGKILL after 30 s."""
+        """Stop the worker warmly, then make sure nothing of it is left.
+
+        SIGTERM to the Celery main process alone is its warm shutdown: it asks its pool to save a
+        running trainer's state and hand the stage over (workers/graceful_stop.py) and lets any
+        other stage finish. It gets ``worker.soft_shutdown_seconds`` for that; then the whole group
+        gets SIGKILL, whether the main process exited or not, so no pool process outlives the daemon.
+        (A SIGTERM to the group, as before, killed the pool before it could save.)
+        """
         if self.process is None:
             return
         group = self.process.pid  # start_new_session: the worker leads its own group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log.warning("worker.kill", pid=group, reason="still running 30 s after SIGTERM")
-            os.killpg(group, signal.SIGKILL)  # pool processes outlive a main process that exited
-        self.process.wait(timeout=30)
-        self.process = None
+        grace = self.settings.worker.soft_shutdown_seconds
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+                log.info("worker.stopping", pid=group, grace_seconds=grace, action="warm shutdown: a running trainer saves and hands over")
+            if not _exits_within(group, grace):
+                log.warning("worker.kill", pid=group, reason=f"still running {grace:g} s after SIGTERM (worker.soft_shutdown_seconds)")
+        finally:
+            # The main process is not reaped yet (a zombie at worst), so the group id still names
+            # only its processes: pool processes that outlived it die here.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for child ``pid`` to exit, without reaping it; True once it has."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def worker_command(queues: list[str], concurrency: int = 1, loglevel: str = "warning") -> list[str]:

@@ -43,7 +43,7 @@ from daemon.logs import configure_logging
 import workers.broker  # noqa: F401  (registers the embedded broker's kombu transport)
 from daemon.stage_runner import execute_stage
 from daemon.stage_runs import StageContext, StageDeliveryDropped, StageInterrupted
-from workers.graceful_stop import ask_pool_to_stop, listen_for_stop_requests
+from workers.graceful_stop import ask_pool_to_stop, keep_listening_for_stop_requests, listen_for_stop_requests, stop_requested
 from workers.lineage_queues import consume_lineage_queues, lineage_queue, wait_for_lineage_uuid
 from workers.owner import bind_pool_process_to_worker, bind_worker_to_owner
 
@@ -134,6 +134,13 @@ def _run_stage_task(
 ) -> dict[str, Any]:
     from daemon.stage_specs import stage_function  # the stage's code is imported here, in the pool process: the parent never loads torch
 
+    keep_listening_for_stop_requests()  # a warm shutdown makes a trainer save and hand over, on any broker
+    if stop_requested():
+        # This worker is shutting down and its consumer has not stopped yet: a message it just
+        # handed back came round again. Starting it would claim (count an attempt), reload the
+        # models and train one more step before handing over again; leave it to the next worker.
+        log.info("stage.not_started", iteration_id=iteration_id, stage=stage, reason="the worker is shutting down")
+        raise Reject("the worker is shutting down", requeue=True)
     settings = load_settings()
     ctx = StageContext(settings=settings, sessions=_worker_sessions(settings.resolved_database_url), iteration_id=iteration_id)
     with ctx.sessions() as session:

@@ -48,6 +48,18 @@ def listen_for_stop_requests() -> None:
     signal.signal(STOP_SIGNAL, _note_stop_request)
 
 
+def keep_listening_for_stop_requests() -> None:
+    """In a pool process, as a stage starts: make sure STOP_SIGNAL is still ours (a pending request stays).
+
+    A threaded billiard pool (a broker without an asynchronous transport: the embedded SQLite one
+    of `kaizen run`'s local mode, ``sqla+``) resets every terminating signal, STOP_SIGNAL included,
+    to its own exit handler *after* the process initializer ran; a stop request then killed the
+    pool process mid-step (exit code 70) instead of saving. Before a stage starts the handler is
+    put back; an idle process asked to stop still just exits, which a shutdown wants anyway."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(STOP_SIGNAL) is not _note_stop_request:
+        signal.signal(STOP_SIGNAL, _note_stop_request)
+
+
 def ask_pool_to_stop(pids: Iterable[int]) -> None:
     """In the worker's main process, at shutdown: ask each pool process to save and stop its training."""
     for pid in pids:
