@@ -56,6 +56,11 @@ class GenerationSettings(Section):
     temperature: float = Field(0.8, ge=0.0, le=5.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     batch_size: int = Field(32, ge=1)
+    # How loop generation (prompts, answers, gate, suite answers) schedules its rows: "static"
+    # decodes chunks of batch_size rows until the chunk's longest row stops; "continuous" keeps
+    # up to batch_size rows decoding and replaces a finished row by a waiting one between steps
+    # (workers/continuous_generation.py). Greedy answers are the same text either way.
+    scheduler: Literal["static", "continuous"] = "static"
 
 
 class PromptSettings(Section):

@@ -73,6 +73,9 @@ class SequenceRequest:
     processors: Sequence[RowProcessor] = ()
     finalize: Callable[[str], str] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The ids generated so far (EOS included), appended by the engine thread; complete once
+    # on_finish has been called.
+    generated: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -84,7 +87,7 @@ class _Row:
     def __init__(self, request: SequenceRequest, tokenizer: Any, vocab: int, device: torch.device) -> None:
         self.request = request
         self.spec = request.spec
-        self.generated: list[int] = []
+        self.generated: list[int] = request.generated
         self.position = len(request.prompt_ids)
         self.generator = sampling.new_generator(self.spec.seed)
         self.text = TextAssembler(tokenizer, list(self.spec.stops), request.finalize)
@@ -114,12 +117,19 @@ class BatchEngine:
     """The decoding loop of one loaded model. ``submit`` is thread-safe; the model is only touched
     by the engine's own thread."""
 
-    def __init__(self, runtime: Any, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> None:
+    def __init__(
+        self, runtime: Any, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine", admit_min: int = 1,
+    ) -> None:
+        """``admit_min``: while rows are decoding, waiting sequences join only once at least this
+        many slots are free (or every waiting one fits). Each admission re-stacks the whole KV
+        cache, so on a CPU, where a step costs in proportion to its rows, admitting in groups
+        costs little decode and saves copies; the server admits at once (1) for latency."""
         self.runtime = runtime
         self.model, self.tokenizer = runtime.model, runtime.tokenizer
         self.device = runtime.device
         self.eos = set(runtime.eos_token_ids)
         self.max_batch_size, self.max_waiting, self.name = max_batch_size, max_waiting, name
+        self.admit_min = max(1, min(admit_min, max_batch_size))
         self.step_log: deque[int] = deque(maxlen=100_000)  # batch size of each decode step, newest last
         self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0}
         self._waiting: deque[SequenceRequest] = deque()
@@ -179,6 +189,11 @@ class BatchEngine:
             self._retired = True
             self._cond.notify()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the engine thread to end (after :meth:`retire`)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     @property
     def running(self) -> int:
         return len(self._rows)
@@ -225,6 +240,8 @@ class BatchEngine:
 
     def _take_waiting(self) -> list[SequenceRequest]:
         room = self.max_batch_size - len(self._rows)
+        if self._rows and room < min(self.admit_min, len(self._waiting)):
+            return []
         taken = []
         while self._waiting and len(taken) < room:
             request = self._waiting.popleft()

@@ -161,7 +161,7 @@ def greedy_answers(settings: Settings, checkpoint_path: str, prompts: list[str],
         log.warning("eval.over_context", skipped=len(prompts) - len(fitting), context_length=runtime.profile.context_length)
     outputs = runtime.generate(
         [rendered[i] for i in fitting], num_samples=1, max_new_tokens=budget, temperature=0.0,
-        batch_size=settings.eval.batch_size, progress=progress,
+        batch_size=settings.eval.batch_size, progress=progress, scheduler=settings.generation.scheduler,
     ) if fitting else []
     for index, samples in zip(fitting, outputs, strict=True):
         answers[index] = samples[0]

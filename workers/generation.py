@@ -1,5 +1,11 @@
 """Batched sampling for :class:`workers.runtime.ModelRuntime`: prompts in, :class:`Generation` out.
 
+Two schedulers decode the rows: ``static`` (chunks of ``batch_size`` rows through HF
+``model.generate``, each chunk running until its longest row stops) and ``continuous``
+(:mod:`workers.continuous_generation`: the server's :class:`~workers.batch_engine.BatchEngine`,
+finished rows replaced by waiting ones between steps). Both turn a row's ids into a
+:class:`Generation` with the same code, so greedy answers are the same text either way.
+
 Stop strings are matched on the generated text only (:class:`GeneratedTextStop`), and a stopped
 row's token count ends at its stop string, so ``Generation.num_tokens`` is what the text cost.
 """
@@ -9,19 +15,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback, chunks_by_weight
+from workers.continuous_generation import decode_continuously
 from workers.sampling import TemperatureTopPWarper
 
 if TYPE_CHECKING:
     import threading
 
     from policies.model_profile import ModelProfile
+
+Scheduler = Literal["static", "continuous"]
+SCHEDULERS: tuple[Scheduler, ...] = ("static", "continuous")
 
 ChunkLogitsProcessors = Callable[[torch.Tensor, torch.Tensor], Sequence[LogitsProcessor]]
 """Called as ``make(input_ids, attention_mask)`` with each left-padded chunk before it is decoded."""
@@ -88,6 +98,7 @@ class GenerationMixin:
         stop_strings: list[str] | None = None,
         progress: ProgressCallback | None = None,
         logits_processors: ChunkLogitsProcessors | None = None,
+        scheduler: Scheduler = "static",
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
         """Sample completions for each already-rendered prompt: ``num_samples`` each, or
@@ -103,8 +114,18 @@ class GenerationMixin:
         per-chunk KV caches) start fresh for each chunk. transformers runs them after its own
         constraints (min_new_tokens ...) and before the temperature/top-p warpers
         (``GenerationMixin._get_logits_processor``).
+
+        ``scheduler="continuous"`` decodes every sequence through a continuous-batching engine of
+        at most ``batch_size`` rows instead (see the module docstring); the result has the same
+        shape, order and meaning. Sequence (prompt i, sample j) then samples from its own
+        generator seeded by ``continuous_generation.sequence_seed(seed, i, j)``. Per-chunk
+        ``logits_processors`` and extra ``model.generate`` arguments exist only on the static path.
         """
         counts = _sample_counts(num_samples, len(prompts))
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+        if scheduler == "continuous" and (logits_processors is not None or generate_kwargs):
+            raise ValueError("the continuous scheduler takes no logits_processors or extra generate arguments; use scheduler='static'")
         if not prompts:
             return []
         # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
@@ -113,12 +134,22 @@ class GenerationMixin:
         for ids in contexts:
             check_context(self.profile, len(ids), max_new_tokens)
         do_sample = temperature > 0
+        # Greedy decoding is deterministic: decode each prompt once and repeat the result.
+        decoded = counts if do_sample else [1] * len(prompts)
+        if scheduler == "continuous":
+            with self._lock:
+                rows = decode_continuously(
+                    self, contexts, decoded, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                    top_p=top_p, seed=seed, stops=stops, batch_size=batch_size, progress=progress,
+                )
+            return [
+                samples if do_sample else samples * counts[i]
+                for i, samples in enumerate([self._to_generation(seq.ids, stops) for seq in row] for row in rows)
+            ]
         config = self._generation_config(max_new_tokens, do_sample)
         # Generation-config fields (min_new_tokens, repetition_penalty, ...) go into the config;
         # transformers 5 deprecates passing them next to a generation_config object.
         passthrough = config.update(**generate_kwargs)
-        # Greedy decoding is deterministic: decode each prompt once and repeat the result.
-        decoded = counts if do_sample else [1] * len(prompts)
         warper = TemperatureTopPWarper(temperature, top_p) if do_sample else None
         results: list[list[Generation]] = []
         with self._lock, torch.inference_mode(), _seeded(seed, self.device):

@@ -81,6 +81,27 @@ def test_a_cancelled_sequence_leaves_the_batch_and_frees_its_slot(runtime: Model
     engine.retire()
 
 
+def test_admit_min_makes_waiting_sequences_join_in_groups(runtime: ModelRuntime) -> None:
+    def steps(admit_min: int) -> tuple[list[int], list[str]]:
+        engine = BatchEngine(runtime, max_batch_size=4, admit_min=admit_min)
+        # Submitted before the thread starts, so the first admission takes the first four.
+        listeners = [_submit(engine, runtime, PROMPTS[i % 4], max_tokens=n) for i, n in enumerate([2, 3, 8, 8, 8, 8])]
+        engine.start()
+        assert all(listener.done.wait(60) for listener in listeners)
+        engine.retire()
+        engine.join(30)
+        assert not engine.alive
+        return list(engine.step_log), [listener.text for listener in listeners]
+
+    at_once, texts = steps(1)
+    grouped, grouped_texts = steps(2)
+    # Step 1 ends the 2-token sequence: with admit_min 1 a waiting one joins, with 2 the batch
+    # runs one step short until the 3-token one also ends, then both waiting ones join together.
+    assert at_once[:3] == [4, 4, 4]
+    assert grouped[:3] == [4, 3, 4]
+    assert grouped_texts == texts, "when a sequence joins never changes what it decodes"
+
+
 def test_stop_strings_match_generated_text_only(runtime: ModelRuntime) -> None:
     prompt = PROMPTS[3]
     plain = runtime.generate([prompt], max_new_tokens=12, temperature=0)[0][0]

@@ -76,6 +76,7 @@ def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int
         top_p=g.top_p,
         seed=seed,
         batch_size=g.batch_size,
+        scheduler=g.scheduler,
     ) if kept else []
     results: list[list[Generation]] = [[] for _ in texts]
     for index, samples in zip(kept, outputs, strict=True):
