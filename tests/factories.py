@@ -64,6 +64,27 @@ def lineage_with_responses(data_dir: Path, model_dir: Path, rows, **overrides):
     return StageContext(settings=settings, sessions=sessions, iteration_id=iteration_id), response_ids
 
 
+def run_respond(data_dir: Path, model_dir: Path, prompts: list[str], num_samples: int, **overrides):  # type: ignore[no-untyped-def]
+    """The respond stage (policy samples and RLCD answers) on a fresh lineage of ``prompts``:
+    its Response rows, in id order, and its result."""
+    from sqlalchemy import select
+
+    from daemon.db.engine import transaction
+    from daemon.db.models import Response
+    from workers.stages.respond import respond
+
+    ctx, _ = lineage_with_responses(
+        data_dir, model_dir, [(p, []) for p in prompts], respond={"num_samples": num_samples}, pairs={"strategy": "self_reward+rlcd"}, **overrides,
+    )
+    output = respond(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        rows = list(session.scalars(select(Response).order_by(Response.id)))
+        session.expunge_all()
+    return rows, output.result
+
+
 def stand_in_checkpoint(path: Path) -> str:
     """A small, complete checkpoint directory (one file and its manifest) for lineages whose
     models are never loaded: promote and rollback verify the target's files before trusting it."""

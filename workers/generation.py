@@ -121,18 +121,14 @@ class GenerationMixin:
         generator seeded by ``continuous_generation.sequence_seed(seed, i, j)``. Per-chunk
         ``logits_processors`` and extra ``model.generate`` arguments exist only on the static path.
         """
-        counts = _sample_counts(num_samples, len(prompts))
+        counts = sample_counts(num_samples, len(prompts))
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
         if scheduler == "continuous" and (logits_processors is not None or generate_kwargs):
             raise ValueError("the continuous scheduler takes no logits_processors or extra generate arguments; use scheduler='static'")
         if not prompts:
             return []
-        # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
-        stops = list(dict.fromkeys(s for s in (*(stop_strings or []), *self.profile.stop_strings) if s))
-        contexts = [self.context_ids(p) for p in prompts]
-        for ids in contexts:
-            check_context(self.profile, len(ids), max_new_tokens)
+        stops, contexts = self._stops_and_contexts(prompts, stop_strings, max_new_tokens)
         do_sample = temperature > 0
         # Greedy decoding is deterministic: decode each prompt once and repeat the result.
         decoded = counts if do_sample else [1] * len(prompts)
@@ -166,6 +162,15 @@ class GenerationMixin:
                 if progress is not None:
                     progress(len(results), len(prompts))
         return results
+
+    def _stops_and_contexts(self, prompts: list[str], stop_strings: list[str] | None, max_new_tokens: int) -> tuple[list[str], list[list[int]]]:
+        """The stop strings of a call and each prompt's ids, checked to leave room for ``max_new_tokens``."""
+        # The prompt format's own stops (a base model's next "User:" / "# Query:") always apply.
+        stops = list(dict.fromkeys(s for s in (*(stop_strings or []), *self.profile.stop_strings) if s))
+        contexts = [self.context_ids(p) for p in prompts]
+        for ids in contexts:
+            check_context(self.profile, len(ids), max_new_tokens)
+        return stops, contexts
 
     def _generation_config(self, max_new_tokens: int, do_sample: bool) -> GenerationConfig:
         return GenerationConfig(
@@ -206,6 +211,7 @@ class GenerationMixin:
         return out[:, input_ids.shape[1] :].tolist()
 
     def _to_generation(self, ids: list[int], stops: list[str]) -> Generation:
+        """A row's new token ids as a Generation: cut after its first EOS or at its first stop string."""
         eos_at = next((k for k, t in enumerate(ids) if t in self.eos_token_ids), None)
         if eos_at is not None:
             ids, finished = ids[: eos_at + 1], True
@@ -234,7 +240,7 @@ class GenerationMixin:
         return hi
 
 
-def _sample_counts(num_samples: int | Sequence[int], prompts: int) -> list[int]:
+def sample_counts(num_samples: int | Sequence[int], prompts: int) -> list[int]:
     counts = [num_samples] * prompts if isinstance(num_samples, int) else list(num_samples)
     if len(counts) != prompts:
         raise ValueError(f"{len(counts)} sample counts for {prompts} prompts")

@@ -81,14 +81,24 @@ class ModelRuntime(GenerationMixin, ScoringMixin):
         context_length: int | None = None,
     ) -> None:
         self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._init_text(
+            tokenizer, model.config, getattr(model, "generation_config", None),
+            model_path=model_path, prompt_format=prompt_format, context_length=context_length,
+        )
+        self._forward_params = set(inspect.signature(model.forward).parameters)
+        model.eval()
+
+    def _init_text(
+        self, tokenizer: Any, config: Any, generation_config: Any, *, model_path: str, prompt_format: str, context_length: int | None
+    ) -> None:
+        """The tokenizer side every engine shares: profile, padding, EOS ids, the BOS prefix."""
         self.tokenizer = tokenizer
         self.model_path = model_path
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._lock = threading.RLock()  # seeding + generation must not interleave between threads
         # Read before the pad fallback below, so the profile records the tokenizer as it is.
         self.profile: ModelProfile = profile_of(
-            model.config, tokenizer, generation_config=getattr(model, "generation_config", None),
-            prompt_format=prompt_format, context_length=context_length,
+            config, tokenizer, generation_config=generation_config, prompt_format=prompt_format, context_length=context_length,
         )
         if not self.profile.eos_token_ids:
             raise ValueError(f"the tokenizer of {model_path!r} has no eos token; set eos_token in its tokenizer_config.json")
@@ -100,11 +110,8 @@ class ModelRuntime(GenerationMixin, ScoringMixin):
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_token_id: int = int(tokenizer.pad_token_id)
         self.eos_token_ids: list[int] = list(self.profile.eos_token_ids)
-
-        self._forward_params = set(inspect.signature(model.forward).parameters)
         self._bos_prefix = self._special_prefix()
         self._urial_preset: Any = None
-        model.eval()
 
     # ------------------------------------------------------------------ loading
 

@@ -28,7 +28,7 @@ _cache: OrderedDict[_CacheKey, ModelRuntime] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _cache_key(model_path: str, device: str | None, dtype: str, prompt_format: str, context_length: int | None) -> _CacheKey:
+def cache_key(model_path: str, device: str | None, dtype: str, prompt_format: str, context_length: int | None) -> _CacheKey:
     path = Path(model_path).expanduser()
     if path.exists():
         resolved = path.resolve()
@@ -45,7 +45,7 @@ def get_runtime(
     model_path: str, *, device: str | None = None, dtype: str = "auto", prompt_format: str = "auto", context_length: int | None = None
 ) -> ModelRuntime:
     """The process's runtime for ``model_path``: loaded on first use, reused afterwards (LRU of size 2)."""
-    key = _cache_key(str(model_path), device, dtype, prompt_format, context_length)
+    key = cache_key(str(model_path), device, dtype, prompt_format, context_length)
     with _cache_lock:
         runtime = _cache.get(key)
         if runtime is not None:
@@ -59,7 +59,7 @@ def get_runtime(
             log.info("model_evicted", model_path=old_key[0], device=old_key[1])
             evicted = True
         if evicted:
-            _release_memory()
+            release_memory()
         return runtime
 
 
@@ -72,14 +72,14 @@ def cached_runtime_paths() -> list[str]:
 def clear_runtime_cache() -> None:
     with _cache_lock:
         _cache.clear()
-    _release_memory()
+    release_memory()
 
 
 def _cache_size() -> int:
     return int(os.environ.get("KAIZEN_RUNTIME_CACHE_SIZE", RUNTIME_CACHE_SIZE))
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -60,11 +60,7 @@ class ScoringMixin:
         progress: ProgressCallback | None = None,
     ) -> list[list[float]]:
         """Per-token ``log p(completion token | prompt, previous completion tokens)`` for each pair."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        pairs = [(self.context_ids(p), self.encode_completion(c)) for p, c in zip(prompts, completions, strict=True)]
-        for prompt_ids, completion_ids in pairs:
-            check_context(self.profile, len(prompt_ids), len(completion_ids))
+        pairs = self._scored_pairs(prompts, completions)
         # Similar lengths together wastes less padding; results are put back in input order.
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         results: list[list[float]] = [[] for _ in pairs]
@@ -90,6 +86,15 @@ class ScoringMixin:
                 if progress is not None:
                     progress(done, len(pairs))
         return results
+
+    def _scored_pairs(self, prompts: list[str], completions: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, completion ids) of each pair, tokenised apart and checked against the context."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        pairs = [(self.context_ids(p), self.encode_completion(c)) for p, c in zip(prompts, completions, strict=True)]
+        for prompt_ids, completion_ids in pairs:
+            check_context(self.profile, len(prompt_ids), len(completion_ids))
+        return pairs
 
     def sequence_logprobs(
         self,
@@ -160,6 +165,22 @@ class ScoringMixin:
         once for the call and reused by every forward pass (:mod:`workers.prefix_cache`); False
         computes every context whole (the reference the reuse is tested against).
         """
+        contexts, suffixes = self._continuation_requests(prompts, continuations)
+        single = [i for i, s in enumerate(suffixes) if all(len(t) == 1 for t in s) and len({t[0] for t in s}) == len(s)]
+        results: dict[int, ContinuationDistribution] = {}
+        with self._lock, torch.inference_mode():
+            prefix = self._shared_prefix(contexts) if share_prefix else None
+            for chunk in chunks(single, batch_size):
+                logits = self._last_logits([contexts[i] for i in chunk], prefix, keep_last=1)[0][:, -1, :]
+                choice_ids = torch.tensor([[t[0] for t in suffixes[i]] for i in chunk], dtype=torch.long, device=self.device)
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, choice_ids)
+                results.update(zip(chunk, map(distribution_of, logprobs.cpu().tolist()), strict=True))
+            for i in sorted(set(range(len(prompts))) - set(single)):
+                results[i] = distribution_of(self._suffix_logprobs(contexts[i], suffixes[i], batch_size, prefix))
+        return [results[i] for i in range(len(prompts))]
+
+    def _continuation_requests(self, prompts: list[str], continuations: Sequence[str]) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Each prompt's context ids and the ids of every continuation after it (see continuation_distribution)."""
         if len(continuations) < 2:
             raise ValueError("need at least two continuations to choose among")
         contexts: list[list[int]] = []
@@ -169,18 +190,7 @@ class ScoringMixin:
             check_context(self.profile, len(context), max(len(t) for t in prompt_suffixes))
             contexts.append(context)
             suffixes.append(prompt_suffixes)
-        single = [i for i, s in enumerate(suffixes) if all(len(t) == 1 for t in s) and len({t[0] for t in s}) == len(s)]
-        results: dict[int, ContinuationDistribution] = {}
-        with self._lock, torch.inference_mode():
-            prefix = self._shared_prefix(contexts) if share_prefix else None
-            for chunk in chunks(single, batch_size):
-                logits = self._last_logits([contexts[i] for i in chunk], prefix, keep_last=1)[0][:, -1, :]
-                choice_ids = torch.tensor([[t[0] for t in suffixes[i]] for i in chunk], dtype=torch.long, device=self.device)
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, choice_ids)
-                results.update(zip(chunk, map(_distribution, logprobs.cpu().tolist()), strict=True))
-            for i in sorted(set(range(len(prompts))) - set(single)):
-                results[i] = _distribution(self._suffix_logprobs(contexts[i], suffixes[i], batch_size, prefix))
-        return [results[i] for i in range(len(prompts))]
+        return contexts, suffixes
 
     def _shared_prefix(self, contexts: Sequence[Sequence[int]]) -> SharedPrefix | None:
         """The cache of the contexts' shared prefix, where it is long enough to pay and the model allows it."""
@@ -220,7 +230,7 @@ class ScoringMixin:
         return totals
 
 
-def _distribution(logprobs: Sequence[float]) -> ContinuationDistribution:
+def distribution_of(logprobs: Sequence[float]) -> ContinuationDistribution:
     """Renormalise the log-probabilities of a closed set of continuations; keep their total mass."""
     values = torch.tensor(logprobs, dtype=torch.float64)
     return ContinuationDistribution(torch.softmax(values, dim=-1).tolist(), float(torch.logsumexp(values, dim=-1).exp()))

@@ -6,16 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
-from daemon.db.engine import transaction
 from daemon.db.models import Response
 from policies import principles
-from tests.factories import lineage_with_responses
+from tests.factories import run_respond
 from workers.runtime import ModelRuntime
 from workers.runtime_cache import clear_runtime_cache
 from workers.stages.common import user_prompt
-from workers.stages.respond import respond
 from workers.tiny_model import build_tiny_model
 
 PROMPTS = ["hi", "Write a short poem about the sea.", "Explain how photosynthesis works"]
@@ -45,17 +42,7 @@ def generate_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
 
 
 def _respond(tmp_path: Path, model_dir: Path, **generation: float) -> tuple[list[Response], dict]:
-    ctx, _ = lineage_with_responses(
-        tmp_path / "data", model_dir, [(p, []) for p in PROMPTS],
-        generation={"max_new_tokens": 8, "batch_size": 4, **generation}, respond={"num_samples": N}, pairs={"strategy": "self_reward+rlcd"},
-    )
-    output = respond(ctx)
-    with transaction(ctx.sessions) as session:
-        output.write(session)
-    with ctx.sessions() as session:
-        rows = list(session.scalars(select(Response).order_by(Response.id)))
-        session.expunge_all()
-    return rows, output.result
+    return run_respond(tmp_path / "data", model_dir, PROMPTS, N, generation={"max_new_tokens": 8, "batch_size": 4, **generation})
 
 
 def _by_prompt(rows: list[Response]) -> dict[int, list[Response]]:

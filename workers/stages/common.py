@@ -15,7 +15,7 @@ from daemon.stage_specs import stage_index
 from policies import judge_metrics
 from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
-from workers.loading import load_runtime, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
+from workers.loading import load_runtime, load_sampler, user_prompt  # noqa: F401  (re-exported: the stages import both from here)
 from daemon.stage_runs import StageContext
 from workers.generation import Generation
 from workers.runtime import ModelRuntime
@@ -25,6 +25,12 @@ log = structlog.get_logger(__name__)
 
 def runtime_for(ctx: StageContext, checkpoint_path: str) -> ModelRuntime:
     return load_runtime(ctx.settings, checkpoint_path)
+
+
+def sampler_for(ctx: StageContext, checkpoint_path: str) -> ModelRuntime:
+    """The runtime that samples and scores on the configured engine (model.engine: hf or vllm);
+    what respond and the model judges use. Stages that train take :func:`runtime_for`."""
+    return load_sampler(ctx.settings, checkpoint_path)
 
 
 def parent_checkpoint(ctx: StageContext, session: Session) -> Checkpoint:
@@ -109,7 +115,7 @@ def stage_judge(ctx: StageContext, session: Session, role: Role, policy: Checkpo
     and ``policy``'s parent at hand (frozen and implicit judges use them). Models load on first use."""
     parent = session.get(Checkpoint, policy.parent_id) if policy.parent_id else None
     return build_judge(
-        ctx.settings, role, policy_path=policy.path, load_model=lambda path: runtime_for(ctx, path),
+        ctx.settings, role, policy_path=policy.path, load_model=lambda path: sampler_for(ctx, path),
         initial_path=lineage.lineage_root(session, policy).path, parent_path=parent.path if parent else None, seed=seed,
     )
 

@@ -19,7 +19,7 @@ from workers.generation import Generation
 from workers.runtime import ModelRuntime
 from daemon.db.lineage import lineage_root
 from daemon.stage_runs import StageContext, StageOutput
-from workers.stages.common import over_context, parent_checkpoint, prompts_of_role, runtime_for, sample, stage_seed, user_prompt
+from workers.stages.common import over_context, parent_checkpoint, prompts_of_role, sample, sampler_for, stage_seed, user_prompt
 
 POLICY_STRATEGIES = {KIND_SELF_REWARD, KIND_VERIFIED, KIND_ANCHORED}
 
@@ -31,14 +31,14 @@ def respond(ctx: StageContext) -> StageOutput:
         champion = parent_checkpoint(ctx, session)
         initial = lineage_root(session, champion)
         prompts = prompts_of_role(session, ctx.iteration_id, "train")
-    runtime = runtime_for(ctx, champion.path)
+    runtime = sampler_for(ctx, champion.path)
     seed = stage_seed(ctx, "respond")
     policy_rows, rlcd_rows, finished, skipped = _policy_and_rlcd(ctx, runtime, prompts, strategies, seed)
     rows = policy_rows
     # Temporal Self-Rewarding's rejected answers come from the initial model; while the champion
     # is the initial model, its own samples serve (build_pairs reads them as the anchor).
     if KIND_ANCHORED in strategies and initial.id != champion.id:
-        anchor_runtime = runtime_for(ctx, initial.path)
+        anchor_runtime = sampler_for(ctx, initial.path)
         anchor_out = sample(ctx, anchor_runtime, _policy_texts(anchor_runtime, prompts, ctx), n=n, seed=seed + 2)
         rows += _sample_rows(ctx, prompts, anchor_out, "anchor")
         skipped += over_context(anchor_out)
