@@ -56,6 +56,10 @@ ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREA
 """Set (unless already set) before vllm is imported; see the module docstring."""
 
 
+class VllmUnavailable(RuntimeError):
+    """model.engine is vllm on a machine where vllm does not import."""
+
+
 def _request_seed(seed: int, index: int) -> int:
     """The seed of the call's ``index``-th prompt: the call is reproducible, its prompts differ."""
     return (seed * 1_000_003 + index) % (2**31)
@@ -97,7 +101,10 @@ class VllmRuntime(ModelRuntime):
 
         for name, value in ENGINE_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
-        from vllm.platforms import current_platform
+        try:
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise VllmUnavailable(f"model.engine is vllm but vllm does not import here ({exc}); install it with ops/install_vllm.sh (README, 'vLLM engine')") from exc
 
         platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
         if device is not None and torch.device(device).type != torch.device(platform).type:
