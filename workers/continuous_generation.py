@@ -35,12 +35,15 @@ ENGINE_POLL_SECONDS = 5.0
 """How often the caller checks that the engine thread is still alive while it waits."""
 
 
-def admit_group(batch_size: int) -> int:
-    """Free slots a running batch gathers before waiting sequences join (``BatchEngine.admit_min``):
-    a quarter of the batch. Every admission copies the whole KV cache once (SmolLM2's shape, 31
-    rows x 250 positions joined by one: 0.18 s on one core of the project's machine), while a CPU
-    decode step costs in proportion to its rows, so a slot left empty for a few steps costs little."""
-    return max(1, batch_size // 4)
+def admit_group(batch_size: int, device: torch.device) -> int:
+    """Free slots a running batch gathers before waiting sequences join (``BatchEngine.admit_min``).
+
+    On a CPU a quarter of the batch: every admission copies the whole KV cache once (SmolLM2's
+    shape, 31 rows x 250 positions joined by one: 0.18 s on one core of the project's machine),
+    while a CPU decode step costs in proportion to its rows, so a slot left empty for a few steps
+    costs little. On an accelerator a step costs about the same whatever its rows and the copy is
+    cheap, so a free slot is filled at once."""
+    return max(1, batch_size // 4) if device.type == "cpu" else 1
 
 
 def sequence_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -99,7 +102,7 @@ def decode_continuously(
     collectors = [[_Collector((i, j), events) for j in range(n)] for i, n in enumerate(decoded)]
     total = sum(decoded)
     engine = BatchEngine(
-        runtime, max_batch_size=batch_size, max_waiting=max(total, 1), name="loop", admit_min=admit_group(batch_size),
+        runtime, max_batch_size=batch_size, max_waiting=max(total, 1), name="loop", admit_min=admit_group(batch_size, runtime.device),
     ).start()
     requests: list[SequenceRequest] = []
     try:

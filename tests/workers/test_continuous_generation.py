@@ -107,6 +107,12 @@ def test_sequence_seeds_are_deterministic_and_distinct() -> None:
     assert continuous_generation.sequence_seed(5, 3, 1) != continuous_generation.sequence_seed(6, 3, 1)
 
 
+def test_a_cpu_batch_admits_waiting_sequences_a_quarter_batch_at_a_time() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [continuous_generation.admit_group(n, cpu) for n in (1, 3, 4, 32)] == [1, 1, 1, 8]
+    assert continuous_generation.admit_group(32, cuda) == 1
+
+
 def test_a_token_cap_marks_answers_unfinished_as_on_the_static_path(runtime: ModelRuntime, prompts: list[str]) -> None:
     for temperature, seed in ((0.0, None), (0.8, 3)):
         continuous = runtime.generate(
