@@ -103,7 +103,7 @@ def decode_continuously(
     total = sum(decoded)
     engine = BatchEngine(
         runtime, max_batch_size=batch_size, max_waiting=max(total, 1), name="loop", admit_min=admit_group(batch_size, runtime.device),
-    ).start()
+    )
     requests: list[SequenceRequest] = []
     try:
         for i, context in enumerate(contexts):
@@ -115,12 +115,13 @@ def decode_continuously(
                 request = SequenceRequest(list(context), spec, collector)
                 requests.append(request)
                 engine.submit(request)
+        engine.start()  # after every submit: the first admission fills the whole batch at once
         remaining = list(decoded)
         done_prompts = 0
         for _ in range(total):
             key, error = _next_event(events, engine)
             if error is not None:
-                raise RuntimeError(f"continuous decoding failed: {error}") from error
+                raise error  # what the engine thread's forward or sampling raised
             remaining[key[0]] -= 1
             if remaining[key[0]] == 0:
                 done_prompts += 1

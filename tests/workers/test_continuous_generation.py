@@ -146,6 +146,27 @@ def test_progress_counts_prompts_and_bad_arguments_are_refused(runtime: ModelRun
         runtime.generate(prompts, scheduler="continuous", min_new_tokens=3)
 
 
+def test_an_engine_failure_is_raised_to_the_caller_and_the_next_call_works(
+    runtime: ModelRuntime, prompts: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.batch_engine import BatchEngine
+
+    real, calls = BatchEngine._forward, []
+
+    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom in a decode step")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchEngine, "_forward", failing)
+    with pytest.raises(RuntimeError, match="boom in a decode step"):
+        runtime.generate(prompts, num_samples=2, max_new_tokens=8, temperature=0.8, seed=1, batch_size=4, scheduler="continuous")
+    monkeypatch.setattr(BatchEngine, "_forward", real)
+    again = runtime.generate(prompts, max_new_tokens=8, temperature=0.0, batch_size=4, scheduler="continuous")
+    assert again == runtime.generate(prompts, max_new_tokens=8, temperature=0.0, batch_size=4)
+
+
 def test_the_config_routes_stage_sampling_and_suite_answers(
     model_dir: Path, tmp_path: Path, prompts: list[str], monkeypatch: pytest.MonkeyPatch, one_torch_thread: None
 ) -> None:
