@@ -47,7 +47,10 @@ def _seeded_rows(path: Path, seed: int) -> dict[str, list[tuple]]:
     engine = make_engine(url)
     seed_lineage(engine, 40, 16, seed=seed)
     with engine.connect() as conn:
-        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version'")).scalars().all()
+        # The lineage's identity is a fresh uuid per database by design (migration 0007), not seeded data.
+        tables = conn.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('alembic_version', 'lineage_identity')"
+        )).scalars().all()
         rows = {name: [tuple(row) for row in conn.execute(text(f'SELECT * FROM "{name}" ORDER BY 1'))] for name in tables}
     engine.dispose()
     return rows
