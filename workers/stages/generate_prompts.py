@@ -34,6 +34,7 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
         earlier_rows = list(session.scalars(select(Prompt).where(Prompt.role == "train", Prompt.iteration_id != ctx.iteration_id)))
         # Few-shot examples and deduplication work on tasks, not on the constraint sentences.
         earlier = [verifiable.task_of(p.text, prompt_constraints(p)) for p in earlier_rows]
+        weights = _kind_weights(ctx, session)
     seeds, heldout = split_seed_prompts(self_instruct.load_seed_prompts(), ctx.settings.gate.heldout_prompts)
     pool = seeds if cfg.top_up_from == "seed" else verifiable.drop_suite_overlaps(verifiable.load_training_tasks())
     runtime = runtime_for(ctx, champion.path)
@@ -68,8 +69,6 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
     rng.shuffle(unused)
     topped_up = unused[: cfg.per_cycle - generated]
     constraint_rng = verifiable.training_rng(ctx.settings.seed, ctx.iteration_id)
-    with ctx.sessions() as session:
-        weights = _kind_weights(ctx, session)
 
     def constrained(task: str) -> verifiable.VerifiablePrompt:
         return verifiable.attach_constraints(task, constraint_rng, cfg.constraints_per_prompt, cfg.constraint_kinds, weights)
