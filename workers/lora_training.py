@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ADAPTER_SUBDIR",
     "PROBE_ATOL",
+    "AdapterRecord",
     "ChatPrompt",
     "TrainResult",
     "existing_checkpoint",
@@ -44,6 +45,7 @@ __all__ = [
     "summarise_history",
     "token_ids",
     "train_lora_checkpoint",
+    "checkpoint_adapter",
     "trainer_state_dir",
     "training_arguments",
 ]
@@ -51,6 +53,31 @@ __all__ = [
 ADAPTER_SUBDIR = "adapter"
 PROBE_ATOL = 1e-4
 _PROBE_MESSAGES = [{"role": "user", "content": "Describe the water cycle in one sentence."}]
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """The LoRA adapter kept beside a merged checkpoint: merged = ``base`` + this adapter.
+
+    It is recorded in the checkpoint's manifest metadata (``adapter``) and its files are listed in
+    the manifest like every other file, so verifying the checkpoint verifies the adapter. A vLLM
+    engine running ``base`` serves the checkpoint by loading the adapter instead of the merged
+    weights (workers/vllm_engine.py).
+    """
+
+    path: Path  # the adapter's directory (PEFT save_pretrained: adapter_config.json + safetensors)
+    base: str  # the model path the adapter was trained on (the manifest's ``parent``)
+    rank: int
+
+
+def checkpoint_adapter(checkpoint_dir: str | Path) -> AdapterRecord | None:
+    """The adapter a verified local checkpoint records, or None (an initial model, a full fine-tune)."""
+    root = Path(checkpoint_dir)
+    meta = read_manifest(root).metadata
+    entry = meta.get("adapter")
+    if not isinstance(entry, dict):
+        return None
+    return AdapterRecord(root / str(entry["path"]), str(meta.get("parent", "")), int(entry["rank"]))
 
 
 class ChatPrompt:
@@ -276,6 +303,8 @@ def train_lora_checkpoint(
         "log_history": history,
         "train_seconds": train_seconds,
         "resumed_from_step": resumed_from_step,
+        # The adapter that merged into this checkpoint, kept in it (see AdapterRecord).
+        "adapter": {"path": ADAPTER_SUBDIR, "rank": settings.lora_r},
         **(extra_metadata or {}),
     }
     peft_model = trainer.accelerator.unwrap_model(trainer.model)

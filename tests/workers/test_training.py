@@ -103,6 +103,11 @@ def test_checkpoint_is_complete_merged_and_has_the_adapter(run, base_dir):
     assert meta["reference"] == "adapter_disabled_parent"
     assert meta["settings"]["max_steps"] == STEPS and meta["settings"]["learning_rate"] == 1e-3
     assert meta["metrics"] == result.metrics
+    # The manifest records the adapter kept beside the merged weights, and what it was trained on.
+    assert meta["adapter"] == {"path": "adapter", "rank": SETTINGS.lora_r}
+    record = lora_training.checkpoint_adapter(result.checkpoint_path)
+    assert record == lora_training.AdapterRecord(run["out"] / "adapter", str(base_dir), SETTINGS.lora_r)
+    assert lora_training.checkpoint_adapter(base_dir) is None  # the tiny base: a checkpoint with no adapter
 
     # The merged model is a plain model (no LoRA layers) and equals base + adapter applied by PEFT.
     from peft import PeftModel
@@ -115,6 +120,20 @@ def test_checkpoint_is_complete_merged_and_has_the_adapter(run, base_dir):
     ids = torch.tensor([[3, 10, 20, 30, 40, 50]])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_corrupted_adapter_fails_the_checkpoints_verification(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "candidate"
+    shutil.copytree(run["out"], copy)
+    verify_checkpoint(copy)
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed: only the checksum can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch for adapter/adapter_model.safetensors"):
+        verify_checkpoint(copy)
 
 
 def test_base_model_files_untouched(run, base_dir):
