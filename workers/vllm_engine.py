@@ -12,9 +12,14 @@ the same prompts on either engine. It serves what respond and the model judges c
   (the implicit judge) and ``next_token_distribution``: ``prompt_logprobs`` of the scored tokens,
   read at their positions in ``context + continuation``.
 
-Not here: GenARM guidance (``logits_processors``: a ``ValueError``, use model.engine hf), LoRA
-adapters and hot-loading, serving, training (which always loads the transformers model through
-:func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
+``generate`` also decodes GenARM-guided: with ``logits_processors`` a
+:class:`workers.genarm.RewardGuidance` (what :func:`workers.genarm.guided_generate` passes) every
+request of the call is guided by the engine's
+:class:`workers.genarm.vllm_processor.GenArmLogitsProcessor`, each with its own reward-model KV
+caches; any other logits processor is refused.
+
+Not here: LoRA adapters and hot-loading, serving, training (which always loads the transformers
+model through :func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
 and it imports vllm only when an engine starts.
 
 The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the worker that
@@ -81,7 +86,7 @@ class VllmRuntime(ModelRuntime):
 
     @property
     def model(self) -> Any:
-        raise AttributeError("model.engine vllm holds no transformers model; training and GenARM load one (workers.loading.load_runtime)")
+        raise AttributeError("model.engine vllm holds no transformers model; training loads one (workers.loading.load_runtime)")
 
     # ------------------------------------------------------------------ loading
 
@@ -105,6 +110,7 @@ class VllmRuntime(ModelRuntime):
             from vllm.platforms import current_platform
         except ImportError as exc:
             raise VllmUnavailable(f"model.engine is vllm but vllm does not import here ({exc}); install it with ops/install_vllm.sh (README, 'vLLM engine')") from exc
+        from workers.genarm.vllm_processor import PROCESSOR_FQCN
 
         platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
         if device is not None and torch.device(device).type != torch.device(platform).type:
@@ -124,6 +130,8 @@ class VllmRuntime(ModelRuntime):
         runtime.engine_options = {
             "model": str(model_path), "tokenizer": str(model_path), "enforce_eager": True, "seed": 0,
             "max_model_len": runtime.profile.context_length,
+            # GenARM guidance for the requests that ask for it (SamplingParams.extra_args); the others pass through.
+            "logits_processors": [PROCESSOR_FQCN],
             # float32 on a CPU, as the HF runtime computes there; the checkpoint's dtype on a GPU.
             "dtype": "float32" if dtype == "auto" and platform == "cpu" else dtype,
             **({"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}),
@@ -195,9 +203,13 @@ class VllmRuntime(ModelRuntime):
     ) -> list[list[Generation]]:
         """:meth:`ModelRuntime.generate` on vLLM. vLLM batches continuously by itself, so
         ``batch_size`` and ``scheduler`` (generation.scheduler) do not apply; ``progress`` is told
-        once, at the end."""
+        once, at the end. ``logits_processors`` may only be a :class:`workers.genarm.RewardGuidance`:
+        GenARM guidance for every prompt (a ``ValueError`` for anything else)."""
+        extra_args = None
         if logits_processors is not None:
-            raise ValueError("logits processors (GenARM guidance) run on model.engine hf only")
+            from workers.genarm.vllm_processor import guidance_extra_args
+
+            extra_args = guidance_extra_args(logits_processors)  # type: ignore[arg-type]
         if generate_kwargs:
             raise ValueError(f"model.engine vllm does not take {sorted(generate_kwargs)}")
         from vllm import SamplingParams
@@ -218,6 +230,7 @@ class VllmRuntime(ModelRuntime):
                 seed=None if seed is None else _request_seed(seed, index),
                 stop=stops or None,
                 stop_token_ids=list(self.eos_token_ids),
+                extra_args=extra_args,
             )
             for index, count in enumerate(counts)
         ]

@@ -26,6 +26,12 @@ Guided decoding (:func:`guided_generate` in ``guidance.py``)
     left-padded prompt, then exactly one single-token forward per decoding step, with the attention
     mask grown by one column and position ids counted over real tokens only (left padding).
 
+    On ``model.engine: vllm`` the same :class:`RewardGuidance` runs inside the engine as a vLLM v1
+    logits processor (``vllm_processor.py``, imported only there since it imports vllm): each
+    request keeps its own reward-model KV caches over its prompt and output tokens, guided and
+    unguided requests share the engine's batch, and the processor follows the rows as vLLM
+    adds, removes and reorders requests.
+
 Weak-to-strong
     A reward model may be smaller than the base; it only has to share the tokenizer (same
     vocabulary, same ids for the same text), which :func:`check_shared_tokenizer` verifies before
@@ -35,6 +41,8 @@ Weak-to-strong
 from __future__ import annotations
 
 from workers.genarm.guidance import (
+    IncrementalReward,
+    RewardGuidance,
     RewardGuidanceProcessor,
     RewardGuide,
     TokenizerMismatchError,
@@ -54,6 +62,8 @@ from workers.genarm.training import (
 __all__ = [
     "ARM_CHECKPOINT_KIND",
     "ArmTrainResult",
+    "IncrementalReward",
+    "RewardGuidance",
     "RewardGuidanceProcessor",
     "RewardGuide",
     "TokenizerMismatchError",

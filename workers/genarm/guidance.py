@@ -90,8 +90,8 @@ def check_shared_tokenizer(base_tokenizer: Any, reward_tokenizer: Any, *, base_n
 # =========================================================================== guided decoding
 
 
-class _IncrementalReward:
-    """One reward model's KV cache over the decoding steps of one chunk."""
+class IncrementalReward:
+    """One reward model's KV cache over the decoding steps of one chunk (HF) or one request (vLLM)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -151,7 +151,7 @@ class RewardGuidanceProcessor(LogitsProcessor):
             raise ValueError(f"prompt ids {tuple(prompt_ids.shape)} and mask {tuple(prompt_attention_mask.shape)} differ")
         self.weights = validate_weights(weights)
         self.beta = validate_beta(beta)
-        self._rewards = [_IncrementalReward(m) for m in reward_models]
+        self._rewards = [IncrementalReward(m) for m in reward_models]
         self._prompt_ids = prompt_ids
         self._mask = prompt_attention_mask
         self._fed = 0  # columns of input_ids the reward models have seen
@@ -191,6 +191,30 @@ class RewardGuidanceProcessor(LogitsProcessor):
         self._mask = self._mask.to(input_ids.device).repeat_interleave(repeats, dim=0)
 
 
+@dataclass(frozen=True)
+class RewardGuidance:
+    """Reward models (loaded transformers models), their weights and β for one ``generate`` call.
+
+    Called with a left-padded chunk it is the HF runtime's ``logits_processors`` argument
+    (:data:`workers.generation.ChunkLogitsProcessors`): one fresh :class:`RewardGuidanceProcessor`
+    per chunk. The vLLM runtime reads the fields instead and guides each request through
+    :class:`workers.genarm.vllm_processor.GenArmLogitsProcessor`.
+    """
+
+    reward_models: tuple[Any, ...]
+    weights: tuple[float, ...]
+    beta: float
+
+    def __post_init__(self) -> None:
+        if len(self.reward_models) != len(self.weights):
+            raise ValueError(f"{len(self.reward_models)} reward models but {len(self.weights)} weights")
+        object.__setattr__(self, "weights", validate_weights(self.weights))
+        object.__setattr__(self, "beta", validate_beta(self.beta))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[LogitsProcessor]:
+        return [RewardGuidanceProcessor(self.reward_models, self.weights, self.beta, input_ids, attention_mask)]
+
+
 def guided_generate(
     base: ModelRuntime,
     guides: Sequence[tuple[ModelRuntime, float]],
@@ -210,22 +234,20 @@ def guided_generate(
     (:class:`policies.genarm.GuidanceError`, a ValueError, otherwise). Reward models with weight 0
     are not run at all; with no positive weight the output is exactly ``base.generate``'s for the
     same seed. Every guide's tokenizer is checked against the base's first
-    (:class:`TokenizerMismatchError`). Prompts are decoded in chunks of ``batch_size`` (as in
-    ``ModelRuntime.generate``); reward-model forwards run under the base runtime's lock only.
+    (:class:`TokenizerMismatchError`). ``base`` may be a transformers runtime (prompts decoded in
+    chunks of ``batch_size``, reward-model forwards under the base runtime's lock only) or a
+    :class:`workers.vllm_engine.VllmRuntime` (each prompt one vLLM request with its own reward-model
+    KV caches, see :mod:`workers.genarm.vllm_processor`); the reward models are transformers models
+    either way.
     """
     beta = validate_beta(beta)
     weights = validate_weights([weight for _, weight in guides])
     active = [(runtime, weight) for (runtime, _), weight in zip(guides, weights, strict=True) if weight > 0]
     for runtime, _ in active:
         check_shared_tokenizer(base.tokenizer, runtime.tokenizer, base_name=base.model_path, reward_name=runtime.model_path)
-    make_processors = None
+    guidance = None
     if active:
-        models = [runtime.model for runtime, _ in active]
-        active_weights = [weight for _, weight in active]
-
-        def make_processors(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[LogitsProcessor]:
-            return [RewardGuidanceProcessor(models, active_weights, beta, input_ids, attention_mask)]
-
+        guidance = RewardGuidance(tuple(runtime.model for runtime, _ in active), tuple(weight for _, weight in active), beta)
     started = time.perf_counter()
     results = base.generate(
         prompts,
@@ -236,7 +258,7 @@ def guided_generate(
         seed=seed,
         batch_size=batch_size,
         stop_strings=[s for s in stop if s],
-        logits_processors=make_processors,
+        logits_processors=guidance,
     )
     generations = [samples[0] for samples in results]
     log.info(
