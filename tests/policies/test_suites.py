@@ -33,7 +33,7 @@ def test_the_gate_suite_shares_no_stem_or_item_with_the_reported_suite():
     # The gate decides on gate-checks; instruct-checks is only ever measured, never selected on.
     gate, reported = load_packaged("gate-checks"), load_instruct_checks()
 
-    assert len(gate) == 120 and {item.task for item in gate} == set(GATE_STEMS)
+    assert len(gate) == 240 and {item.task for item in gate} == set(GATE_STEMS)
     assert max(ngram_overlap(a, b) for a in GATE_STEMS for b in EVAL_STEMS) <= 0.5
     assert not {item.prompt for item in gate} & {item.prompt for item in reported}
     assert not {item.id for item in gate} & {item.id for item in reported}
