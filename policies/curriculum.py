@@ -11,7 +11,7 @@ cannot do yet may become learnable as it improves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # Relative to the best possible weight (1/4): a kind at the floor is drawn ~10x less often.
@@ -39,11 +39,17 @@ def tally(observations: Iterable[tuple[str, bool]]) -> dict[str, KindRecord]:
     return {kind: KindRecord(p, t) for kind, (p, t) in counts.items()}
 
 
-def learnability_weights(kinds: Sequence[str], records: Mapping[str, KindRecord], floor: float = WEIGHT_FLOOR) -> dict[str, float]:
-    """Each kind's sampling weight, normalised to sum to 1: max(p(1-p) / (1/4), floor)."""
+def learnability_weights(
+    kinds: Sequence[str], records: Mapping[str, KindRecord], floor: float = WEIGHT_FLOOR, repairable: Collection[str] = ()
+) -> dict[str, float]:
+    """Each kind's sampling weight, normalised to sum to 1: max(p(1-p) / (1/4), floor), and for a
+    `repairable` kind max(p(1-p) / (1/4), 1 - p, floor)."""
     raw = {}
     for kind in kinds:
         p = records.get(kind, KindRecord()).pass_rate
-        raw[kind] = max(4.0 * p * (1.0 - p), floor)
+        learnable = 4.0 * p * (1.0 - p)
+        if kind in repairable:
+            learnable = max(learnable, 1.0 - p)
+        raw[kind] = max(learnable, floor)
     total = sum(raw.values())
     return {kind: weight / total for kind, weight in raw.items()}

@@ -12,13 +12,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from policies.constraints import Constraint
+from policies.repair import repair
+
 KIND_SELF_REWARD = "self_reward"
 KIND_RLCD = "rlcd"
 KIND_VERIFIED = "verified"
 KIND_ANCHORED = "anchored"
+KIND_REPAIRED = "repaired"
 # The strategies a cycle can combine ("verified+self_reward"); "both" is the historical name of
 # "self_reward+rlcd".
-BASE_STRATEGIES: tuple[str, ...] = (KIND_VERIFIED, KIND_ANCHORED, KIND_SELF_REWARD, KIND_RLCD)
+BASE_STRATEGIES: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED, KIND_SELF_REWARD, KIND_RLCD)
+# Pairs labelled by the constraint checks: their label holds in any later cycle (replayable).
+CHECKED_KINDS: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED)
 PAIR_STRATEGIES: tuple[str, ...] = (*BASE_STRATEGIES, "both")
 _ALIASES = {"both": (KIND_SELF_REWARD, KIND_RLCD)}
 
@@ -162,6 +168,7 @@ def select_pairs(
     rlcd_pairs: Sequence[PreferencePair],
     verified_pairs: Sequence[PreferencePair] = (),
     anchored_pairs: Sequence[PreferencePair] = (),
+    repaired_pairs: Sequence[PreferencePair] = (),
 ) -> list[PreferencePair]:
     """The pairs a cycle trains on under `strategy` (see :func:`parse_strategy`), strategy by
     strategy in the order named. A later strategy adds no second pair for a prompt that an
@@ -171,6 +178,7 @@ def select_pairs(
         KIND_RLCD: rlcd_pairs,
         KIND_VERIFIED: verified_pairs,
         KIND_ANCHORED: anchored_pairs,
+        KIND_REPAIRED: repaired_pairs,
     }
     chosen: list[PreferencePair] = []
     paired_prompts: set[str] = set()
@@ -262,6 +270,44 @@ def build_verified_pairs(
             pairs.append(pair)
             left = [r for r in left if r.response_id not in (pair.chosen_id, pair.rejected_id)]
     return pairs
+
+
+def repaired_response_id(source_id: str) -> str:
+    """The provisional id of the repaired version of answer `source_id` (the stage stores it as a response)."""
+    return f"repaired:{source_id}"
+
+
+def build_repaired_pairs(
+    responses_by_prompt: Mapping[str, Sequence[ScoredResponse]],
+    constraints_by_prompt: Mapping[str, Sequence[Constraint]],
+    max_per_prompt: int = 1,
+    chosen_must_finish: bool = True,
+) -> tuple[list[PreferencePair], dict[str, str]]:
+    """Verifier-guided repair pairs (:mod:`policies.repair`): up to `max_per_prompt` failing
+    answers per prompt, in sample order, each paired as rejected with its repaired text as chosen.
+    A cut answer is not repaired while `chosen_must_finish` (its repair would still end mid-way).
+    Returns the pairs (each chosen id is a :func:`repaired_response_id`) and the repaired text
+    under each such id."""
+    if max_per_prompt < 1:
+        raise ValueError(f"max_per_prompt must be >= 1, got {max_per_prompt}")
+    pairs: list[PreferencePair] = []
+    texts: dict[str, str] = {}
+    for prompt_id, responses in responses_by_prompt.items():
+        constraints = constraints_by_prompt.get(prompt_id) or ()
+        made = 0
+        for response in responses:
+            if made == max_per_prompt:
+                break
+            if response.satisfies_all or not response.checks or (chosen_must_finish and response.truncated):
+                continue
+            fixed = repair(constraints, response.text)
+            if fixed is None or fixed.strip() == response.text.strip():
+                continue
+            chosen_id = repaired_response_id(response.response_id)
+            texts[chosen_id] = fixed
+            pairs.append(PreferencePair(prompt_id, chosen_id, response.response_id, KIND_REPAIRED, None))
+            made += 1
+    return pairs, texts
 
 
 def build_anchored_pairs(

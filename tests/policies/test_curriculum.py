@@ -36,3 +36,14 @@ def test_weighted_draws_follow_the_weights_and_stay_deterministic():
     assert firsts["title"] / 3000 == pytest.approx(0.1, abs=0.02)
     again = [sample_constraints(random.Random(5), 2, kinds=list(weights), weights=weights) for _ in range(2)]
     assert again[0] == again[1] and len({c.kind for c in again[0]}) == 2
+
+
+def test_a_repairable_kind_stays_learnable_though_no_sample_passes():
+    # With repaired pairs every failing sample is a pair, so "never" is as worth a prompt as "half".
+    records = {"never": KindRecord(0, 40), "half": KindRecord(20, 40), "always": KindRecord(40, 40)}
+    plain = learnability_weights(["never", "half", "always"], records)
+    repaired = learnability_weights(["never", "half", "always"], records, repairable={"never", "always"})
+
+    assert repaired["never"] == pytest.approx(repaired["half"], rel=0.03) and plain["never"] < plain["half"] / 5
+    # Mastered kinds still fade: a repair of an answer that passes is no pair.
+    assert repaired["always"] / repaired["half"] == pytest.approx(WEIGHT_FLOOR, rel=0.3)

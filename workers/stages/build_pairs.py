@@ -1,5 +1,6 @@
-"""Stage 4: preference pairs: verified (the constraint checks separate two answers), anchored
-(rejected from the initial model), self-reward (judge scores) and RLCD, as pairs.strategy names."""
+"""Stage 4: preference pairs: verified (the constraint checks separate two answers), repaired (a
+failing answer against its verifier-guided repair), anchored (rejected from the initial model),
+self-reward (judge scores) and RLCD, as pairs.strategy names."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             p.id: [Constraint.from_json(c) for c in (p.constraints or [])]
             for p in session.scalars(select(Prompt).where(Prompt.iteration_id == ctx.iteration_id))
         }
+    by_id = {str(r.id): r for r in responses}
     max_tokens = ctx.settings.generation.max_new_tokens
     scores_by_response: dict[int, list[float | None]] = defaultdict(list)
     for j in judgments:
@@ -41,7 +43,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             checks = tuple(check_all(constraints.get(r.prompt_id, []), r.text))
             answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, r.num_tokens >= max_tokens)
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
-        else:
+        elif r.kind.startswith("rlcd_"):
             rlcd[r.prompt_id][r.kind] = r
     if cfg.length_normalise:
         scored = pairs.length_normalised(scored)
@@ -50,6 +52,11 @@ def build_pairs(ctx: StageContext) -> StageOutput:
     self_reward = pairs.build_self_reward_pairs(scored, cfg.min_score_gap, cfg.length_epsilon)
     verified = pairs.build_verified_pairs(scored, cfg.length_epsilon or 0.0, cfg.chosen_must_finish, cfg.max_per_prompt)
     anchored = pairs.build_anchored_pairs(scored, anchor_pool, cfg.min_score_gap, cfg.length_epsilon or 0.0, cfg.chosen_must_finish)
+    repaired, repaired_texts = pairs.build_repaired_pairs(
+        scored, {str(pid): cs for pid, cs in constraints.items()}, cfg.max_per_prompt, cfg.chosen_must_finish
+    )
+    for pair in repaired:
+        lengths[pair.chosen_id] = _estimated_tokens(by_id[pair.rejected_id], repaired_texts[pair.chosen_id])
     rlcd_pairs = pairs.build_rlcd_pairs(
         [
             pairs.RlcdSample(str(pid), str(k["rlcd_positive"].id), k["rlcd_positive"].text, str(k["rlcd_negative"].id), k["rlcd_negative"].text)
@@ -57,7 +64,9 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             if {"rlcd_positive", "rlcd_negative"} <= k.keys()
         ]
     )
-    selected = pairs.select_pairs(cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored)
+    selected = pairs.select_pairs(
+        cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored, repaired_pairs=repaired
+    )
     dropped: list[pairs.PreferencePair] = []
     if cfg.max_length_ratio is not None:
         selected, dropped = pairs.cap_length_ratio(selected, lengths, cfg.max_length_ratio)
@@ -65,9 +74,10 @@ def build_pairs(ctx: StageContext) -> StageOutput:
     warnings = judge_metrics.judge_warnings(metrics, warning_thresholds(ctx), gap_history)
 
     def write(session: Session) -> dict[str, Any]:
+        response_ids = _store_repaired(session, [p for p in selected if p.kind == pairs.KIND_REPAIRED], repaired_texts, by_id, lengths)
         session.add_all(
             Pair(
-                iteration_id=ctx.iteration_id, prompt_id=int(p.prompt_id), chosen_response_id=int(p.chosen_id),
+                iteration_id=ctx.iteration_id, prompt_id=int(p.prompt_id), chosen_response_id=response_ids.get(p.chosen_id) or int(p.chosen_id),
                 rejected_response_id=int(p.rejected_id), kind=p.kind, score_gap=p.score_gap,
             )
             for p in selected
@@ -84,6 +94,28 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         "warnings": warnings,
     }
     return StageOutput(result, write)
+
+
+def _estimated_tokens(source: Response, text: str) -> int:
+    """A repaired answer's length in tokens, scaled from its source's by characters (no tokenizer
+    is loaded here; training tokenizes the text itself, so only the length metrics use this)."""
+    return max(1, round(source.num_tokens * len(text) / max(1, len(source.text))))
+
+
+def _store_repaired(
+    session: Session, repaired: list[pairs.PreferencePair], texts: dict[str, str], sources: dict[str, Response], lengths: dict[str, int]
+) -> dict[str, int]:
+    """Store each repaired answer as a response of kind "repaired" beside its source; their ids by provisional id."""
+    rows = {}
+    for pair in repaired:
+        source = sources[pair.rejected_id]
+        rows[pair.chosen_id] = Response(
+            iteration_id=source.iteration_id, prompt_id=source.prompt_id, kind=pairs.KIND_REPAIRED,
+            sample_index=source.sample_index, text=texts[pair.chosen_id], num_tokens=lengths[pair.chosen_id],
+        )
+    session.add_all(rows.values())
+    session.flush()
+    return {provisional: row.id for provisional, row in rows.items()}
 
 
 def _earlier_score_gaps(session: Session, iteration_id: int, limit: int = 100) -> list[float | None]:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, aliased
 
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, CheckpointStatus, Pair, Prompt, Response
-from policies.pairs import KIND_ANCHORED, KIND_VERIFIED
+from policies.pairs import CHECKED_KINDS
 from workers import artifacts, tracking
 from workers.model_profile import checkpoint_profile
 from workers.runtime import configure_cpu_threads
@@ -34,7 +34,7 @@ def dpo_update(ctx: StageContext) -> StageOutput:
         # judge), so earlier cycles' verified/anchored pairs can be trained on again.
         first = ctx.iteration_id - t.replay_iterations
         replayed = _pair_rows(
-            session, Pair.iteration_id >= first, Pair.iteration_id < ctx.iteration_id, Pair.kind.in_((KIND_VERIFIED, KIND_ANCHORED))
+            session, Pair.iteration_id >= first, Pair.iteration_id < ctx.iteration_id, Pair.kind.in_(CHECKED_KINDS)
         ) if t.replay_iterations else []
     examples, trained_ids = preference_examples(ctx, rows + replayed, t.max_length)
     over_length = len(rows) + len(replayed) - len(examples)

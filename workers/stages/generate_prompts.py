@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from daemon.db.models import Prompt, Response
 from policies import curriculum, self_instruct, verifiable
+from policies.pairs import KIND_REPAIRED
+from policies.repair import REPAIRABLE_KINDS
 from policies.constraints import KINDS, Constraint, check
 from policies.heldout import split_seed_prompts
 from daemon.stage_runs import StageContext, StageOutput
@@ -118,7 +120,8 @@ def _kind_weights(ctx: StageContext, session: Session) -> dict[str, float] | Non
         for constraint in [Constraint.from_json(c) for c in constraint_json or []]:
             observations.append((constraint.kind, check(constraint, text)))
     kinds = cfg.constraint_kinds or sorted(KINDS)
-    return curriculum.learnability_weights(kinds, curriculum.tally(observations))
+    repairable = REPAIRABLE_KINDS if KIND_REPAIRED in ctx.settings.pairs.strategies else frozenset()
+    return curriculum.learnability_weights(kinds, curriculum.tally(observations), repairable=repairable)
 
 
 def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int) -> str | None:

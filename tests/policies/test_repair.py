@@ -1,0 +1,69 @@
+import pytest
+
+from policies.constraints import Constraint, check, check_all
+from policies.repair import REPAIRABLE_KINDS, repair
+
+ANSWER = "Walking is good for you, and it costs nothing.\nIt clears the head. Try it every morning."
+
+FAILING = [
+    Constraint.of("lowercase"),
+    Constraint.of("uppercase"),
+    Constraint.of("no_commas"),
+    Constraint.of("quotation"),
+    Constraint.of("title"),
+    Constraint.of("json_output"),
+    Constraint.of("start_with", phrase="In short"),
+    Constraint.of("end_with", phrase="I hope this helps"),
+    Constraint.of("postscript", marker="P.P.S."),
+    Constraint.of("language_marker", language="English"),
+    Constraint.of("repeat_request", request="Why walk every day?"),
+    Constraint.of("max_words", n=12),
+    Constraint.of("max_sentences", n=2),
+    Constraint.of("highlights", n=2),
+]
+
+
+@pytest.mark.parametrize("constraint", FAILING, ids=lambda c: c.kind)
+def test_a_failing_answer_is_repaired_to_pass_its_check(constraint):
+    assert not check(constraint, ANSWER)
+    fixed = repair([constraint], ANSWER)
+    assert fixed is not None and check(constraint, fixed)
+
+
+def test_every_repairable_kind_is_exercised():
+    assert {c.kind for c in FAILING} == REPAIRABLE_KINDS
+
+
+def test_repairs_are_minimal_edits_of_the_answer():
+    assert repair([Constraint.of("lowercase")], ANSWER) == ANSWER.lower()
+    assert repair([Constraint.of("quotation")], ANSWER) == f'"{ANSWER}"'
+    assert repair([Constraint.of("start_with", phrase="In short")], ANSWER) == f"In short {ANSWER}"
+    assert repair([Constraint.of("repeat_request", request="Why walk?")], ANSWER) == f"Why walk?\n\n{ANSWER}"
+    assert repair([Constraint.of("max_sentences", n=2)], ANSWER) == "Walking is good for you, and it costs nothing. It clears the head."
+    assert repair([Constraint.of("no_commas")], ANSWER).startswith("Walking is good for you and it costs nothing.")
+
+
+def test_several_failing_constraints_are_repaired_together_and_verified():
+    constraints = [Constraint.of("lowercase"), Constraint.of("end_with", phrase="Good luck"), Constraint.of("quotation")]
+    fixed = repair(constraints, ANSWER)
+    assert fixed is not None and all(check_all(constraints, fixed))
+    assert fixed == f'"{ANSWER} Good luck"'.lower()
+
+
+def test_no_repair_when_a_failing_kind_has_no_sound_edit():
+    assert repair([Constraint.of("lowercase"), Constraint.of("min_words", n=120)], ANSWER) is None
+    assert repair([Constraint.of("bullet_points", n=3)], ANSWER) is None
+
+
+def test_no_repair_for_a_passing_answer_an_empty_one_or_no_constraints():
+    assert repair([Constraint.of("lowercase")], ANSWER.lower()) is None
+    assert repair([Constraint.of("lowercase")], "   ") is None
+    assert repair([], ANSWER) is None
+
+
+def test_a_repair_the_checker_rejects_is_not_returned():
+    # Marking an English answer as French does not make it French: the language check still fails.
+    assert repair([Constraint.of("language_marker", language="French")], ANSWER) is None
+    # Words compare case-blind, so a lower-cased start phrase still opens the answer.
+    both = [Constraint.of("lowercase"), Constraint.of("start_with", phrase="In short")]
+    assert repair(both, ANSWER) == f"in short {ANSWER.lower()}"

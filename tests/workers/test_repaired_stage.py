@@ -1,0 +1,70 @@
+"""The `repaired` pair strategy in the stages: build_pairs stores each repair as a response of kind
+"repaired" and pairs it over its source; dpo_update trains on and replays those pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from daemon.bootstrap import initialise
+from daemon.cycle import run_cycle
+from daemon.db.engine import transaction
+from daemon.db.models import Iteration, Pair, Response, StageRun
+from daemon.dispatch import EagerDispatcher
+from tests.factories import lineage_with_responses, small_cycle_settings
+from workers.stages.build_pairs import build_pairs
+
+LOWERCASE = [{"kind": "lowercase"}]
+
+
+def test_build_pairs_stores_repairs_for_prompts_the_checks_cannot_separate(tmp_path: Path, tiny_model_dir: Path):
+    rows = [
+        ("Why walk? Write in lowercase.", ["Walking Helps.", "walking helps a lot."], LOWERCASE),
+        ("Why sleep? Write in lowercase.", ["Sleep Heals.", "Sleep Is Good For You.", "Rest."], LOWERCASE),
+    ]
+    ctx, ids = lineage_with_responses(
+        tmp_path / "data", tiny_model_dir, rows, pairs={"strategy": "verified+repaired", "max_per_prompt": 2},
+        judge={"backend": "verifier"}, generation={"max_new_tokens": 64},
+    )
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        pairs = session.scalars(select(Pair).order_by(Pair.id)).all()
+        shown = [(p.kind, session.get(Response, p.chosen_response_id), session.get(Response, p.rejected_response_id)) for p in pairs]
+
+    assert output.result["verified_pairs"] == 1 and output.result["repaired_pairs"] == 2
+    verified, *repaired = shown
+    assert verified[0] == "verified" and (verified[1].id, verified[2].id) == (ids["walking helps a lot."], ids["Walking Helps."])
+    # The all-failing prompt gets two repairs (max_per_prompt), of its first two answers, as new responses.
+    assert [(kind, chosen.kind, chosen.text, rejected.id) for kind, chosen, rejected in repaired] == [
+        ("repaired", "repaired", "sleep heals.", ids["Sleep Heals."]),
+        ("repaired", "repaired", "sleep is good for you.", ids["Sleep Is Good For You."]),
+    ]
+    assert all(chosen.prompt_id == rejected.prompt_id and chosen.num_tokens > 0 for _, chosen, rejected in repaired)
+
+
+@pytest.mark.slow
+def test_repaired_pairs_train_the_candidate_and_are_replayed_next_cycle(tmp_path: Path, tiny_model_dir: Path):
+    # The random tiny model's byte soup almost always holds a capital letter: lowercase repairs abound.
+    settings = small_cycle_settings(
+        tmp_path / "data", tiny_model_dir,
+        generation={"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0},
+        prompts={"per_cycle": 4, "constraint_kinds": ["lowercase"], "top_up_from": "tasks"},
+        respond={"num_samples": 3},
+        pairs={"strategy": "repaired", "chosen_must_finish": False, "max_per_prompt": 2},
+        judge={"backend": "verifier"},
+        training={"replay_iterations": 1},
+        eval={"suites": []},
+    )
+    sessions = initialise(settings)
+    for _ in range(2):
+        run_cycle(sessions, settings, EagerDispatcher(settings, sessions))
+    with sessions() as session:
+        first, second = session.scalars(select(Iteration).order_by(Iteration.id)).all()
+        first_pairs = session.scalars(select(Pair.id).where(Pair.iteration_id == first.id, Pair.kind == "repaired")).all()
+        dpo = session.scalars(select(StageRun).where(StageRun.iteration_id == second.id, StageRun.stage == "dpo_update")).one()
+    assert first_pairs and first.candidate_checkpoint_id is not None
+    assert set(first_pairs) <= set(dpo.result["replayed_pair_ids"])
