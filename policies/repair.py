@@ -28,20 +28,28 @@ from policies.constraints import Constraint, check_all
 Params = dict[str, Any]
 
 _COMMA = re.compile(r"\s*[,，、]\s*")
-_HIGHLIGHTABLE = re.compile(r"^(?P<lead>\s*)(?P<body>[^*\n]*[^\W_][^*\n]*?)(?P<trail>\s*)$")
+# A line without stars, of two words or more: its first word stays outside the highlight, so a
+# highlighted line never opens with a star (which a bullet does: "* item").
+_HIGHLIGHTABLE = re.compile(r"^(?P<lead>\s*[^\s*]+\s+)(?P<body>[^*\n]*[^\W_][^*\n]*?)(?P<trail>\s*)$")
 POSTSCRIPT_TEXT = "I hope this is useful."
 TITLE_WORDS = 5
 
 
 def _first_sentences(text: str, keep: Callable[[list[str]], bool]) -> str:
-    """The longest run of leading sentences that `keep` accepts (at least the first sentence's words)."""
-    pieces = ct.sentences(text)
+    """The text up to the last sentence end at which the leading sentences are still accepted by
+    `keep`, line breaks kept (a cut list stays a list)."""
+    lines: list[str] = []
     kept: list[str] = []
-    for piece in pieces:
-        if not keep([*kept, piece]):
+    for line in text.split("\n"):
+        pieces = ct.sentences(line)
+        taken = [piece for index, piece in enumerate(pieces) if keep([*kept, *pieces[: index + 1]])]
+        if len(taken) < len(pieces):
+            if taken:
+                lines.append(" ".join(piece.strip() for piece in taken))
             break
-        kept.append(piece.strip())
-    return " ".join(kept)
+        kept.extend(pieces)
+        lines.append(line)
+    return "\n".join(lines).rstrip()
 
 
 def _max_words(p: Params, text: str) -> str:
@@ -58,7 +66,7 @@ def _no_commas(p: Params, text: str) -> str:
 
 
 def _highlights(p: Params, text: str) -> str:
-    """Wrap whole lines in *...* until `n` are highlighted (lines with stars are left alone)."""
+    """Wrap lines after their first word in *...* until `n` are highlighted (lines with stars are left alone)."""
     lines, done = text.split("\n"), 0
     for index, line in enumerate(lines):
         match = _HIGHLIGHTABLE.match(line)

@@ -39,7 +39,7 @@ def test_repairs_are_minimal_edits_of_the_answer():
     assert repair([Constraint.of("quotation")], ANSWER) == f'"{ANSWER}"'
     assert repair([Constraint.of("start_with", phrase="In short")], ANSWER) == f"In short {ANSWER}"
     assert repair([Constraint.of("repeat_request", request="Why walk?")], ANSWER) == f"Why walk?\n\n{ANSWER}"
-    assert repair([Constraint.of("max_sentences", n=2)], ANSWER) == "Walking is good for you, and it costs nothing. It clears the head."
+    assert repair([Constraint.of("max_sentences", n=2)], ANSWER) == "Walking is good for you, and it costs nothing.\nIt clears the head."
     assert repair([Constraint.of("no_commas")], ANSWER).startswith("Walking is good for you and it costs nothing.")
 
 
@@ -67,3 +67,16 @@ def test_a_repair_the_checker_rejects_is_not_returned():
     # Words compare case-blind, so a lower-cased start phrase still opens the answer.
     both = [Constraint.of("lowercase"), Constraint.of("start_with", phrase="In short")]
     assert repair(both, ANSWER) == f"in short {ANSWER.lower()}"
+
+
+def test_cutting_to_a_limit_keeps_the_lines_of_a_list():
+    answer = "Bring these:\n* a towel.\n* sun cream.\n* a hat. And water too.\n* a book."
+    assert repair([Constraint.of("max_sentences", n=4)], answer) == "Bring these:\n* a towel.\n* sun cream.\n* a hat."
+    assert repair([Constraint.of("max_words", n=7)], answer) == "Bring these:\n* a towel.\n* sun cream."
+
+
+def test_highlights_never_open_a_line_with_a_star_so_they_cannot_pass_for_bullets():
+    answer = "Pack light.\n* a towel\nGo early in the day."
+    fixed = repair([Constraint.of("highlights", n=2)], answer)
+    assert fixed == "Pack *light.*\n* a towel\nGo *early in the day.*"
+    assert check(Constraint.of("bullet_points", n=1), fixed)
