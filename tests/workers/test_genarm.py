@@ -16,6 +16,7 @@ from policies.self_instruct import load_seed_prompts
 from workers.checkpoints import CheckpointError, verify_checkpoint
 from workers.genarm import (
     ARM_CHECKPOINT_KIND,
+    IncrementalReward,
     RewardGuidanceProcessor,
     RewardGuide,
     TokenizerMismatchError,
@@ -277,6 +278,33 @@ def test_incremental_guidance_equals_scoring_each_unpadded_row_from_scratch(arch
         ablated = {"llama": {}, "gpt2": {"attention_mask": full_mask}}[arch]
         wrong = torch.log_softmax(arm(input_ids=ids, **ablated).logits[padded, -1].float(), dim=-1)
         assert (wrong - alone(rows[padded])).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stepping_request_caches_together_equals_stepping_each_alone(arch: str, tiny_model_dir: Path, base, prompts) -> None:
+    """The vLLM processor's batched step: unpadded one-row caches of different lengths, one token each."""
+    arm = sharp_reward_model(arch, tiny_model_dir)
+    rows = [base.encode_prompt(p) for p in (prompts[0], prompts[3], prompts[5])]
+    assert len({len(r) for r in rows}) == len(rows)
+    together, alone = [IncrementalReward(arm) for _ in rows], [IncrementalReward(arm) for _ in rows]
+    rng = torch.Generator().manual_seed(0)
+
+    def one(reward: IncrementalReward, ids: list[int]) -> torch.Tensor:
+        return reward.next_logprobs(torch.tensor([ids]), torch.ones((1, reward.length + len(ids)), dtype=torch.long))[0]
+
+    with torch.inference_mode():
+        for a, b, row in zip(together, alone, rows, strict=True):
+            one(a, row), one(b, row)
+        for step in range(4):
+            tokens = torch.randint(10, arm.config.vocab_size, (len(rows),), generator=rng).tolist()
+            if step == 2:  # a step alone on a cache that was stepped in the batch before
+                assert torch.allclose(one(together[1], [tokens[1]]), one(alone[1], [tokens[1]]), atol=1e-4)
+                continue
+            stepped = IncrementalReward.step_together(together, tokens)
+            for i, (reward, token) in enumerate(zip(alone, tokens, strict=True)):
+                expected = one(reward, [token])
+                assert torch.allclose(stepped[i], expected, atol=1e-4), f"row {i} differs by {(stepped[i] - expected).abs().max()}"
+        assert [r.length for r in together] == [r.length for r in alone]
 
 
 def test_guidance_supports_several_samples_per_prompt(base, water, prompts) -> None:

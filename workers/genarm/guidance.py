@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor
+from transformers.cache_utils import DynamicLayer
 
 from policies.genarm import align_vocab_width, guided_scores, validate_beta, validate_weights, vocabulary_differences
 
@@ -102,20 +104,27 @@ class IncrementalReward:
         self._cache_argument = "cache" if "cache" in params else "past_key_values"
         self._cache: DynamicCache | None = None
 
+    @property
+    def length(self) -> int:
+        """Tokens (left padding included) the cache holds."""
+        return 0 if self._cache is None else self._cache.get_seq_length()
+
     def next_logprobs(self, new_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Feed ``new_ids`` (the prompt, then one token per step) and return the next-token log-probs.
 
         ``attention_mask`` covers everything fed so far plus ``new_ids`` (left padding included).
         """
-        mask = attention_mask.to(self.device)
         if self._cache is None:
             # transformers' Cache API: one DynamicCache object, filled in place step by step.
             self._cache = DynamicCache(config=self.model.config)
+        return self._forward(new_ids, attention_mask.to(self.device), self._cache)
+
+    def _forward(self, new_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": new_ids.to(self.device),
             "attention_mask": mask,
             # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated).
-            self._cache_argument: self._cache,
+            self._cache_argument: cache,
             "use_cache": True,
         }
         if self._takes_position_ids:
@@ -125,6 +134,52 @@ class IncrementalReward:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+    @staticmethod
+    def step_together(rewards: Sequence[IncrementalReward], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to ``rewards[i]`` (one-row, unpadded caches of one model) in one forward.
+
+        Returns their next-token log-probs, ``[len(rewards), vocab]``. The caches, of different
+        lengths, are left-padded into one batch (masked, positions counted per row as in a
+        left-padded chunk); afterwards each row's cache is its slice of the batch's, padding
+        dropped. Caches that are not plain full-attention layers (sliding windows), or a model that
+        takes no position ids, go one forward per row instead.
+        """
+        if len(rewards) != len(tokens):
+            raise ValueError(f"{len(rewards)} caches but {len(tokens)} tokens")
+        first = rewards[0]
+        caches = [reward._cache for reward in rewards]
+        batchable = (
+            len(rewards) > 1
+            and first._takes_position_ids
+            and all(reward.model is first.model for reward in rewards)
+            and all(cache is not None and all(type(layer) is DynamicLayer for layer in cache.layers) for cache in caches)
+        )
+        if not batchable:
+            return torch.cat(
+                [
+                    reward.next_logprobs(torch.tensor([[token]]), torch.ones((1, reward.length + 1), dtype=torch.long))
+                    for reward, token in zip(rewards, tokens, strict=True)
+                ]
+            )
+        lengths = [reward.length for reward in rewards]
+        width = max(lengths)
+        batch = DynamicCache(config=first.model.config)
+        for index in range(len(caches[0].layers)):  # type: ignore[union-attr]
+            layers = [cache.layers[index] for cache in caches]  # type: ignore[union-attr]
+            # Left padding along the sequence axis (-2) of each [1, heads, length, head_dim] tensor.
+            keys = torch.cat([F.pad(layer.keys, (0, 0, width - n, 0)) for layer, n in zip(layers, lengths, strict=True)])
+            values = torch.cat([F.pad(layer.values, (0, 0, width - n, 0)) for layer, n in zip(layers, lengths, strict=True)])
+            batch.update(keys, values, index)
+        mask = torch.zeros((len(rewards), width + 1), dtype=torch.long, device=first.device)
+        for row, n in enumerate(lengths):
+            mask[row, width - n :] = 1
+        logprobs = first._forward(torch.tensor([[token] for token in tokens]), mask, batch)
+        for row, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+            for layer, batched in zip(cache.layers, batch.layers, strict=True):  # type: ignore[union-attr]
+                layer.keys = batched.keys[row : row + 1, :, width - n :]
+                layer.values = batched.values[row : row + 1, :, width - n :]
+        return logprobs
 
 
 class RewardGuidanceProcessor(LogitsProcessor):

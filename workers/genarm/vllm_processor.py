@@ -12,8 +12,9 @@ Per guided request the processor keeps one :class:`~workers.genarm.guidance.Incr
 per reward model (a transformers ``DynamicCache`` over the request's prompt and output tokens).
 vLLM tells it which batch row each request occupies (``update_state``: requests added, removed,
 moved or swapped as the persistent batch condenses); at every step (``apply``) it feeds each
-guided request's cache the tokens sampled since the last step (the whole prompt the first time:
-one forward over the prompt, then one single-token forward per step) and adds
+guided request's caches the tokens sampled since the last step (the whole prompt the first time,
+in a forward of its own; then one token per step, the requests' caches of one reward model
+stepped together in one batched forward, :meth:`IncrementalReward.step_together`) and adds
 ``(1/β) · Σ_i w_i · log p_arm_i`` (:func:`policies.genarm.guided_scores`, the HF path's maths) to
 that request's row. Rows whose request has no new token (a prompt still being prefilled in
 chunks) get the last guidance again without a forward.
@@ -22,8 +23,7 @@ vLLM applies processors that can change the argmax (this one) before penalties, 
 top-p / top-k, so, as on the HF engine, temperature scales and top-p truncates the *guided*
 distribution. The registry lives in this process: it needs the in-process engine that
 ``VllmRuntime`` starts (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); a request whose id the engine's
-process does not know fails with that explanation. Reward-model forwards run one request at a
-time (no batching across requests: their caches differ in length).
+process does not know fails with that explanation.
 """
 
 from __future__ import annotations
@@ -104,16 +104,34 @@ class _GuidedRequest:
             return self.prompt_ids[self.fed :] + list(known)
         return list(known[self.fed - prompt :])
 
+    def feed(self, new: list[int], width: int, device: torch.device) -> None:
+        """Feed ``new`` to every reward model's cache, one forward each (the prompt, or a step's tokens)."""
+        ids = torch.tensor([new], dtype=torch.long)
+        self.fed += len(new)
+        mask = torch.ones((1, self.fed), dtype=torch.long)
+        self.arm_logprobs = [align_vocab_width(reward.next_logprobs(ids, mask).to(device), width) for reward in self.rewards]
+
     def guided_row(self, row: torch.Tensor) -> torch.Tensor:
         """``row`` ([1, vocab] base logits) plus this request's guidance."""
-        new = self.new_tokens()
-        if new or not self.arm_logprobs:
-            ids = torch.tensor([new], dtype=torch.long)
-            self.fed += len(new)
-            mask = torch.ones((1, self.fed), dtype=torch.long)
-            width = row.shape[-1]
-            self.arm_logprobs = [align_vocab_width(reward.next_logprobs(ids, mask).to(row.device), width) for reward in self.rewards]
         return guided_scores(row, self.arm_logprobs, self.guidance.weights, self.guidance.beta)
+
+
+def _advance(requests: list[_GuidedRequest], width: int, device: torch.device) -> None:
+    """Bring every request's reward log-probs up to its tokens: a prompt (or several new tokens)
+    in a forward of its own, the usual one new token per request batched per reward model."""
+    stepping: dict[int, list[tuple[_GuidedRequest, int, int]]] = {}  # id(model) -> (request, reward index, token)
+    for request in requests:
+        new = request.new_tokens()
+        if len(new) == 1 and request.arm_logprobs:
+            for k, reward in enumerate(request.rewards):
+                stepping.setdefault(id(reward.model), []).append((request, k, new[0]))
+            request.fed += 1
+        elif new or not request.arm_logprobs:
+            request.feed(new, width, device)
+    for group in stepping.values():
+        logprobs = IncrementalReward.step_together([request.rewards[k] for request, k, _ in group], [token for _, _, token in group])
+        for row, (request, k, _) in enumerate(group):
+            request.arm_logprobs[k] = align_vocab_width(logprobs[row : row + 1].to(device), width)
 
 
 class GenArmLogitsProcessor(LogitsProcessor):
@@ -145,6 +163,7 @@ class GenArmLogitsProcessor(LogitsProcessor):
         if not self.requests:
             return logits
         with torch.inference_mode():
+            _advance(list(self.requests.values()), logits.shape[-1], logits.device)
             for index, request in self.requests.items():
                 logits[index : index + 1] = request.guided_row(logits[index : index + 1])
         return logits
