@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from workers import sampling
 from workers.detokenize import TextAssembler
+from workers.prefix_cache import PrefixMemory, cache_argument, forward_after_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -119,11 +120,16 @@ class BatchEngine:
 
     def __init__(
         self, runtime: Any, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine", admit_min: int = 1,
+        share_prefix: bool = True,
     ) -> None:
         """``admit_min``: while rows are decoding, waiting sequences join only once at least this
         many slots are free (or every waiting one fits). Each admission re-stacks the whole KV
         cache, so on a CPU, where a step costs in proportion to its rows, admitting in groups
-        costs little decode and saves copies; the server admits at once (1) for latency."""
+        costs little decode and saves copies; the server admits at once (1) for latency.
+
+        ``share_prefix``: admitted prompts that open like a recent one (a URIAL preamble, a system
+        turn) prefill only the rest, on a copy of its keys and values (:class:`PrefixMemory`);
+        False prefills every prompt whole, the reference the reuse is tested against."""
         self.runtime = runtime
         self.model, self.tokenizer = runtime.model, runtime.tokenizer
         self.device = runtime.device
@@ -146,6 +152,8 @@ class BatchEngine:
         self._takes_logits_to_keep = "logits_to_keep" in params
         # transformers 5.2x renamed past_key_values to cache (the old name warns on every call).
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        argument = cache_argument(set(params)) if share_prefix else None
+        self.prefixes = PrefixMemory(self.model, self.device, argument) if argument is not None else None
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -259,9 +267,18 @@ class BatchEngine:
         return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
 
     def _admit(self, requests: list[SequenceRequest]) -> None:
-        input_ids, mask = self._left_pad([r.prompt_ids for r in requests])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(input_ids, mask, positions, None)
+        prompts = [r.prompt_ids for r in requests]
+        prefix = self.prefixes.prefix_for(prompts) if self.prefixes is not None else None
+        if prefix is not None:
+            # Rows are [prefix][pad...][suffix]; the mask hides the pads, positions run on.
+            out, _, mask = forward_after_prefix(self.model, prefix, prompts, self.pad_token_id, self.device, keep_last=1)
+            logits, cache = out.logits[:, -1, :].float(), getattr(out, prefix.argument)
+        else:
+            input_ids, mask = self._left_pad(prompts)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, cache = self._forward(input_ids, mask, positions, None)
+            if self.prefixes is not None:
+                self.prefixes.remember(prompts[0], cache, row=0)
         rows = [_Row(r, self.tokenizer, logits.shape[-1], self.device) for r in requests]
         self._merge(rows, cache, mask)
         self.stats["admitted"] += len(rows)

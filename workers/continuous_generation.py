@@ -91,11 +91,13 @@ def decode_continuously(
     stops: Sequence[str],
     batch_size: int,
     progress: ProgressCallback | None = None,
+    share_prefix: bool = True,
 ) -> list[list[DecodedSequence]]:
     """``decoded[i]`` sequences for each prompt context, in order (prompt i's samples 0..n-1).
 
     ``progress(done, total)`` is called from the calling thread each time all of a prompt's
-    sequences have finished (prompts may complete out of order; ``done`` counts them)."""
+    sequences have finished (prompts may complete out of order; ``done`` counts them).
+    ``share_prefix`` goes to the engine (:class:`BatchEngine`)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))  # advances the global RNG: fresh samples per call
     events: queue.Queue[tuple[tuple[int, int], BaseException | None]] = queue.Queue()
@@ -103,6 +105,7 @@ def decode_continuously(
     total = sum(decoded)
     engine = BatchEngine(
         runtime, max_batch_size=batch_size, max_waiting=max(total, 1), name="loop", admit_min=admit_group(batch_size, runtime.device),
+        share_prefix=share_prefix,
     )
     requests: list[SequenceRequest] = []
     try:

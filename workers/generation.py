@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback, chunks_by_weight
 from workers.continuous_generation import decode_continuously
+from workers.prefix_cache import SharedPrefix, encode_shared_prefix
 from workers.sampling import TemperatureTopPWarper
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class GenerationMixin:
     pad_token_id: int
     eos_token_ids: list[int]
     _lock: threading.RLock
+    _forward_params: set[str]
     context_ids: Callable[[str], list[int]]
     _left_pad: Callable[[Sequence[Sequence[int]]], tuple[torch.Tensor, torch.Tensor]]
     _decode: Callable[[list[int]], str]
@@ -99,6 +101,7 @@ class GenerationMixin:
         progress: ProgressCallback | None = None,
         logits_processors: ChunkLogitsProcessors | None = None,
         scheduler: Scheduler = "static",
+        share_prefix: bool = True,
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
         """Sample completions for each already-rendered prompt: ``num_samples`` each, or
@@ -120,6 +123,12 @@ class GenerationMixin:
         shape, order and meaning. Sequence (prompt i, sample j) then samples from its own
         generator seeded by ``continuous_generation.sequence_seed(seed, i, j)``. Per-chunk
         ``logits_processors`` and extra ``model.generate`` arguments exist only on the static path.
+
+        ``share_prefix``: the tokens every prompt opens with (a judge rubric, a URIAL preamble) are
+        prefilled once for the call and each chunk decodes on a copy of their keys and values
+        (:mod:`workers.prefix_cache`; the continuous engine remembers openings across calls too).
+        Not with ``logits_processors``, which see each chunk's rows whole. False prefills every
+        prompt whole: the reference the reuse is tested against.
         """
         counts = sample_counts(num_samples, len(prompts))
         if scheduler not in SCHEDULERS:
@@ -136,7 +145,7 @@ class GenerationMixin:
             with self._lock:
                 rows = decode_continuously(
                     self, contexts, decoded, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                    top_p=top_p, seed=seed, stops=stops, batch_size=batch_size, progress=progress,
+                    top_p=top_p, seed=seed, stops=stops, batch_size=batch_size, progress=progress, share_prefix=share_prefix,
                 )
             return [
                 samples if do_sample else samples * counts[i]
@@ -149,11 +158,13 @@ class GenerationMixin:
         warper = TemperatureTopPWarper(temperature, top_p) if do_sample else None
         results: list[list[Generation]] = []
         with self._lock, torch.inference_mode(), _seeded(seed, self.device):
+            share = share_prefix and logits_processors is None
+            prefix = encode_shared_prefix(self.model, contexts, self.device, self._forward_params) if share else None
             for chunk in chunks_by_weight(decoded, batch_size):
                 # One row per decoded sequence, a prompt's rows together: what transformers'
                 # num_return_sequences would build, but with a count per prompt.
                 rows = [contexts[i] for i in chunk for _ in range(decoded[i])]
-                new_tokens = self._decode_rows(rows, config, stops, warper, logits_processors, passthrough)
+                new_tokens = self._decode_rows(rows, config, stops, warper, logits_processors, passthrough, prefix)
                 start = 0
                 for i in chunk:
                     samples = [self._to_generation(row, stops) for row in new_tokens[start : start + decoded[i]]]
@@ -193,9 +204,19 @@ class GenerationMixin:
         warper: LogitsProcessor | None,
         logits_processors: ChunkLogitsProcessors | None,
         passthrough: dict[str, Any],
+        prefix: SharedPrefix | None = None,
     ) -> list[list[int]]:
-        """The new token ids of each row after one ``model.generate`` call on the left-padded rows."""
-        input_ids, attention_mask = self._left_pad(rows)
+        """The new token ids of each row after one ``model.generate`` call on the left-padded rows
+        (with a ``prefix``: ``[prefix][pad...][suffix]`` rows on a copy of its cache, whose tokens
+        ``model.generate`` skips; positions follow the attention mask, so they run on over the pads)."""
+        if prefix is None:
+            input_ids, attention_mask = self._left_pad(rows)
+        else:
+            suffix_ids, suffix_mask = self._left_pad([row[prefix.length :] for row in rows])
+            opening = torch.tensor([rows[0][: prefix.length]], dtype=torch.long, device=self.device).expand(len(rows), -1)
+            input_ids = torch.cat([opening, suffix_ids], dim=-1)
+            attention_mask = torch.cat([torch.ones_like(opening), suffix_mask], dim=-1)
+            passthrough = {**passthrough, prefix.argument: prefix.cache_for(len(rows))}
         processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
         if warper is not None:
             processors.append(warper)

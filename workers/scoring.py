@@ -15,7 +15,7 @@ import torch
 
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback, chunks, common_prefix_length
-from workers.prefix_cache import MIN_SHARED_PREFIX, SharedPrefix, encode_prefix, logits_after_prefix, cache_argument, shared_prefix_length
+from workers.prefix_cache import SharedPrefix, encode_shared_prefix, logits_after_prefix
 
 if TYPE_CHECKING:
     import threading
@@ -58,24 +58,29 @@ class ScoringMixin:
         *,
         batch_size: int = 8,
         progress: ProgressCallback | None = None,
+        share_prefix: bool = True,
     ) -> list[list[float]]:
-        """Per-token ``log p(completion token | prompt, previous completion tokens)`` for each pair."""
+        """Per-token ``log p(completion token | prompt, previous completion tokens)`` for each pair.
+
+        With ``share_prefix`` the tokens every prompt opens with (a chat template's system turn, a
+        URIAL preamble) are computed once for the call (:mod:`workers.prefix_cache`); False
+        computes every pair whole, the reference the reuse is tested against.
+        """
         pairs = self._scored_pairs(prompts, completions)
         # Similar lengths together wastes less padding; results are put back in input order.
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         results: list[list[float]] = [[] for _ in pairs]
         done = 0
         with self._lock, torch.inference_mode():
+            prefix = self._shared_prompt_prefix([pairs[i] for i in order if pairs[i][1]]) if share_prefix else None
             for chunk in chunks(order, batch_size):
                 scored = [i for i in chunk if pairs[i][1]]  # empty completions score 0 with no tokens
                 if scored:
-                    seqs = [pairs[i][0] + pairs[i][1] for i in scored]
-                    input_ids, attention_mask = self._left_pad(seqs)
                     # Left padding puts every completion at the end of its row: completion token j of
                     # a row with n completion tokens sits at column width-n+j and is predicted by
                     # the logits at column width-n+j-1, so only the last max_n+1 columns matter.
                     max_n = max(len(pairs[i][1]) for i in scored)
-                    logits = self._forward_logits(input_ids, attention_mask, keep_last=max_n + 1)
+                    logits, input_ids = self._last_logits([pairs[i][0] + pairs[i][1] for i in scored], prefix, keep_last=max_n + 1)
                     logprobs = torch.log_softmax(logits[:, :-1, :], dim=-1)  # predicts the last max_n columns
                     targets = input_ids[:, -max_n:]
                     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
@@ -86,6 +91,14 @@ class ScoringMixin:
                 if progress is not None:
                     progress(done, len(pairs))
         return results
+
+    def _shared_prompt_prefix(self, pairs: Sequence[tuple[list[int], list[int]]]) -> SharedPrefix | None:
+        """The shared prefix of scored (prompt, completion) pairs, cut before each prompt's last token,
+        whose logits predict the completion's first token and so must be computed in the row."""
+        if len(pairs) < 2:
+            return None
+        seqs = [prompt + completion for prompt, completion in pairs]
+        return self._shared_prefix(seqs, min(common_prefix_length(seqs), min(len(prompt) for prompt, _ in pairs) - 1))
 
     def _scored_pairs(self, prompts: list[str], completions: list[str]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, completion ids) of each pair, tokenised apart and checked against the context."""
@@ -103,9 +116,10 @@ class ScoringMixin:
         *,
         batch_size: int = 8,
         progress: ProgressCallback | None = None,
+        share_prefix: bool = True,
     ) -> list[float]:
-        """Sum of ``log p(completion tokens | prompt)`` for each (prompt, completion) pair."""
-        per_token = self.token_logprobs(prompts, completions, batch_size=batch_size, progress=progress)
+        """Sum of ``log p(completion tokens | prompt)`` for each (prompt, completion) pair (see token_logprobs)."""
+        per_token = self.token_logprobs(prompts, completions, batch_size=batch_size, progress=progress, share_prefix=share_prefix)
         return [float(sum(lps)) for lps in per_token]
 
     def candidate_token_ids(self, candidate_tokens: list[str]) -> list[int]:
@@ -129,16 +143,20 @@ class ScoringMixin:
         candidate_tokens: list[str],
         *,
         batch_size: int = 8,
+        share_prefix: bool = True,
     ) -> list[list[float]]:
-        """P(next token = candidate's first token | prompt), renormalised over the candidates."""
+        """P(next token = candidate's first token | prompt), renormalised over the candidates.
+
+        ``share_prefix``: the prompts' shared opening is computed once (see token_logprobs)."""
         cand_ids = torch.tensor(self.candidate_token_ids(candidate_tokens), dtype=torch.long, device=self.device)
+        contexts = [self.context_ids(p) for p in prompts]
+        for ids in contexts:
+            check_context(self.profile, len(ids), 0)
         results: list[list[float]] = []
         with self._lock, torch.inference_mode():
-            for chunk in chunks(prompts, batch_size):
-                contexts = [self.context_ids(p) for p in chunk]
-                for ids in contexts:
-                    check_context(self.profile, len(ids), 0)
-                logits = self._last_logits(contexts, None, keep_last=1)[0][:, -1, :]
+            prefix = self._shared_prefix(contexts) if share_prefix else None
+            for chunk in chunks(contexts, batch_size):
+                logits = self._last_logits(chunk, prefix, keep_last=1)[0][:, -1, :]
                 probs = torch.softmax(logits.index_select(-1, cand_ids), dim=-1)
                 results.extend(probs.cpu().tolist())
         return results
@@ -192,12 +210,8 @@ class ScoringMixin:
             suffixes.append(prompt_suffixes)
         return contexts, suffixes
 
-    def _shared_prefix(self, contexts: Sequence[Sequence[int]]) -> SharedPrefix | None:
-        """The cache of the contexts' shared prefix, where it is long enough to pay and the model allows it."""
-        length, argument = shared_prefix_length(contexts), cache_argument(self._forward_params)
-        if length < MIN_SHARED_PREFIX or argument is None:
-            return None
-        return encode_prefix(self.model, contexts[0][:length], self.device, argument)
+    def _shared_prefix(self, contexts: Sequence[Sequence[int]], length: int | None = None) -> SharedPrefix | None:
+        return encode_shared_prefix(self.model, contexts, self.device, self._forward_params, length)
 
     def _last_logits(self, seqs: Sequence[Sequence[int]], prefix: SharedPrefix | None, keep_last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits of each sequence's last ``keep_last`` positions, and the right-aligned ids

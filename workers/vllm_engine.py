@@ -10,7 +10,8 @@ the same prompts on either engine. It serves what respond and the model judges c
   :class:`Generation` through the HF runtime's own ``_to_generation`` (same EOS and stop cuts);
 * ``continuation_distribution`` (the logprob judge), ``token_logprobs`` / ``sequence_logprobs``
   (the implicit judge) and ``next_token_distribution``: ``prompt_logprobs`` of the scored tokens,
-  read at their positions in ``context + continuation``.
+  read at their positions in ``context + continuation``. Their ``share_prefix`` is accepted and
+  ignored: vLLM does not reuse cached prefixes for requests that ask for prompt log-probs.
 
 ``generate`` also decodes GenARM-guided: with ``logits_processors`` a
 :class:`workers.genarm.RewardGuidance` (what :func:`workers.genarm.guided_generate` passes) every
@@ -265,6 +266,7 @@ class VllmRuntime(ModelRuntime):
 
     def token_logprobs(
         self, prompts: list[str], completions: list[str], *, batch_size: int = 8, progress: ProgressCallback | None = None,
+        share_prefix: bool = True,
     ) -> list[list[float]]:
         pairs = self._scored_pairs(prompts, completions)
         scored = [i for i, (_, completion) in enumerate(pairs) if completion]  # empty completions score 0 with no tokens
@@ -276,7 +278,9 @@ class VllmRuntime(ModelRuntime):
             progress(len(pairs), len(pairs))
         return results
 
-    def next_token_distribution(self, prompts: list[str], candidate_tokens: list[str], *, batch_size: int = 8) -> list[list[float]]:
+    def next_token_distribution(
+        self, prompts: list[str], candidate_tokens: list[str], *, batch_size: int = 8, share_prefix: bool = True,
+    ) -> list[list[float]]:
         candidates = self.candidate_token_ids(candidate_tokens)
         contexts = [self.context_ids(p) for p in prompts]
         for ids in contexts:
