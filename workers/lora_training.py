@@ -46,6 +46,7 @@ __all__ = [
     "token_ids",
     "train_lora_checkpoint",
     "checkpoint_adapter",
+    "commit_merged",
     "trainer_state_dir",
     "training_arguments",
 ]
@@ -303,13 +304,11 @@ def train_lora_checkpoint(
         "log_history": history,
         "train_seconds": train_seconds,
         "resumed_from_step": resumed_from_step,
-        # The adapter that merged into this checkpoint, kept in it (see AdapterRecord).
-        "adapter": {"path": ADAPTER_SUBDIR, "rank": settings.lora_r},
         **(extra_metadata or {}),
     }
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     peft_model.eval()
-    committed = _commit_merged(out, peft_model, tokenizer, metadata)
+    committed = commit_merged(out, peft_model, tokenizer, metadata)
     forget_saved_state(out, state_store)  # the checkpoint exists: its trainer state is not needed
     return committed, metadata
 
@@ -349,12 +348,16 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
 
 
-def _commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any]) -> Path:
+def commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any]) -> Path:
     """Merge the trained adapter, write merged model + tokenizer + adapter to ``out`` atomically, return its path.
 
-    The reloaded merged model must reproduce the in-memory one on a probe input, or nothing is committed.
+    ``metadata`` is the manifest's (its ``parent``: the model the adapter was trained on); the
+    adapter is recorded in it (``adapter``, see :class:`AdapterRecord`). The reloaded merged
+    model must reproduce the in-memory one on a probe input, or nothing is committed.
     """
     from transformers import AutoModelForCausalLM
+
+    metadata = {**metadata, "adapter": {"path": ADAPTER_SUBDIR, "rank": int(peft_model.peft_config[peft_model.active_adapter].r)}}
 
     def write_fn(tmp: Path) -> None:
         # The adapter is saved before merging: merge_and_unload removes the LoRA layers.

@@ -191,6 +191,21 @@ class ModelRuntime(GenerationMixin, ScoringMixin):
         """Raise ``ContextLengthExceeded`` unless ``prompt`` leaves room for ``max_new_tokens``."""
         check_context(self.profile, self.prompt_tokens(prompt), max_new_tokens)
 
+    runs_logits_processors = True
+    """Whether the server's engine of this runtime applies per-sequence logits processors (GenARM, grammars)."""
+
+    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
+        """The server's continuous-batching decoding loop on this runtime (workers/batch_engine.py)."""
+        from workers.batch_engine import BatchEngine
+
+        return BatchEngine(self, max_batch_size=max_batch_size, max_waiting=max_waiting, name=name)
+
+    @property
+    def logits_width(self) -> int:
+        """The width of the model's logits (can exceed the tokenizer's length)."""
+        embeddings: Any = self.model.get_output_embeddings()
+        return int(embeddings.weight.shape[0]) if embeddings is not None else len(self.tokenizer)
+
     def probe_forward(self) -> None:
         """One forward pass on a short rendered prompt: the model runs, not only loads."""
         ids = self.context_ids(self.render_chat([{"role": "user", "content": "Hello"}]))[-min(16, self.profile.context_length) :]

