@@ -26,4 +26,4 @@ for arg in "$@"; do [[ "$arg" == -* ]] || exit 0; done
 python3 -m venv .venv-vllm
 .venv-vllm/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
 bash ops/install_vllm.sh .venv-vllm cpu dev
-exec .venv-vllm/bin/python -m pytest "$@" tests/workers/test_vllm_engine.py tests/workers/test_vllm_genarm.py
+exec .venv-vllm/bin/python -m pytest "$@" tests/workers/test_vllm_engine.py tests/workers/test_vllm_genarm.py tests/serving/test_vllm_serving.py

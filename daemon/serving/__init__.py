@@ -14,7 +14,7 @@ from daemon.config import Settings
 def build_app(settings: Settings) -> FastAPI:
     from daemon.db.engine import open_lineage
     from daemon.serving.app import create_serving_app
-    from daemon.serving.champion import ChampionWatcher, load_verified
+    from daemon.serving.champion import ChampionWatcher, VllmChampionLoader, load_verified
     from workers.runtime import configure_cpu_threads
     from workers.steering import SteeringMethods, SteeringResources
 
@@ -22,9 +22,12 @@ def build_app(settings: Settings) -> FastAPI:
     # default of one thread per core was ~11x slower on a loaded machine).
     configure_cpu_threads(settings.model.cpu_threads)
     sessions = open_lineage(settings)
-    loader = partial(load_verified, settings)
-    watcher = ChampionWatcher(sessions, loader=loader, poll_seconds=settings.serve.poll_seconds)
+    loader = partial(load_verified, settings)  # also the steering methods' reward models: HF runtimes
+    champion_loader = VllmChampionLoader(settings) if settings.model.engine == "vllm" else loader
+    watcher = ChampionWatcher(sessions, loader=champion_loader, poll_seconds=settings.serve.poll_seconds)
     methods = SteeringMethods(SteeringResources(settings.serve, sessions, loader), settings.serve.default_steering)
+    if settings.model.engine == "vllm" and methods[settings.serve.default_steering].uses_logits_processors:
+        raise ValueError(f"serve.default_steering {settings.serve.default_steering!r} needs model.engine hf (model.engine is vllm)")
     return create_serving_app(settings, watcher, methods)
 
 
@@ -35,17 +38,19 @@ class ServerThread:
     ``server.base`` is its URL and ``server.app`` the app (its ``state.serving`` holds the engines).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, start_timeout: float = 60) -> None:
+        """``start_timeout``: seconds to wait for the server, which loads the champion first."""
         import uvicorn
 
         self.app = build_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.serve.port, log_config=None))
         self.thread = threading.Thread(target=self.server.run, name="kaizen-serve", daemon=True)
         self.base = f"http://127.0.0.1:{settings.serve.port}"
+        self.start_timeout = start_timeout
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError(f"the server on {self.base} did not start")

@@ -9,6 +9,11 @@ and the error is reported on ``/healthz``. Every swap hashes the checkpoint's fi
 manifest (workers.trust), so bit rot that keeps sizes and mtimes is refused too. A fresh server
 whose champion fails serves the newest earlier champion that verifies, and ``/healthz`` says so
 under ``fallback``; the next pointer move that loads ends the fallback.
+
+Under ``model.engine: vllm`` the loader is a :class:`VllmChampionLoader`: a process runs one vLLM
+engine, and a new champion whose LoRA adapter was trained on the engine's model (the usual
+promotion: a candidate of the served champion) is hot-loaded into it as an adapter instead of
+restarting the engine on the merged weights.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import select
@@ -26,6 +33,9 @@ from daemon.db import lineage
 from daemon.db.models import Checkpoint
 from daemon.config import Settings
 from workers.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from workers.vllm_engine import VllmRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +73,55 @@ def load_verified(settings: Settings, path: str) -> ModelRuntime:
     from workers.trust import verify_before_trust
 
     return ModelRuntime.load(verify_before_trust(settings, path), **settings.model.runtime_options())
+
+
+def _same_directory(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b
+
+
+class VllmChampionLoader:
+    """The champion on the process's vLLM engine (``model.engine: vllm``), after the same full
+    verification as :func:`load_verified`.
+
+    The engine runs the model it was started on (its ``base``) with LoRA enabled up to the
+    trainers' rank. A checkpoint is then served as: that model itself (a rollback to it); the
+    engine's model plus the checkpoint's adapter (workers.lora_training.checkpoint_adapter) when
+    the adapter was trained on it, loaded into the running engine under a name and id of its own
+    (workers.vllm_engine.lora_adapter); otherwise a new engine on the checkpoint's merged weights,
+    which stops the running one (sequences still decoding there end with an error).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base: VllmRuntime | None = None  # the runtime that owns the running engine
+        self.max_lora_rank = max(settings.training.lora_r, settings.steerlm.lora_r)
+
+    def __call__(self, path: str) -> ModelRuntime:
+        from workers.lora_training import checkpoint_adapter
+        from workers.trust import is_hub_id, verify_before_trust
+        from workers.vllm_engine import VllmRuntime, lora_adapter
+
+        local = verify_before_trust(self.settings, path)
+        base = self.base
+        if base is not None and base.llm is not None:
+            if _same_directory(local, base.model_path):
+                return base
+            record = None if is_hub_id(local) else checkpoint_adapter(local)
+            if record is not None and _same_directory(record.base, base.model_path) and record.rank <= self.max_lora_rank:
+                started = time.perf_counter()
+                view = base.with_adapter(lora_adapter(record.path))
+                view.load_adapter()
+                log.info("serve.adapter_hot_loaded", path=local, adapter=view.adapter.name if view.adapter else None,
+                         base=base.model_path, load_seconds=round(time.perf_counter() - started, 3))
+                return view
+        runtime = VllmRuntime.load(
+            local, **self.settings.model.runtime_options(), kv_cache_gib=self.settings.model.vllm_kv_cache_gib, max_lora_rank=self.max_lora_rank,
+        )
+        self.base = runtime
+        return runtime
 
 
 class ChampionWatcher:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from daemon.serving.protocol import DecodeParams
 from workers.batch_engine import RowProcessor, SamplingSpec
 from workers.runtime import ModelRuntime
@@ -37,5 +35,4 @@ def processors_for(runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int
 
 def vocab_width(runtime: ModelRuntime) -> int:
     """The width of the model's logits (can exceed the tokenizer's length)."""
-    embeddings: Any = runtime.model.get_output_embeddings()
-    return int(embeddings.weight.shape[0]) if embeddings is not None else len(runtime.tokenizer)
+    return runtime.logits_width

@@ -116,8 +116,9 @@ class Serving:
             for old_key, old in list(self._engines.items()):
                 old.retire()
                 del self._engines[old_key]
-            created = BatchEngine(model.runtime, max_batch_size=self.serve.max_batch_size, max_waiting=self.serve.max_queue,
-                                  name=model.checkpoint_id).start()
+            # The runtime's own loop: workers/batch_engine.py on HF, workers/vllm_batch_engine.py on vLLM.
+            created = model.runtime.batch_engine(max_batch_size=self.serve.max_batch_size, max_waiting=self.serve.max_queue,
+                                                 name=model.checkpoint_id).start()
             self._engines[key] = created
             return created
 
@@ -175,6 +176,7 @@ class Serving:
             raise ApiError(404, f"model {req.model!r} is not served here; use {self.serve.model_name!r} (the current champion)", param="model", kind="not_found_error", code="model_not_found")
         spec = self._steering(req.steering)
         params = req.to_decode_params(self.limits)
+        self._check_engine_runs(model, spec, params)
         try:
             # The budget lets a URIAL prompt drop examples to leave room for the answer.
             prompts = render(model, spec, params.max_tokens)
@@ -184,6 +186,15 @@ class Serving:
         envelope = Envelope(f"{kind}-{uuid.uuid4().hex}", int(time.time()), self.serve.model_name, model.checkpoint_id,
                             {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()})
         return Job(model, spec, params, prompts, self._decoder(spec, model), envelope)
+
+    def _check_engine_runs(self, model: ServedModel, spec: SteeringSpec, params: DecodeParams) -> None:
+        """400 for what needs per-token logits processors when the served engine has none (vLLM)."""
+        if model.runtime.runs_logits_processors:
+            return
+        if self.methods[spec.method].uses_logits_processors:
+            raise ApiError(400, f"steering method {spec.method!r} needs model.engine hf; this server runs model.engine {self.settings.model.engine}", param="steering")
+        if params.json_schema is not None:
+            raise ApiError(400, f"response_format json needs model.engine hf; this server runs model.engine {self.settings.model.engine}", param="response_format")
 
     def _check_context(self, model: ServedModel, prompts: list[Prompt], params: DecodeParams) -> None:
         for prompt in prompts:

@@ -95,6 +95,8 @@ class SteeringMethod:
 
     name: ClassVar[str]
     option_keys: ClassVar[frozenset[str]] = frozenset()
+    # Whether its decoder adjusts every token's logits (Decoder.processors): model.engine hf only.
+    uses_logits_processors: ClassVar[bool] = False
 
     def __init__(self, resources: SteeringResources) -> None:
         self.resources = resources

