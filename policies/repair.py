@@ -12,7 +12,11 @@ lands on the tokens that matter and no length difference rides along).
 fixed order (content cuts, then additions at the end, then at the start, then wrappers, then
 case), and returns the result only if `check_all` then passes every constraint: a repair is
 always verified by the same checker the suites use. Kinds with no sound edit (min_words,
-keywords, bullet points, sections, paragraphs, two responses, placeholders) are not repaired.
+min_sentences, sections, paragraphs, two responses, placeholders) are not repaired.
+
+Keyword kinds are repaired in both directions, so that neither teaches the other's opposite: a
+forbidden word is dropped or replaced by a plain synonym, and missing required words are named in
+a closing "Key words:" line.
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ _COMMA = re.compile(r"\s*[,，、]\s*")
 _HIGHLIGHTABLE = re.compile(r"^(?P<lead>\s*[^\s*]+\s+)(?P<body>[^*\n]*[^\W_][^*\n]*?)(?P<trail>\s*)$")
 POSTSCRIPT_TEXT = "I hope this is useful."
 TITLE_WORDS = 5
+KEY_WORDS_LEAD = "Key words:"
+# What a forbidden word of the library's pool becomes; any other forbidden word is dropped.
+# Fillers go, nouns and adjectives get a plain synonym so the sentence still reads.
+_SYNONYMS = {"thing": "point", "things": "points", "stuff": "material", "many": "numerous", "great": "good",
+             "lot": "large number"}
+_LIST_ITEM = re.compile(r"^(?P<indent>[ \t]*)(?:[*\-•+]|\d{1,2}[.)])[ \t]+(?P<body>\S.*)$")
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+(?=[,.;:!?])")
+_DOUBLE_SPACE = re.compile(r"(?<=\S)[ \t]{2,}")
 
 
 def _first_sentences(text: str, keep: Callable[[list[str]], bool]) -> str:
@@ -78,15 +90,79 @@ def _highlights(p: Params, text: str) -> str:
 
 
 def _title(p: Params, text: str) -> str:
-    head = ct.words(ct.sentences(text)[0] if ct.sentences(text) else text)[:TITLE_WORDS]
+    first = ct.sentences(text)
+    head = ct.words(first[0] if first else text)[:TITLE_WORDS]
     return f"<<{' '.join(head).capitalize()}>>\n\n{text.lstrip()}"
 
 
+def _forbidden_word(word: str) -> re.Pattern[str]:
+    """`word` (or phrase) whole, case-blind, with a comma that followed it ("Basically, ...")."""
+    body = r"\W+".join(re.escape(piece) for piece in ct.words(word))
+    return re.compile(rf"(?<![^\W_])(?<!['’]){body}(?![^\W_])(?!['’][^\W_])(?P<comma>,)?", re.IGNORECASE)
+
+
+# Marks where a capitalised word was dropped, so the word after it takes the capital.
+_DROPPED_CAPITAL = "\x00"
+
+
+def _replacement(match: re.Match[str], word: str) -> str:
+    capital = match.group(0)[0].isupper()
+    synonym = _SYNONYMS.get(word.lower())
+    if synonym is None:
+        return _DROPPED_CAPITAL if capital else ""
+    return (synonym[0].upper() + synonym[1:] if capital else synonym) + (match.group("comma") or "")
+
+
+def _exclude_keywords(p: Params, text: str) -> str:
+    for word in p["keywords"]:
+        text = _forbidden_word(word).sub(lambda match, word=word: _replacement(match, word), text)
+    text = _DOUBLE_SPACE.sub(" ", _SPACE_BEFORE_PUNCTUATION.sub("", text))
+    text = re.sub(_DROPPED_CAPITAL + r"\s*(\w)", lambda m: m.group(1).upper(), text)
+    return text.replace(_DROPPED_CAPITAL, "")
+
+
+def _key_words_line(text: str, missing: list[str]) -> str:
+    return f"{text.rstrip()}\n\n{KEY_WORDS_LEAD} {', '.join(missing)}."
+
+
+def _include_keywords(p: Params, text: str) -> str:
+    found = ct.words(text)
+    return _key_words_line(text, [k for k in p["keywords"] if ct.count_phrase(found, k) == 0])
+
+
+def _keyword_frequency(p: Params, text: str) -> str:
+    missing = p["n"] - ct.count_phrase(ct.words(text), p["keyword"])
+    return _key_words_line(text, [p["keyword"]] * missing)
+
+
+def _bullet_points(p: Params, text: str) -> str:
+    """The answer's own list items (bullets of any mark, or numbered) as exactly `n` "* " bullets:
+    the first `n` are kept, later items are dropped. Unchanged when it lists fewer than `n`."""
+    lines = text.split("\n")
+    items = [index for index, line in enumerate(lines) if _LIST_ITEM.match(line)]
+    if len(items) < p["n"]:
+        return text
+    kept = set(items[: p["n"]])
+    out = []
+    for index, line in enumerate(lines):
+        if index in kept:
+            match = _LIST_ITEM.match(line)
+            assert match is not None  # kept lines are list items
+            out.append(f"{match['indent']}* {match['body']}")
+        elif index not in items:
+            out.append(line)
+    return "\n".join(out).rstrip()
+
+
 _REPAIRS_IN_ORDER: tuple[tuple[str, Callable[[Params, str], str]], ...] = (
+    ("exclude_keywords", _exclude_keywords),
+    ("bullet_points", _bullet_points),
     ("max_words", _max_words),
     ("max_sentences", _max_sentences),
     ("no_commas", _no_commas),
     ("highlights", _highlights),
+    ("include_keywords", _include_keywords),
+    ("keyword_frequency", _keyword_frequency),
     ("postscript", lambda p, t: f"{t.rstrip()}\n\n{p['marker']} {POSTSCRIPT_TEXT}"),
     ("end_with", lambda p, t: f"{t.rstrip()} {p['phrase']}"),
     ("title", _title),

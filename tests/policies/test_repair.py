@@ -20,18 +20,25 @@ FAILING = [
     Constraint.of("max_words", n=12),
     Constraint.of("max_sentences", n=2),
     Constraint.of("highlights", n=2),
+    Constraint.of("exclude_keywords", keywords=("good", "nothing")),
+    Constraint.of("include_keywords", keywords=("important", "walking")),
+    Constraint.of("keyword_frequency", keyword="head", n=3),
 ]
+LISTED = "Tips:\n1. Sleep well.\n2) Eat well.\n- Walk, daily.\n\nThat is all."
 
 
-@pytest.mark.parametrize("constraint", FAILING, ids=lambda c: c.kind)
-def test_a_failing_answer_is_repaired_to_pass_its_check(constraint):
-    assert not check(constraint, ANSWER)
-    fixed = repair([constraint], ANSWER)
+CASES = [(c, ANSWER) for c in FAILING] + [(Constraint.of("bullet_points", n=2), LISTED)]
+
+
+@pytest.mark.parametrize(("constraint", "answer"), CASES, ids=lambda c: getattr(c, "kind", ""))
+def test_a_failing_answer_is_repaired_to_pass_its_check(constraint, answer):
+    assert not check(constraint, answer)
+    fixed = repair([constraint], answer)
     assert fixed is not None and check(constraint, fixed)
 
 
 def test_every_repairable_kind_is_exercised():
-    assert {c.kind for c in FAILING} == REPAIRABLE_KINDS
+    assert {c.kind for c, _ in CASES} == REPAIRABLE_KINDS
 
 
 def test_repairs_are_minimal_edits_of_the_answer():
@@ -52,7 +59,42 @@ def test_several_failing_constraints_are_repaired_together_and_verified():
 
 def test_no_repair_when_a_failing_kind_has_no_sound_edit():
     assert repair([Constraint.of("lowercase"), Constraint.of("min_words", n=120)], ANSWER) is None
+    # No list to turn into bullets, and too short a list for four.
     assert repair([Constraint.of("bullet_points", n=3)], ANSWER) is None
+    assert repair([Constraint.of("bullet_points", n=4)], LISTED) is None
+
+
+def test_a_forbidden_word_is_dropped_or_replaced_and_the_sentence_still_reads():
+    answer = "Basically, walking is really good. It is a great thing, and a lot of people do it.\nActually it is easy."
+    assert repair([Constraint.of("exclude_keywords", keywords=("really", "basically"))], answer) == (
+        "Walking is good. It is a great thing, and a lot of people do it.\nActually it is easy."
+    )
+    assert repair([Constraint.of("exclude_keywords", keywords=("great", "thing", "actually"))], answer) == (
+        "Basically, walking is really good. It is a good point, and a lot of people do it.\nIt is easy."
+    )
+    # Whole words only: "lots" and "thingy" are other words and stay.
+    assert repair([Constraint.of("exclude_keywords", keywords=("lot", "thing"))], "Lots of thingy lot.") == "Lots of thingy large number."
+
+
+def test_missing_required_words_are_named_in_a_closing_line():
+    assert repair([Constraint.of("include_keywords", keywords=("important", "walking"))], ANSWER) == (
+        f"{ANSWER}\n\nKey words: important."
+    )
+    assert repair([Constraint.of("keyword_frequency", keyword="it", n=5)], ANSWER) == f"{ANSWER}\n\nKey words: it, it."
+
+
+def test_a_list_becomes_exactly_n_star_bullets():
+    assert repair([Constraint.of("bullet_points", n=2)], LISTED) == "Tips:\n* Sleep well.\n* Eat well.\n\nThat is all."
+    assert repair([Constraint.of("bullet_points", n=3)], LISTED) == "Tips:\n* Sleep well.\n* Eat well.\n* Walk, daily.\n\nThat is all."
+
+
+def test_keyword_repairs_in_both_directions_never_undo_each_other():
+    # Requiring one word and forbidding another: both edits apply, and the checks verify them.
+    constraints = [Constraint.of("exclude_keywords", keywords=("good",)), Constraint.of("include_keywords", keywords=("simple",))]
+    fixed = repair(constraints, ANSWER)
+    assert fixed == "Walking is for you, and it costs nothing.\nIt clears the head. Try it every morning.\n\nKey words: simple."
+    # A required word that is also forbidden cannot be repaired.
+    assert repair([Constraint.of("exclude_keywords", keywords=("simple",)), Constraint.of("include_keywords", keywords=("simple",))], ANSWER) is None
 
 
 def test_no_repair_for_a_passing_answer_an_empty_one_or_no_constraints():
