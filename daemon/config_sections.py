@@ -81,7 +81,9 @@ class PromptSettings(Section):
     max_words: int = Field(80, ge=1)
     # Verifiable self-instruct: every training prompt (generated, seed or task-pool) carries this
     # many constraints from policies.constraints, so answers can be checked by code. 0: none.
-    constraints_per_prompt: int = Field(1, ge=0, le=3)
+    # A list (e.g. [1, 2]) draws each prompt's count from it uniformly: held-out items carry 1-3
+    # constraints, and a model trained on single constraints alone is never shown two together.
+    constraints_per_prompt: Annotated[int, Field(ge=0, le=3)] | list[Annotated[int, Field(ge=0, le=3)]] = 1
     # Restrict the constraint kinds drawn for training prompts (null: every kind).
     constraint_kinds: list[str] | None = None
     # How kinds are drawn: "learnability" weights each by p(1-p), p its pass rate on the last
@@ -92,6 +94,13 @@ class PromptSettings(Section):
     # Where prompts come from when self-instruct falls short: "seed" (the rubric seed set) or
     # "tasks" (policies/data/verifiable_tasks.json, short everyday tasks disjoint from the suite).
     top_up_from: Literal["seed", "tasks"] = "seed"
+
+    @field_validator("constraints_per_prompt")
+    @classmethod
+    def _some_count(cls, counts: int | list[int]) -> int | list[int]:
+        if isinstance(counts, list) and not counts:
+            raise ValueError("give a number 0-3 or a non-empty list of them, e.g. [1, 2]")
+        return counts
 
     @field_validator("constraint_kinds")
     @classmethod

@@ -42,6 +42,12 @@ def training_rng(seed: int, iteration: int) -> random.Random:
     return random.Random(f"kaizen/verifiable-train/{seed}/{iteration}")
 
 
+def constraint_count(rng: random.Random, counts: int | Sequence[int]) -> int:
+    """How many constraints a prompt gets: `counts` itself, or one of a list drawn uniformly
+    (a fixed count draws nothing from `rng`, so its prompts are as before lists existed)."""
+    return counts if isinstance(counts, int) else rng.choice(list(counts))
+
+
 def attach_constraints(
     task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
 ) -> VerifiablePrompt:

@@ -169,3 +169,11 @@ def test_a_child_started_from_the_masked_snapshot_gets_the_judge_credentials_fro
         monkeypatch.setenv(name, value)
     child = load_settings(config)
     assert child.for_iteration(parent.snapshot()).judge.openai.base_url == JUDGE_URL
+
+
+def test_constraints_per_prompt_takes_a_count_or_a_list_of_counts() -> None:
+    assert load_settings(prompts={"constraints_per_prompt": [1, 2]}).prompts.constraints_per_prompt == [1, 2]
+    assert load_settings(prompts={"constraints_per_prompt": 2}).prompts.constraints_per_prompt == 2
+    for bad in ([], [1, 4], 5):
+        with pytest.raises(ConfigError, match=r"prompts\.constraints_per_prompt"):
+            load_settings(prompts={"constraints_per_prompt": bad})

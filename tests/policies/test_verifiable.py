@@ -5,6 +5,7 @@ from policies.suites import PACKAGED_SUITES, heldout_suite_tasks, load_packaged
 from policies.verifiable import (
     SUITE_OVERLAP_LIMIT,
     attach_constraints,
+    constraint_count,
     drop_suite_overlaps,
     load_training_tasks,
     training_rng,
@@ -67,3 +68,17 @@ def test_task_of_inverts_attach_constraints_and_bare_titles_become_sentences():
     assert task_of(prompt.prompt, prompt.constraints) == "Morning Bible Study."
     assert as_sentence("Why is the sky blue?") == "Why is the sky blue?"
     assert task_of("A task without its constraints.", prompt.constraints) == "A task without its constraints."
+
+
+def test_a_list_of_constraint_counts_draws_each_prompts_count_from_it():
+    rng = random.Random(3)
+    counts = [constraint_count(rng, [1, 2]) for _ in range(200)]
+    assert set(counts) == {1, 2} and 70 < counts.count(2) < 130
+    made = [attach_constraints("Tell me about tea.", rng, constraint_count(rng, [2])) for _ in range(5)]
+    assert all(len(vp.constraints) == 2 for vp in made)
+
+
+def test_a_fixed_constraint_count_draws_nothing_so_its_prompts_stay_as_they_were():
+    rng, untouched = random.Random(5), random.Random(5)
+    assert constraint_count(rng, 1) == 1
+    assert rng.random() == untouched.random()

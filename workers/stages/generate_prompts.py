@@ -73,7 +73,8 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
     constraint_rng = verifiable.training_rng(ctx.settings.seed, ctx.iteration_id)
 
     def constrained(task: str) -> verifiable.VerifiablePrompt:
-        return verifiable.attach_constraints(task, constraint_rng, cfg.constraints_per_prompt, cfg.constraint_kinds, weights)
+        k = verifiable.constraint_count(constraint_rng, cfg.constraints_per_prompt)
+        return verifiable.attach_constraints(task, constraint_rng, k, cfg.constraint_kinds, weights)
 
     train = [(constrained(t), "generated") for t in accepted] + [(constrained(t), cfg.top_up_from) for t in topped_up]
 
@@ -106,7 +107,7 @@ def _kind_weights(ctx: StageContext, session: Session) -> dict[str, float] | Non
     """Learnability weights from the policy samples of the last few earlier iterations' training
     prompts (None: uniform). Only training samples count, never a held-out suite's answers."""
     cfg = ctx.settings.prompts
-    if cfg.kind_sampling == "uniform" or cfg.constraints_per_prompt == 0:
+    if cfg.kind_sampling == "uniform" or not cfg.constraints_per_prompt:
         return None
     window = select(Prompt.iteration_id).where(Prompt.role == "train", Prompt.iteration_id < ctx.iteration_id)
     recent = sorted(set(session.scalars(window)))[-cfg.curriculum_iterations:]
