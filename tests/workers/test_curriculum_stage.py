@@ -26,8 +26,9 @@ HISTORY = [
 ]
 
 
-def test_kinds_whose_samples_disagreed_are_drawn_most(tmp_path, tiny_model_dir):
-    overrides = {"prompts": {"per_cycle": 60, "max_rounds": 1, "constraint_kinds": KINDS, "top_up_from": "tasks"}}
+def _next_cycle_prompts(tmp_path, tiny_model_dir, **prompt_settings):
+    """generate_prompts run for the iteration after HISTORY's; its output and stored training prompts."""
+    overrides = {"prompts": {"per_cycle": 60, "max_rounds": 1, "constraint_kinds": KINDS, "top_up_from": "tasks", **prompt_settings}}
     ctx, _ = lineage_with_responses(tmp_path / "data", tiny_model_dir, HISTORY, **overrides)
     with transaction(ctx.sessions) as session:
         session.get(Iteration, ctx.iteration_id).status = IterationStatus.completed
@@ -40,11 +41,25 @@ def test_kinds_whose_samples_disagreed_are_drawn_most(tmp_path, tiny_model_dir):
     with transaction(ctx.sessions) as session:
         output.write(session)
     with ctx.sessions() as session:
-        drawn = Counter(c["kind"] for p in session.scalars(select(Prompt).where(Prompt.iteration_id == next_ctx.iteration_id, Prompt.role == "train"))
-                        for c in p.constraints)
+        stored = session.scalars(select(Prompt).where(Prompt.iteration_id == next_ctx.iteration_id, Prompt.role == "train")).all()
+        return output, [p.constraints for p in stored]
+
+
+def test_kinds_whose_samples_disagreed_are_drawn_most(tmp_path, tiny_model_dir):
+    output, constraints = _next_cycle_prompts(tmp_path, tiny_model_dir)
+    drawn = Counter(c["kind"] for cs in constraints for c in cs)
 
     weights = output.result["kind_weights"]
     assert set(weights) == set(KINDS)
     assert weights["lowercase"] > weights["no_commas"] and weights["lowercase"] > weights["uppercase"]
     assert drawn["lowercase"] > drawn["no_commas"] and drawn["lowercase"] > drawn["uppercase"], drawn
     assert sum(drawn.values()) == output.result["constrained"]
+
+
+def test_a_list_of_counts_gives_prompts_with_one_or_two_compatible_constraints(tmp_path, tiny_model_dir):
+    output, constraints = _next_cycle_prompts(tmp_path, tiny_model_dir, constraints_per_prompt=[1, 2])
+    sizes = Counter(len(cs) for cs in constraints)
+    assert set(sizes) == {1, 2} and sum(sizes.values()) == 60, sizes
+    # Two constraints on one prompt never conflict: lowercase and uppercase are never drawn together.
+    assert all({c["kind"] for c in cs} != {"lowercase", "uppercase"} for cs in constraints if len(cs) == 2)
+    assert any(len({c["kind"] for c in cs}) == 2 for cs in constraints)
