@@ -78,7 +78,8 @@ def _highlights(p: Params, text: str) -> str:
 
 
 def _title(p: Params, text: str) -> str:
-    head = ct.words(ct.sentences(text)[0] if ct.sentences(text) else text)[:TITLE_WORDS]
+    sentences = ct.sentences(text)
+    head = ct.words(sentences[0] if sentences else text)[:TITLE_WORDS]
     return f"<<{' '.join(head).capitalize()}>>\n\n{text.lstrip()}"
 
 
