@@ -17,27 +17,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import structlog
 import torch
 from transformers import DynamicCache
 
 from workers import sampling
 from workers.detokenize import TextAssembler
+from workers.engine_thread import EngineThread
 from workers.prefix_cache import PrefixMemory, cache_argument, forward_after_prefix
-
-log = structlog.get_logger(__name__)
 
 RowProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """HF-style ``(input_ids [1, L], scores [1, V]) -> scores`` for one sequence (GenARM guidance,
 grammar masks); called once per step with the prompt plus every token generated so far."""
-
-
-class QueueFullError(RuntimeError):
-    """The engine holds as many waiting sequences as it may; retry later."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +107,11 @@ class _Row:
         return self.counts is not None or bool(self.spec.logit_bias) or bool(self.request.processors)
 
 
-class BatchEngine:
+class BatchEngine(EngineThread[SequenceRequest]):
     """The decoding loop of one loaded model. ``submit`` is thread-safe; the model is only touched
     by the engine's own thread."""
+
+    thread_prefix = "batch"
 
     def __init__(
         self, runtime: Any, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine", admit_min: int = 1,
@@ -130,22 +125,15 @@ class BatchEngine:
         ``share_prefix``: admitted prompts that open like a recent one (a URIAL preamble, a system
         turn) prefill only the rest, on a copy of its keys and values (:class:`PrefixMemory`);
         False prefills every prompt whole, the reference the reuse is tested against."""
+        super().__init__(max_batch_size=max_batch_size, max_waiting=max_waiting, name=name, admit_min=admit_min)
         self.runtime = runtime
         self.model, self.tokenizer = runtime.model, runtime.tokenizer
         self.device = runtime.device
         self.eos = set(runtime.eos_token_ids)
-        self.max_batch_size, self.max_waiting, self.name = max_batch_size, max_waiting, name
-        self.admit_min = max(1, min(admit_min, max_batch_size))
         self.step_log: deque[int] = deque(maxlen=100_000)  # batch size of each decode step, newest last
-        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0}
-        self._waiting: deque[SequenceRequest] = deque()
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._cond = threading.Condition()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
-        self._retired = False
-        self._thread: threading.Thread | None = None
         self.pad_token_id = runtime.pad_token_id
         self.max_positions = int(getattr(runtime.model.config, "max_position_embeddings", 0) or 0)
         params = inspect.signature(runtime.model.forward).parameters
@@ -156,26 +144,6 @@ class BatchEngine:
         self.prefixes = PrefixMemory(self.model, self.device, argument) if argument is not None else None
 
     # ------------------------------------------------------------------ public, any thread
-
-    def start(self) -> BatchEngine:
-        self._thread = threading.Thread(target=self._loop, name=f"batch-{self.name}", daemon=True)
-        self._thread.start()
-        return self
-
-    def submit(self, request: SequenceRequest) -> None:
-        with self._cond:
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (serve.max_queue)")
-            self._waiting.append(request)
-            self._cond.notify()
-
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the engine thread between two decode steps (the model is not shared)."""
-        future: Future[Any] = Future()
-        with self._cond:
-            self._calls.append((fn, future))
-            self._cond.notify()
-        return future
 
     def score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
         """Each prompt token's log-prob given the tokens before it (None for the first); engine thread only."""
@@ -191,73 +159,28 @@ class BatchEngine:
             out.append(TokenInfo(prompt_ids[position], float(row[prompt_ids[position]]), pairs))
         return out
 
-    def retire(self) -> None:
-        """Finish what was submitted, then stop the thread (a newer model took over)."""
-        with self._cond:
-            self._retired = True
-            self._cond.notify()
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the engine thread to end (after :meth:`retire`)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     @property
     def running(self) -> int:
         return len(self._rows)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # ------------------------------------------------------------------ engine thread
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._rows and not self._waiting and not self._calls:
-                    if self._retired:
-                        log.info("serve.engine_retired", engine=self.name)
-                        return
-                    self._cond.wait(timeout=1.0)
-                admitted = self._take_waiting()
-                calls = list(self._calls)
-                self._calls.clear()
-            for fn, future in calls:
-                _run_call(fn, future)
-            try:
-                with torch.inference_mode():
-                    self._evict()
-                    if admitted:
-                        self._admit(admitted)
-                    if self._rows:
-                        self._step()
-                    self._evict()
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the server
-                log.exception("serve.engine_failed", engine=self.name, error=str(exc))
-                for row in self._rows:
-                    row.request.listener.on_error(exc)
-                for request in admitted:
-                    if not any(row.request is request for row in self._rows):
-                        request.listener.on_error(exc)
-                self._rows, self._cache, self._mask = [], None, None
+    def _serve(self, admitted: list[SequenceRequest]) -> None:
+        with torch.inference_mode():
+            self._evict()
+            if admitted:
+                self._admit(admitted)
+            if self._rows:
+                self._step()
+            self._evict()
 
-    def _take_waiting(self) -> list[SequenceRequest]:
-        room = self.max_batch_size - len(self._rows)
-        if self._rows and room < min(self.admit_min, len(self._waiting)):
-            return []
-        taken = []
-        while self._waiting and len(taken) < room:
-            request = self._waiting.popleft()
-            if request.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                continue
-            taken.append(request)
-        return taken
+    def _fail(self, exc: BaseException, admitted: list[SequenceRequest]) -> None:
+        for row in self._rows:
+            row.request.listener.on_error(exc)
+        for request in admitted:
+            if not any(row.request is request for row in self._rows):
+                request.listener.on_error(exc)
+        self._rows, self._cache, self._mask = [], None, None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
         extra: dict[str, Any] = {self._cache_arg: cache if cache is not None else DynamicCache()}
@@ -396,15 +319,6 @@ class BatchEngine:
             return
         self._mask = self._mask[:, first:]
         self._cache = DynamicCache(ddp_cache_data=[(layer.keys[..., first:, :], layer.values[..., first:, :]) for layer in self._cache.layers])
-
-
-def _run_call(fn: Callable[[], Any], future: Future[Any]) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(fn())
-    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-        future.set_exception(exc)
 
 
 def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:

@@ -22,21 +22,14 @@ JSON-schema grammars): :meth:`submit` refuses them; the server answers 400 befor
 from __future__ import annotations
 
 import itertools
-import threading
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from workers.batch_engine import QueueFullError, SequenceRequest, TokenInfo
+from workers.batch_engine import SequenceRequest, TokenInfo
 from workers.detokenize import TextAssembler
+from workers.engine_thread import EngineThread
 
 if TYPE_CHECKING:
     from workers.vllm_engine import VllmRuntime
-
-log = structlog.get_logger(__name__)
 
 
 class EngineReplaced(RuntimeError):
@@ -65,47 +58,32 @@ def _top_pairs(entry: dict[int, Any], k: int) -> tuple[tuple[int, float], ...]:
     return tuple((token, logprob) for _, token, logprob in ranked)
 
 
-class VllmBatchEngine:
+class VllmBatchEngine(EngineThread[SequenceRequest]):
     """The decoding loop of one served model on vLLM. ``submit`` is thread-safe; vLLM is only
     touched by engine threads, one at a time (the runtime's ``engine_lock``)."""
 
+    thread_prefix = "vllm-batch"
+
     def __init__(self, runtime: VllmRuntime, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> None:
+        super().__init__(max_batch_size=max_batch_size, max_waiting=max_waiting, name=name)
         self.runtime = runtime
         self.tokenizer = runtime.tokenizer
         self.eos = set(runtime.eos_token_ids)
-        self.max_batch_size, self.max_waiting, self.name = max_batch_size, max_waiting, name
-        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0}
-        self._waiting: deque[SequenceRequest] = deque()
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._cond = threading.Condition()
         self._rows: dict[str, _Row] = {}
-        self._retired = False
-        self._thread: threading.Thread | None = None
-        self._llm: Any = runtime.owner.llm  # the vllm.LLM this engine serves on (None: not running)
+        self._llm: Any = runtime.owner.llm
 
     # ------------------------------------------------------------------ public, any thread
 
-    def start(self) -> VllmBatchEngine:
-        self._thread = threading.Thread(target=self._loop, name=f"vllm-batch-{self.name}", daemon=True)
-        self._thread.start()
-        return self
+    @property
+    def llm(self) -> Any:
+        """The vllm.LLM this engine serves on (None: the runtime's engine was not running when
+        this one was made, nor since)."""
+        return self._llm
 
     def submit(self, request: SequenceRequest) -> None:
         if request.processors:
             raise ValueError("logits processors (GenARM guidance, JSON schemas) run on model.engine hf only")
-        with self._cond:
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (serve.max_queue)")
-            self._waiting.append(request)
-            self._cond.notify()
-
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` on the engine thread between two steps."""
-        future: Future[Any] = Future()
-        with self._cond:
-            self._calls.append((fn, future))
-            self._cond.notify()
-        return future
+        super().submit(request)
 
     def score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
         """Each prompt token's log-prob given the tokens before it (None for the first); engine
@@ -117,7 +95,7 @@ class VllmBatchEngine:
 
         with self.runtime.engine_lock:
             llm = self._engine()
-            while any(row.engine._llm is llm for row in _ROWS.values()):
+            while any(row.engine.llm is llm for row in _ROWS.values()):
                 self._step()
             params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top, detokenize=False)
             output = llm.generate(
@@ -130,67 +108,19 @@ class VllmBatchEngine:
             out.append(TokenInfo(token, float(entry[token].logprob), _top_pairs(entry, top)))
         return out
 
-    def retire(self) -> None:
-        """Finish what was submitted, then stop the thread (a newer model took over)."""
-        with self._cond:
-            self._retired = True
-            self._cond.notify()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     @property
     def running(self) -> int:
         return len(self._rows)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # ------------------------------------------------------------------ engine thread
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._rows and not self._waiting and not self._calls:
-                    if self._retired:
-                        log.info("serve.engine_retired", engine=self.name)
-                        return
-                    self._cond.wait(timeout=1.0)
-                admitted = self._take_waiting()
-                calls = list(self._calls)
-                self._calls.clear()
-            for fn, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                        future.set_exception(exc)
-            try:
-                with self.runtime.engine_lock:
-                    self._drop_cancelled()
-                    for request in admitted:
-                        self._add(request)
-                    if self._rows:
-                        self._step()
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the server
-                log.exception("serve.engine_failed", engine=self.name, error=str(exc))
-                self._fail_all(exc, [r for r in admitted if not any(row.request is r for row in self._rows.values())])
-
-    def _take_waiting(self) -> list[SequenceRequest]:
-        taken = []
-        while self._waiting and len(taken) < self.max_batch_size - len(self._rows):
-            request = self._waiting.popleft()
-            if request.cancelled.is_set():
-                self.stats["cancelled"] += 1
-                continue
-            taken.append(request)
-        return taken
+    def _serve(self, admitted: list[SequenceRequest]) -> None:
+        with self.runtime.engine_lock:
+            self._drop_cancelled()
+            for request in admitted:
+                self._add(request)
+            if self._rows:
+                self._step()
 
     def _engine(self) -> Any:
         """The vllm.LLM this engine serves on; EngineReplaced once it was stopped or replaced."""
@@ -280,7 +210,8 @@ class VllmBatchEngine:
         self._rows.pop(row.request_id, None)
         _ROWS.pop(row.request_id, None)
 
-    def _fail_all(self, exc: BaseException, admitted: list[SequenceRequest]) -> None:
+    def _fail(self, exc: BaseException, admitted: list[SequenceRequest]) -> None:
+        never_added = [r for r in admitted if not any(row.request is r for row in self._rows.values())]
         with self.runtime.engine_lock:
             rows = list(self._rows.values())
             for row in rows:
@@ -292,5 +223,5 @@ class VllmBatchEngine:
                 pass
         for row in rows:
             row.request.listener.on_error(exc)
-        for request in admitted:
+        for request in never_added:
             request.listener.on_error(exc)

@@ -27,7 +27,8 @@ from daemon.serving.protocol import ApiError, DecodeParams, Limits, SamplingRequ
 from daemon.serving.responses import ChoiceResult, Envelope
 from policies.model_profile import ContextLengthExceeded, check_context
 from policies.steering import SteeringError, SteeringSpec
-from workers.batch_engine import BatchEngine, QueueFullError, SequenceRequest, TokenInfo
+from workers.batch_engine import BatchEngine, SequenceRequest, TokenInfo
+from workers.engine_thread import QueueFullError
 from workers.steering import Decoder, SteeringMethods
 
 log = structlog.get_logger(__name__)

