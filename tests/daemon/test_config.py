@@ -177,3 +177,10 @@ def test_constraints_per_prompt_takes_a_count_or_a_list_of_counts() -> None:
     for bad in ([], [1, 4], 5):
         with pytest.raises(ConfigError, match=r"prompts\.constraints_per_prompt"):
             load_settings(prompts={"constraints_per_prompt": bad})
+
+
+def test_the_improvement_demo_config_loads() -> None:
+    demo = Path(__file__).resolve().parents[2] / "ops" / "demo" / "improve.yaml"
+    settings = load_settings(demo)
+    assert settings.pairs.strategies[0] == "verified" and settings.gate.improve_suites
+    assert settings.generation.max_new_tokens <= settings.eval.max_new_tokens
