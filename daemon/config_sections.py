@@ -204,6 +204,9 @@ class PairSettings(Section):
     # A verified/anchored chosen answer must have ended before generation.max_new_tokens (a cut
     # answer that passes the checks would teach cutting off). Off only for models that never end.
     chosen_must_finish: bool = True
+    # An answer that copies an instruction sentence of its prompt ("do not use the word ...") is
+    # never chosen nor repaired, and is the first one rejected (policies.constraints.echoes_instructions).
+    reject_echoes: bool = False
     # Verified pairs per prompt: each further pair uses answers not yet paired (more correctly
     # labelled pairs from the same samples).
     max_per_prompt: int = Field(1, ge=1)

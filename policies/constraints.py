@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from policies import constraint_text as ct
 from policies.constraint_kinds import KINDS, ConstraintKind
 
 __all__ = [
@@ -105,6 +106,39 @@ def check_all(constraints: Iterable[Constraint], text: str) -> list[bool]:
 
 def describe(constraint: Constraint) -> str:
     return kind_of(constraint.kind).describe(constraint.as_params())
+
+
+ECHO_SPAN = 4
+
+
+def echoes_instructions(constraints: Iterable[Constraint], text: str, span: int = ECHO_SPAN) -> bool:
+    """Whether `text` copies an instruction sentence of `constraints` instead of following it:
+    `span` consecutive words of one (lower-cased words, as the checkers read them), not counting
+    runs that lie inside a parameter (the phrase an answer must end with is meant to be written).
+
+    Why: SmolLM2-135M trained on repairs that prepend the request learned to copy the constraint
+    sentences too ("do not use the word basically"); such an answer can still pass some checks,
+    so pair building needs this to keep it from being chosen."""
+    answer = ct.words(text)
+    seen = {tuple(answer[i : i + span]) for i in range(len(answer) - span + 1)}
+    for constraint in constraints:
+        sentence = ct.words(describe(constraint))
+        inside_params = _parameter_runs(constraint, span)
+        runs = {tuple(sentence[i : i + span]) for i in range(len(sentence) - span + 1)} - inside_params
+        if runs & seen:
+            return True
+    return False
+
+
+def _parameter_runs(constraint: Constraint, span: int) -> set[tuple[str, ...]]:
+    values: list[Any] = []
+    for value in constraint.as_params().values():
+        values.extend(value if isinstance(value, (list, tuple)) else [value])
+    runs: set[tuple[str, ...]] = set()
+    for value in values:
+        found = ct.words(str(value))
+        runs |= {tuple(found[i : i + span]) for i in range(len(found) - span + 1)}
+    return runs
 
 
 def render_prompt(task: str, constraints: Sequence[Constraint]) -> str:

@@ -60,6 +60,9 @@ class ScoredResponse:
     # prompt carries no constraints.
     checks: tuple[bool, ...] = ()
     truncated: bool = False
+    # It copies an instruction sentence of its prompt (policies.constraints.echoes_instructions):
+    # never chosen, and the first answer rejected, whatever its checks say.
+    echoes: bool = False
 
     @property
     def satisfies_all(self) -> bool:
@@ -211,11 +214,14 @@ def length_controlled_best(responses: Sequence[ScoredResponse], epsilon: float) 
 
 
 def _worst(responses: Sequence[ScoredResponse], near_length: int) -> ScoredResponse:
-    """The clearest failure: fewest satisfied constraints, then lowest score, then the length
-    closest to the chosen answer's (so the pair contrasts the checks, not mainly the length)."""
+    """The clearest failure: an answer that echoes the instructions, then fewest satisfied
+    constraints, then lowest score, then the length closest to the chosen answer's (so the pair
+    contrasts the checks, not mainly the length)."""
     return min(
         responses,
-        key=lambda r: (r.satisfied_count, r.mean_score if r.mean_score is not None else 0.0, abs(r.length - near_length), r.response_id),
+        key=lambda r: (
+            not r.echoes, r.satisfied_count, r.mean_score if r.mean_score is not None else 0.0, abs(r.length - near_length), r.response_id,
+        ),
     )
 
 
@@ -234,12 +240,13 @@ def verified_pair(
     chosen_must_finish: bool = True,
 ) -> PreferencePair | None:
     """A pair the constraint checks separate: the chosen answer satisfies every constraint, the
-    rejected one does not. Among passing answers the judge breaks the tie (length-controlled, see
+    rejected one does not or echoes the instructions (:class:`ScoredResponse`). Among passing
+    answers the judge breaks the tie (length-controlled, see
     :func:`length_controlled_best`); a truncated answer is never chosen. The rejected answer comes
     from `rejected_pool` (default: the same answers). None when the checks separate nothing.
     `chosen_must_finish=False` lets a truncated answer be chosen (for models that never stop)."""
-    passing = [r for r in responses if r.satisfies_all and not (chosen_must_finish and r.truncated)]
-    failing = [r for r in (responses if rejected_pool is None else rejected_pool) if r.checks and not r.satisfies_all]
+    passing = [r for r in responses if r.satisfies_all and not r.echoes and not (chosen_must_finish and r.truncated)]
+    failing = [r for r in (responses if rejected_pool is None else rejected_pool) if r.checks and (r.echoes or not r.satisfies_all)]
     chosen = length_controlled_best(passing, epsilon)
     if chosen is None or not failing:
         return None
@@ -285,7 +292,8 @@ def build_repaired_pairs(
 ) -> tuple[list[PreferencePair], dict[str, str]]:
     """Verifier-guided repair pairs (:mod:`policies.repair`): up to `max_per_prompt` failing
     answers per prompt, in sample order, each paired as rejected with its repaired text as chosen.
-    A cut answer is not repaired while `chosen_must_finish` (its repair would still end mid-way).
+    An answer that echoes the instructions is not repaired (its repair would echo them too). A
+    cut answer is not repaired while `chosen_must_finish` (its repair would still end mid-way).
     Returns the pairs (each chosen id is a :func:`repaired_response_id`) and the repaired text
     under each such id."""
     if max_per_prompt < 1:
@@ -298,7 +306,7 @@ def build_repaired_pairs(
         for response in responses:
             if made == max_per_prompt:
                 break
-            if response.satisfies_all or not response.checks or (chosen_must_finish and response.truncated):
+            if response.satisfies_all or not response.checks or response.echoes or (chosen_must_finish and response.truncated):
                 continue
             fixed = repair(constraints, response.text)
             if fixed is None or fixed.strip() == response.text.strip():

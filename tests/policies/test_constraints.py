@@ -9,6 +9,7 @@ from policies.constraints import (
     check,
     check_all,
     describe,
+    echoes_instructions,
     render_prompt,
     sample_constraints,
 )
@@ -201,3 +202,16 @@ def test_some_kinds_are_satisfied_by_an_ordinary_answer():
     passes = [C("lowercase"), C("no_commas"), C("max_words", n=20), C("include_keywords", keywords=("easy",)),
               C("end_with", phrase="I hope this helps")]
     assert all(check_all(passes, answer))
+
+
+def test_an_answer_that_copies_an_instruction_sentence_echoes_it():
+    forbid = [Constraint.of("exclude_keywords", keywords=("also", "basically"))]
+    # Seen from SmolLM2 after training on repairs that prepend the request.
+    assert echoes_instructions(forbid, 'do not use the word "basically"\n\nI hope this helps.')
+    assert echoes_instructions([Constraint.of("uppercase")], "Sure! WRITE YOUR WHOLE ANSWER in capitals.")
+    assert not echoes_instructions(forbid, "A fridge pumps heat out of the box, so the food stays cold.")
+    # Writing what a parameter asks for is following the instruction, not copying it.
+    ending = [Constraint.of("end_with", phrase="Let me know if you have any other questions")]
+    assert not echoes_instructions(ending, "Keep it cold. Let me know if you have any other questions")
+    assert echoes_instructions(ending, "End your answer with the words, as asked.")
+    assert not echoes_instructions([], "do not use the word basically")

@@ -68,3 +68,39 @@ def test_repaired_pairs_train_the_candidate_and_are_replayed_next_cycle(tmp_path
         dpo = session.scalars(select(StageRun).where(StageRun.iteration_id == second.id, StageRun.stage == "dpo_update")).one()
     assert first_pairs and first.candidate_checkpoint_id is not None
     assert set(first_pairs) <= set(dpo.result["replayed_pair_ids"])
+
+
+def test_with_reject_echoes_an_answer_that_copies_the_instruction_is_rejected_never_chosen(tmp_path: Path, tiny_model_dir: Path):
+    forbid = [{"kind": "exclude_keywords", "keywords": ["basically"]}]
+    rows = [
+        ("Why walk? Do not use the word \"basically\".", ["Do not use the word.", "Walking is basically free.", "Walking is free."], forbid),
+        ("Why nap? Do not use the word \"basically\".", ["DO NOT use the word ok", "Naps basically help."], forbid),
+    ]
+    echoed = {"pairs": {"strategy": "verified+repaired", "reject_echoes": True}}
+    ctx, ids = lineage_with_responses(tmp_path / "on", tiny_model_dir, rows, judge={"backend": "verifier"}, **echoed)
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair).order_by(Pair.id))]
+        repaired_texts = [session.get(Response, chosen).text for kind, chosen, _ in made if kind == "repaired"]
+
+    assert output.result["echoing_answers"] == 2
+    # The echo passes the check (it never says the word) yet is rejected, against the clean passing answer.
+    assert made[0] == ("verified", ids["Walking is free."], ids["Do not use the word."])
+    # The other prompt's echo is neither chosen nor repaired; its clean failing answer is repaired.
+    assert [(kind, rejected) for kind, _, rejected in made[1:]] == [("repaired", ids["Naps basically help."])]
+    assert repaired_texts == ["Naps help."]
+
+    ctx, ids = lineage_with_responses(tmp_path / "off", tiny_model_dir, rows, judge={"backend": "verifier"}, pairs={"strategy": "verified+repaired"})
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair).order_by(Pair.id))]
+    # Without the option the echo passes for an answer: it is chosen over the clean failing one.
+    assert output.result["echoing_answers"] == 0
+    assert made == [
+        ("verified", ids["Walking is free."], ids["Walking is basically free."]),
+        ("verified", ids["DO NOT use the word ok"], ids["Naps basically help."]),
+    ]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Judgment, Pair, Prompt, Response, StageRun, StageStatus
 from policies import judge_metrics, pairs, rubric
 from daemon.stage_runs import StageContext, StageOutput
-from policies.constraints import Constraint, check_all
+from policies.constraints import Constraint, check_all, echoes_instructions
 from workers.stages.common import parent_checkpoint, record_warnings, warning_thresholds
 
 
@@ -40,8 +40,10 @@ def build_pairs(ctx: StageContext) -> StageOutput:
     for r in responses:
         if r.kind in ("policy", "anchor"):
             mean = rubric.mean_score(scores_by_response.get(r.id, []))
-            checks = tuple(check_all(constraints.get(r.prompt_id, []), r.text))
-            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, r.num_tokens >= max_tokens)
+            prompt_constraints = constraints.get(r.prompt_id, [])
+            checks = tuple(check_all(prompt_constraints, r.text))
+            echoes = cfg.reject_echoes and echoes_instructions(prompt_constraints, r.text)
+            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, r.num_tokens >= max_tokens, echoes)
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         elif r.kind.startswith("rlcd_"):
             rlcd[r.prompt_id][r.kind] = r
@@ -89,6 +91,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         "pairs": len(selected),
         **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
+        "echoing_answers": sum(r.echoes for answers in scored.values() for r in answers),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
         "warnings": warnings,
