@@ -119,26 +119,19 @@ def echoes_instructions(constraints: Iterable[Constraint], text: str, span: int 
     Why: SmolLM2-135M trained on repairs that prepend the request learned to copy the constraint
     sentences too ("do not use the word basically"); such an answer can still pass some checks,
     so pair building needs this to keep it from being chosen."""
-    answer = ct.words(text)
-    seen = {tuple(answer[i : i + span]) for i in range(len(answer) - span + 1)}
+    seen = _word_runs(text, span)
     for constraint in constraints:
-        sentence = ct.words(describe(constraint))
-        inside_params = _parameter_runs(constraint, span)
-        runs = {tuple(sentence[i : i + span]) for i in range(len(sentence) - span + 1)} - inside_params
-        if runs & seen:
+        values = [v for value in constraint.as_params().values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+        inside_params = set().union(*(_word_runs(str(value), span) for value in values))
+        if (_word_runs(describe(constraint), span) - inside_params) & seen:
             return True
     return False
 
 
-def _parameter_runs(constraint: Constraint, span: int) -> set[tuple[str, ...]]:
-    values: list[Any] = []
-    for value in constraint.as_params().values():
-        values.extend(value if isinstance(value, (list, tuple)) else [value])
-    runs: set[tuple[str, ...]] = set()
-    for value in values:
-        found = ct.words(str(value))
-        runs |= {tuple(found[i : i + span]) for i in range(len(found) - span + 1)}
-    return runs
+def _word_runs(text: str, span: int) -> set[tuple[str, ...]]:
+    """Every `span` consecutive words of `text`."""
+    found = ct.words(text)
+    return {tuple(found[i : i + span]) for i in range(len(found) - span + 1)}
 
 
 def render_prompt(task: str, constraints: Sequence[Constraint]) -> str:
