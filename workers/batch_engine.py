@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,7 +113,17 @@ class _Row:
         return self.counts is not None or bool(self.spec.logit_bias) or bool(self.request.processors)
 
 
-class BatchEngine(EngineThread[SequenceRequest]):
+class SequenceEngine(EngineThread[SequenceRequest]):
+    """What the server drives: sequences submitted from any thread and prompt scoring (echo,
+    prompt logprobs) on the engine thread. :class:`BatchEngine` on HF, ``VllmBatchEngine`` on vLLM."""
+
+    @abstractmethod
+    def score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
+        """Each prompt token's log-prob given the tokens before it (None for the first), with the
+        ``top`` most likely tokens at each position; engine thread only."""
+
+
+class BatchEngine(SequenceEngine):
     """The decoding loop of one loaded model. ``submit`` is thread-safe; the model is only touched
     by the engine's own thread."""
 

@@ -18,7 +18,7 @@ import inspect
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -30,6 +30,9 @@ from workers.generation import GenerationMixin
 from workers.model_files import load_causal_lm, load_tokenizer
 from workers.model_profile import profile_of
 from workers.scoring import ScoringMixin
+
+if TYPE_CHECKING:
+    from workers.batch_engine import SequenceEngine
 
 log = structlog.get_logger(__name__)
 
@@ -195,7 +198,7 @@ class ModelRuntime(GenerationMixin, ScoringMixin):
     """Whether the server's engine of this runtime applies per-sequence logits processors (GenARM,
     grammars); one that does not gets GenARM guidance as ``SequenceRequest.reward_guidance``."""
 
-    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
+    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> SequenceEngine:
         """The server's continuous-batching decoding loop on this runtime (workers/batch_engine.py)."""
         from workers.batch_engine import BatchEngine
 

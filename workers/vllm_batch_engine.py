@@ -29,9 +29,8 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from workers.batch_engine import SequenceRequest, TokenInfo
+from workers.batch_engine import SequenceEngine, SequenceRequest, TokenInfo
 from workers.detokenize import TextAssembler
-from workers.engine_thread import EngineThread
 
 if TYPE_CHECKING:
     from workers.vllm_engine import VllmRuntime
@@ -63,7 +62,7 @@ def _top_pairs(entry: dict[int, Any], k: int) -> tuple[tuple[int, float], ...]:
     return tuple((token, logprob) for _, token, logprob in ranked)
 
 
-class VllmBatchEngine(EngineThread[SequenceRequest]):
+class VllmBatchEngine(SequenceEngine):
     """The decoding loop of one served model on vLLM. ``submit`` is thread-safe; vLLM is only
     touched by engine threads, one at a time (the runtime's ``engine_lock``)."""
 
@@ -173,9 +172,11 @@ class VllmBatchEngine(EngineThread[SequenceRequest]):
         for output in outputs:
             row = _ROWS.get(output.request_id)
             if row is not None:
-                row.engine._deliver(row, output)
+                row.engine.deliver(row, output)
 
-    def _deliver(self, row: _Row, output: Any) -> None:
+    def deliver(self, row: _Row, output: Any) -> None:
+        """Hands a step's output to ``row``: called by whichever engine stepped the shared vLLM engine,
+        since every engine of the process steps all of its requests at once."""
         completion = output.outputs[0]
         entries = completion.logprobs or [None] * len(completion.token_ids)
         for token, entry in zip(completion.token_ids, entries, strict=True):

@@ -59,7 +59,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -71,6 +71,9 @@ from workers.model_files import is_gguf_file, load_tokenizer
 from workers.runtime import ModelRuntime
 from workers.runtime_cache import cache_key, release_memory
 from workers.scoring import ContinuationDistribution, distribution_of
+
+if TYPE_CHECKING:
+    from workers.batch_engine import SequenceEngine
 
 log = structlog.get_logger(__name__)
 
@@ -223,7 +226,7 @@ class VllmRuntime(ModelRuntime):
     # The server's JSON-schema grammars need model.engine hf; its GenARM steering runs on the engine's GenArmLogitsProcessor.
     runs_logits_processors = False
 
-    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> Any:
+    def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> SequenceEngine:
         """The server's decoding loop on this engine (workers/vllm_batch_engine.py)."""
         from workers.vllm_batch_engine import VllmBatchEngine
 

@@ -27,7 +27,7 @@ from daemon.serving.protocol import ApiError, DecodeParams, Limits, SamplingRequ
 from daemon.serving.responses import ChoiceResult, Envelope
 from policies.model_profile import ContextLengthExceeded, check_context
 from policies.steering import SteeringError, SteeringSpec
-from workers.batch_engine import BatchEngine, SequenceRequest, TokenInfo
+from workers.batch_engine import SequenceEngine, SequenceRequest, TokenInfo
 from workers.engine_thread import QueueFullError
 from workers.steering import Decoder, SteeringMethods
 
@@ -94,7 +94,7 @@ class Serving:
         self.settings, self.watcher, self.methods = settings, watcher, methods
         self.serve = settings.serve
         self.limits = Limits(self.serve.max_new_tokens, settings.generation.temperature, settings.generation.top_p)
-        self._engines: dict[int, BatchEngine] = {}
+        self._engines: dict[int, SequenceEngine] = {}
         self._engines_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
@@ -107,7 +107,7 @@ class Serving:
             raise ApiError(503, f"no model loaded yet{detail}", kind="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return current
 
-    def engine_for(self, model: ServedModel) -> BatchEngine:
+    def engine_for(self, model: ServedModel) -> SequenceEngine:
         """The engine of this model; creating one retires the others (they drain, then stop)."""
         key = id(model.runtime)
         with self._engines_lock:
@@ -123,7 +123,7 @@ class Serving:
             self._engines[key] = created
             return created
 
-    def engines(self) -> list[BatchEngine]:
+    def engines(self) -> list[SequenceEngine]:
         with self._engines_lock:
             return list(self._engines.values())
 
