@@ -73,6 +73,28 @@ def test_self_reward_with_epsilon_prefers_the_shorter_near_top_answer():
     assert build_self_reward_pairs(group, min_gap=0.5)[0].chosen_id == "long"
 
 
+def cut(rid: str, checks: tuple[bool, ...]) -> ScoredResponse:
+    """An answer cut at max_new_tokens while pairs.reject_unfinished counts that as failing."""
+    return ScoredResponse(rid, f"text of {rid}", None, 128, checks, truncated=True, unfinished_fails=True)
+
+
+def test_with_reject_unfinished_a_cut_answer_that_passes_its_checks_is_rejected():
+    responses = {"p": [cut("long", (True,)), answer("done", (True,))]}
+
+    assert build_verified_pairs(responses) == [PreferencePair("p", "done", "long", "verified", None)]
+    # Without the option the same answers separate nothing: both pass, and a cut one is never chosen.
+    plain = {"p": [answer("long", (True,), length=128, truncated=True), answer("done", (True,))]}
+    assert build_verified_pairs(plain) == []
+
+
+def test_with_reject_unfinished_a_cut_answer_is_rejected_before_finished_failures_and_never_chosen():
+    responses = {"p": [answer("wrong", (False, False)), cut("long", (True, True)), answer("done", (True, True))]}
+
+    # The cut answer satisfies more checks than "wrong" yet is the one rejected; no second pair
+    # follows, since the cut answer may not be chosen even though its checks pass.
+    assert build_verified_pairs(responses, max_per_prompt=2) == [PreferencePair("p", "done", "long", "verified", None)]
+
+
 def test_rejected_answer_is_the_clearest_failure():
     responses = {"p": [answer("ok", (True, True), length=20), answer("one", (True, False), length=20), answer("none", (False, False), length=20)]}
 

@@ -104,3 +104,22 @@ def test_with_reject_echoes_an_answer_that_copies_the_instruction_is_rejected_ne
         ("verified", ids["Walking is free."], ids["Walking is basically free."]),
         ("verified", ids["DO NOT use the word ok"], ids["Naps basically help."]),
     ]
+
+
+def test_with_reject_unfinished_a_cut_answer_is_rejected_though_its_checks_pass(tmp_path: Path, tiny_model_dir: Path):
+    # lineage_with_responses counts an answer's words as its tokens: with max_new_tokens 4, the
+    # five-word answer was cut. Every answer is lower-case, so only the cut one can be rejected.
+    rows = [("Why walk? Write in lowercase.", ["walking helps a lot really", "walking helps."], LOWERCASE)]
+    settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 4}}
+    ctx, ids = lineage_with_responses(tmp_path / "on", tiny_model_dir, rows, pairs={"strategy": "verified", "reject_unfinished": True}, **settings)
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    assert made == [("verified", ids["walking helps."], ids["walking helps a lot really"])]
+    assert output.result["unfinished_rejected"] == 1
+
+    ctx, _ = lineage_with_responses(tmp_path / "off", tiny_model_dir, rows, pairs={"strategy": "verified"}, **settings)
+    output = build_pairs(ctx)
+    assert output.result["pairs"] == 0 and output.result["unfinished_rejected"] == 0

@@ -43,7 +43,8 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             prompt_constraints = constraints.get(r.prompt_id, [])
             checks = tuple(check_all(prompt_constraints, r.text))
             echoes = cfg.reject_echoes and echoes_instructions(prompt_constraints, r.text)
-            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, r.num_tokens >= max_tokens, echoes)
+            cut = r.num_tokens >= max_tokens
+            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut)
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         elif r.kind.startswith("rlcd_"):
             rlcd[r.prompt_id][r.kind] = r
@@ -92,6 +93,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
         "echoing_answers": sum(r.echoes for answers in scored.values() for r in answers),
+        "unfinished_rejected": sum(by_id[p.rejected_id].num_tokens >= max_tokens for p in selected if p.rejected_id in by_id),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
         "warnings": warnings,
