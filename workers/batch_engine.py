@@ -71,6 +71,9 @@ class SequenceRequest:
     processors: Sequence[RowProcessor] = ()
     # GenARM guidance for an engine that applies it itself (the vLLM one) instead of ``processors``.
     reward_guidance: RewardGuidance | None = None
+    # The JSON schema for an engine that constrains decoding itself (vLLM's structured outputs)
+    # instead of a grammar in ``processors``.
+    json_schema: dict[str, Any] | None = None
     finalize: Callable[[str], str] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The ids generated so far (EOS included), appended by the engine thread; complete once

@@ -35,15 +35,32 @@ def _ll_tokenizer(tokenizer: Any, vocab_width: int) -> Any:
         return cached[1]
 
 
+def checked_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema a sequence is constrained to (``{}``, json_object, means any JSON object), once
+    llguidance has compiled it: an engine that constrains decoding itself (vLLM's structured
+    outputs) gets it, and a schema no grammar can express is refused before any decoding."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(_grammar(schema))
+    if error:
+        raise GrammarError(f"response_format json_schema cannot be used: {error}")
+    return schema if schema else {"type": "object"}
+
+
+def _grammar(schema: dict[str, Any]) -> Any:
+    import llguidance
+
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema if schema else {"type": "object"}, defaults=_COMPILE_OPTIONS)
+    except ValueError as exc:
+        raise GrammarError(f"response_format json_schema is not a valid JSON schema: {exc}") from None
+
+
 def json_schema_processor(tokenizer: Any, vocab_width: int, schema: dict[str, Any], prompt_length: int) -> JsonConstraint:
     """A per-sequence processor for the engine; ``schema`` ``{}`` means any JSON object."""
     import llguidance
 
-    target = schema if schema else {"type": "object"}
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(target, defaults=_COMPILE_OPTIONS)
-    except ValueError as exc:
-        raise GrammarError(f"response_format json_schema is not a valid JSON schema: {exc}") from None
+    grammar = _grammar(schema)
     matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_width), grammar, log_level=0)
     if matcher.is_error():
         raise GrammarError(f"response_format json_schema cannot be used: {matcher.get_error()}")

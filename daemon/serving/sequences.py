@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from daemon.serving.protocol import DecodeParams
 from workers.batch_engine import RowProcessor, SamplingSpec
@@ -28,16 +28,27 @@ def choice_seeds(seed: int | None, n: int) -> list[int | None]:
     return [((seed + i + 2**63) % 2**64) - 2**63 for i in range(n)]
 
 
-def per_token_adjustments(
-    runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int,
-) -> tuple[list[RowProcessor], RewardGuidance | None]:
-    """What changes a sequence's logits at every token, in the form its engine takes: on an engine
-    that runs per-sequence processors (HF) all of them and no separate guidance; on vLLM no
-    processors (a JSON schema was already answered 400) and the steering method's GenARM
-    guidance, which the engine's own logits processor applies."""
+class Adjustments(NamedTuple):
+    """What changes a sequence's logits at every token, in the form its engine takes."""
+
+    processors: list[RowProcessor]
+    reward_guidance: RewardGuidance | None = None
+    json_schema: dict[str, Any] | None = None
+
+
+def per_token_adjustments(runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int) -> Adjustments:
+    """On an engine that runs per-sequence processors (HF): all of them (GenARM, the JSON
+    grammar). On vLLM: no processors, the steering method's GenARM guidance for the engine's own
+    logits processor, and the checked JSON schema for vLLM's structured outputs. Raises
+    ValueError for a schema no grammar can express."""
     if runtime.runs_logits_processors:
-        return processors_for(runtime, decoder, prompt_ids, params, vocab), None
-    return [], decoder.reward_guidance()
+        return Adjustments(processors_for(runtime, decoder, prompt_ids, params, vocab))
+    schema = None
+    if params.json_schema is not None:
+        from workers.grammar import checked_json_schema
+
+        schema = checked_json_schema(params.json_schema)
+    return Adjustments([], decoder.reward_guidance(), schema)
 
 
 def processors_for(runtime: ModelRuntime, decoder: Decoder, prompt_ids: list[int], params: DecodeParams, vocab: int) -> list[RowProcessor]:

@@ -177,7 +177,6 @@ class Serving:
             raise ApiError(404, f"model {req.model!r} is not served here; use {self.serve.model_name!r} (the current champion)", param="model", kind="not_found_error", code="model_not_found")
         spec = self._steering(req.steering)
         params = req.to_decode_params(self.limits)
-        self._check_engine_runs(model, params)
         try:
             # The budget lets a URIAL prompt drop examples to leave room for the answer.
             prompts = render(model, spec, params.max_tokens)
@@ -187,14 +186,6 @@ class Serving:
         envelope = Envelope(f"{kind}-{uuid.uuid4().hex}", int(time.time()), self.serve.model_name, model.checkpoint_id,
                             {"checkpoint_id": model.checkpoint_id, "steering": spec.describe()})
         return Job(model, spec, params, prompts, self._decoder(spec, model), envelope)
-
-    def _check_engine_runs(self, model: ServedModel, params: DecodeParams) -> None:
-        """400 for what needs per-sequence logits processors when the served engine has none (vLLM,
-        which runs GenARM guidance with a processor of its own but no JSON-schema grammar)."""
-        if model.runtime.runs_logits_processors:
-            return
-        if params.json_schema is not None:
-            raise ApiError(400, f"response_format json needs model.engine hf; this server runs model.engine {self.settings.model.engine}", param="response_format")
 
     def _check_context(self, model: ServedModel, prompts: list[Prompt], params: DecodeParams) -> None:
         for prompt in prompts:
@@ -223,12 +214,13 @@ class Serving:
         for p_index, prompt in enumerate(job.prompts):
             for j, seed in enumerate(seqs.choice_seeds(job.params.seed, job.params.n)):
                 try:
-                    processors, guidance = seqs.per_token_adjustments(runtime, job.decoder, prompt.ids, job.params, width)
+                    adjust = seqs.per_token_adjustments(runtime, job.decoder, prompt.ids, job.params, width)
                 except ValueError as exc:  # a schema llguidance cannot compile
                     raise ApiError(400, str(exc), param="response_format") from None
                 out.append(SequenceRequest(
                     prompt.ids, seqs.sampling_spec(job.params, job.decoder, seed), _Channel(loop, queue, p_index * job.params.n + j),
-                    processors=processors, reward_guidance=guidance, finalize=job.decoder.finish,
+                    processors=adjust.processors, reward_guidance=adjust.reward_guidance, json_schema=adjust.json_schema,
+                    finalize=job.decoder.finish,
                 ))
         return out
 

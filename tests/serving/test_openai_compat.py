@@ -104,6 +104,13 @@ def test_a_json_schema_is_respected(client) -> None:  # type: ignore[no-untyped-
             assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+def test_a_schema_no_grammar_can_express_is_a_400_with_the_reason(client) -> None:  # type: ignore[no-untyped-def]
+    bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}}
+    with pytest.raises(openai.BadRequestError, match="json_schema cannot be used.*no-such-type") as raised:
+        client.chat.completions.create(model="kaizen", messages=MESSAGES, max_tokens=4, response_format=bad)
+    assert raised.value.body["param"] == "response_format"
+
+
 def test_stop_strings_apply_to_generated_text_only(client) -> None:  # type: ignore[no-untyped-def]
     prompt = "The capital of France is"
     plain = client.completions.create(model="kaizen", prompt=prompt, max_tokens=10, temperature=0).choices[0]

