@@ -91,13 +91,16 @@ def llama_cpp_server(python: str, gguf: Path, threads: int) -> Iterator[str]:
     port = _free_port()
     command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--n_threads", str(threads), "--n_ctx", "2048", "--model_alias", "kaizen"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: llama.cpp logs the whole model load, which would fill a pipe and stall it.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"llama.cpp's server exited ({process.returncode}): {process.stderr.read()[-2000:] if process.stderr else ''}")
+                log.seek(0)
+                raise SystemExit(f"llama.cpp's server exited ({process.returncode}): {log.read()[-2000:]}")
             try:
                 if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
                     break
@@ -113,6 +116,7 @@ def llama_cpp_server(python: str, gguf: Path, threads: int) -> Iterator[str]:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 def run_levels(name: str, base: str, levels: list[int], requests: int, max_tokens: int, eos_id: int) -> dict[int, dict[str, float]]:
