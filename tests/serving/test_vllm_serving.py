@@ -159,7 +159,9 @@ def test_genarm_steering_on_vllm_answers_what_the_hf_server_answers_and_streams_
     hf_settings = _genarm_settings(tmp_path, "hf", {"path": str(model_dir), "cpu_threads": 1}, reward_dir)
     initialise(hf_settings)
     with Server(hf_settings, start_timeout=300) as server:
-        hf_genarm = _chat(openai_client(server), extra_body={"steering": GENARM}).choices[0].message.content
+        hf_client = openai_client(server)
+        hf_genarm = _chat(hf_client, extra_body={"steering": GENARM}).choices[0].message.content
+        hf_scored = _chat(hf_client, logprobs=True, top_logprobs=2, extra_body={"steering": GENARM}).choices[0].logprobs.content
 
     # serve.default_steering genarm starts on vllm: a request without a steering field is guided.
     vllm_settings = _genarm_settings(
@@ -180,3 +182,20 @@ def test_genarm_steering_on_vllm_answers_what_the_hf_server_answers_and_streams_
         pieces = _streamed_pieces(client, extra_body={"steering": GENARM})
         assert "".join(pieces) == answer
         assert len(pieces) > 1, "GenARM must stream token by token"
+
+        # Log-probs of a guided answer are the model's own, unguided (as on HF): the same tokens and
+        # values as the HF server's, within the engines' numerical difference.
+        scored = _chat(client, logprobs=True, top_logprobs=2, extra_body={"steering": GENARM}).choices[0].logprobs.content
+        assert [e.token for e in scored] == [e.token for e in hf_scored]
+        assert [e.logprob for e in scored] == pytest.approx([e.logprob for e in hf_scored], abs=1e-3)
+        assert all(len(e.top_logprobs) == 2 for e in scored)
+
+        # Sampled choices (n = 2) are guided too: each seed reproduces its choices, and they differ.
+        def sampled(seed: int) -> list[str]:
+            reply = client.chat.completions.create(
+                model="kaizen", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0, seed=seed, n=2, extra_body={"steering": GENARM},
+            )
+            return [choice.message.content for choice in reply.choices]
+
+        first = sampled(7)
+        assert len(first) == 2 and first[0] != first[1] and sampled(7) == first
