@@ -224,9 +224,8 @@ def length_controlled_best(responses: Sequence[ScoredResponse], epsilon: float) 
 
 def _worst(responses: Sequence[ScoredResponse], near_length: int) -> ScoredResponse:
     """The clearest failure: an answer that echoes the instructions, then one that never ended
-    (when that counts as failing), then fewest satisfied
-    constraints, then lowest score, then the length closest to the chosen answer's (so the pair
-    contrasts the checks, not mainly the length)."""
+    (when that counts as failing), then fewest satisfied constraints, then lowest score, then the
+    length closest to the chosen answer's (so the pair contrasts the checks, not mainly the length)."""
     return min(
         responses,
         key=lambda r: (
@@ -250,8 +249,8 @@ def verified_pair(
     chosen_must_finish: bool = True,
 ) -> PreferencePair | None:
     """A pair the constraint checks separate: the chosen answer satisfies every constraint, the
-    rejected one does not, or echoes the instructions, or never ended where that counts (:class:`ScoredResponse`). Among passing
-    answers the judge breaks the tie (length-controlled, see
+    rejected one does not, or echoes the instructions, or never ended where that counts
+    (:class:`ScoredResponse`). Among passing answers the judge breaks the tie (length-controlled, see
     :func:`length_controlled_best`); a truncated answer is never chosen. The rejected answer comes
     from `rejected_pool` (default: the same answers). None when the checks separate nothing.
     `chosen_must_finish=False` lets a truncated answer be chosen (for models that never stop)."""

@@ -41,17 +41,23 @@ def checked_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     outputs) gets it, and a schema no grammar can express is refused before any decoding."""
     import llguidance
 
-    error = llguidance.LLMatcher.validate_grammar(_grammar(schema))
+    target = _target(schema)
+    error = llguidance.LLMatcher.validate_grammar(_grammar(target))
     if error:
         raise GrammarError(f"response_format json_schema cannot be used: {error}")
+    return target
+
+
+def _target(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema decoded against: ``{}`` (response_format json_object) is any JSON object."""
     return schema if schema else {"type": "object"}
 
 
-def _grammar(schema: dict[str, Any]) -> Any:
+def _grammar(target: dict[str, Any]) -> Any:
     import llguidance
 
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema if schema else {"type": "object"}, defaults=_COMPILE_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(target, defaults=_COMPILE_OPTIONS)
     except ValueError as exc:
         raise GrammarError(f"response_format json_schema is not a valid JSON schema: {exc}") from None
 
@@ -60,7 +66,7 @@ def json_schema_processor(tokenizer: Any, vocab_width: int, schema: dict[str, An
     """A per-sequence processor for the engine; ``schema`` ``{}`` means any JSON object."""
     import llguidance
 
-    grammar = _grammar(schema)
+    grammar = _grammar(_target(schema))
     matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, vocab_width), grammar, log_level=0)
     if matcher.is_error():
         raise GrammarError(f"response_format json_schema cannot be used: {matcher.get_error()}")

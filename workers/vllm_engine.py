@@ -30,12 +30,13 @@ serve stale cached state. On such an engine prompt log-probs are computed one re
 
 Serving: :meth:`VllmRuntime.batch_engine` is the server's decoding loop on this engine
 (workers/vllm_batch_engine.py; GenARM steering runs there through the same logits processor,
-``response_format`` JSON schemas through vLLM's structured outputs), and ``kaizen serve`` hot-loads a promoted candidate's adapter (daemon/serving/champion.py,
-``VllmChampionLoader``).
+``response_format`` JSON schemas through vLLM's structured outputs), and ``kaizen serve``
+hot-loads a promoted candidate's adapter (daemon/serving/champion.py, ``VllmChampionLoader``).
 
-Not here: stages running candidates as adapters (a stage loads a checkpoint's merged weights), training
-(which always loads the transformers model through :func:`workers.loading.load_runtime`). Nothing imports this module unless model.engine is vllm,
-and it imports vllm only when an engine starts.
+Not here: stages running candidates as adapters (a stage loads a checkpoint's merged weights),
+training (which always loads the transformers model through :func:`workers.loading.load_runtime`).
+Nothing imports this module unless model.engine is vllm, and it imports vllm only when an engine
+starts.
 
 The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the worker that
 runs the stage holds it, after the Celery fork, with no engine-core process beside it. It starts

@@ -179,8 +179,9 @@ def print_ratios(rows: dict[int, dict[str, float]], llama_rows: dict[int, dict[s
         print(f"throughput 8 clients / 1 client: {ratio:.2f}x ({verdict} the {TARGET_RATIO_8_VS_1:.0f}x target)")
     if 1 in rows and 32 in rows:
         print(f"throughput 32 clients / 1 client: {rows[32]['tok_s'] / rows[1]['tok_s']:.2f}x")
-    for clients in sorted(set(rows) & set(llama_rows or {})):
-        assert llama_rows is not None
+    if not llama_rows:
+        return
+    for clients in sorted(set(rows) & set(llama_rows)):
         print(f"kaizen / llama.cpp throughput at {clients} client(s): {rows[clients]['tok_s'] / llama_rows[clients]['tok_s']:.2f}x"
               f" (p50 {rows[clients]['p50']:.2f} s vs {llama_rows[clients]['p50']:.2f} s)")
 
