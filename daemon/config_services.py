@@ -110,6 +110,10 @@ class ServeSettings(Section):
     max_batch_size: int = Field(16, ge=1, le=512, description="sequences decoded together in one batch")
     max_queue: int = Field(256, ge=1, description="sequences waiting for a batch slot before requests get 503 + Retry-After")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 above)")
+    # The served model's weights: auto is float32 on a CPU and the checkpoint's own dtype on a GPU.
+    # bfloat16 halves the weights' memory; on CPUs with AMX or AVX512-BF16 (Intel Sapphire Rapids
+    # and later) it also decodes batches faster (see README, "Serving the champion").
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     genarm: GenArmServeSettings = GenArmServeSettings()
 
 

@@ -9,8 +9,10 @@ spaces, and the output is compact JSON.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -39,13 +41,18 @@ def checked_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema a sequence is constrained to (``{}``, json_object, means any JSON object), once
     llguidance has compiled it: an engine that constrains decoding itself (vLLM's structured
     outputs) gets it, and a schema no grammar can express is refused before any decoding."""
-    import llguidance
-
     target = _target(schema)
-    error = llguidance.LLMatcher.validate_grammar(_grammar(target))
+    error = _validation_error(_grammar(target))
     if error:
         raise GrammarError(f"response_format json_schema cannot be used: {error}")
     return target
+
+
+@lru_cache(maxsize=256)
+def _validation_error(grammar: str) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.validate_grammar(grammar)
 
 
 def _target(schema: dict[str, Any]) -> dict[str, Any]:
@@ -53,11 +60,18 @@ def _target(schema: dict[str, Any]) -> dict[str, Any]:
     return schema if schema else {"type": "object"}
 
 
-def _grammar(target: dict[str, Any]) -> Any:
+def _grammar(target: dict[str, Any]) -> str:
+    """The grammar of ``target``; the n choices of a request, and later requests, with one schema
+    share one compilation."""
+    return _compiled_grammar(json.dumps(target, sort_keys=True))
+
+
+@lru_cache(maxsize=256)
+def _compiled_grammar(canonical_schema: str) -> str:
     import llguidance
 
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(target, defaults=_COMPILE_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.loads(canonical_schema), defaults=_COMPILE_OPTIONS)
     except ValueError as exc:
         raise GrammarError(f"response_format json_schema is not a valid JSON schema: {exc}") from None
 

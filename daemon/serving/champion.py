@@ -67,12 +67,12 @@ class Fallback:
 
 
 def load_verified(settings: Settings, path: str) -> ModelRuntime:
-    """Load a checkpoint for serving (model.device, prompt_format, context_length), fetched if
-    remote, after hashing every file against its manifest: at every swap, never trusting a memo
-    (bit rot keeps sizes and mtimes)."""
+    """Load a checkpoint for serving (model.device, prompt_format, context_length, serve.dtype),
+    fetched if remote, after hashing every file against its manifest: at every swap, never
+    trusting a memo (bit rot keeps sizes and mtimes)."""
     from workers.trust import verify_before_trust
 
-    return ModelRuntime.load(verify_before_trust(settings, path), **settings.model.runtime_options())
+    return ModelRuntime.load(verify_before_trust(settings, path), dtype=settings.serve.dtype, **settings.model.runtime_options())
 
 
 def _same_directory(a: str, b: str) -> bool:

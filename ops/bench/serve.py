@@ -5,6 +5,8 @@ process on a loopback port (the HF engine with continuous batching), then for ea
 level every client sends ``--requests`` chat completions one after another, each forced to
 ``--max-tokens`` tokens (EOS is biased away). Prints generated tokens/s, p50/p95 request latency,
 and the 8-client / 1-client throughput ratio against the target. It never fails on a miss.
+``--dtypes auto,bfloat16`` runs the server once per ``serve.dtype`` in the same run and prints
+their throughput ratios per level.
 
 ``--llama-cpp PYTHON`` also runs the same levels against llama.cpp's OpenAI server on the same
 GGUF file (``PYTHON -m llama_cpp.server``, with as many threads, EOS biased away the same way) and
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="model.cpu_threads of the server")
+    parser.add_argument("--dtypes", default="auto", help="serve.dtype values to run one after another, e.g. auto,bfloat16")
     parser.add_argument("--llama-cpp", metavar="PYTHON", help="an interpreter with llama-cpp-python[server] (ops/install_llama_cpp.sh): compare on the same GGUF")
     args = parser.parse_args(argv)
     if args.llama_cpp and args.model != "smollm2":
@@ -151,25 +154,36 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = _model_dir(args.model, work)
-        settings = load_settings(
-            None, data_dir=str(work / "data"), model={"path": str(model_dir), "cpu_threads": args.threads},
-            serve={"port": _free_port(), "max_new_tokens": args.max_tokens, "max_batch_size": max(levels), "max_queue": 4 * max(levels)},
-        )
-        initialise(settings)
+        serve = {"max_new_tokens": args.max_tokens, "max_batch_size": max(levels), "max_queue": 4 * max(levels)}
+        model = {"path": str(model_dir), "cpu_threads": args.threads}
+        initialise(load_settings(None, data_dir=str(work / "data"), model=model, serve=serve))
         from transformers import AutoTokenizer
 
         eos_id = int(AutoTokenizer.from_pretrained(model_dir).eos_token_id)
         print_load_average()
         print(f"model {args.model}, {args.max_tokens} tokens per request, {args.requests} requests per client, {args.threads} thread(s)")
-        with ServerThread(settings) as server:
-            rows = run_levels("kaizen serve (HF engine, continuous batching)", server.base, levels, args.requests, args.max_tokens, eos_id)
+        by_dtype: dict[str, dict[int, dict[str, float]]] = {}
+        for dtype in args.dtypes.split(","):
+            settings = load_settings(None, data_dir=str(work / "data"), model=model, serve=serve | {"port": _free_port(), "dtype": dtype})
+            with ServerThread(settings) as server:
+                name = f"kaizen serve (HF engine, continuous batching, serve.dtype {dtype})"
+                by_dtype[dtype] = run_levels(name, server.base, levels, args.requests, args.max_tokens, eos_id)
+        rows = by_dtype[args.dtypes.split(",")[0]]
         llama_rows = None
         if args.llama_cpp:
             from workers.model_files import smollm2_gguf_path
 
             with llama_cpp_server(args.llama_cpp, smollm2_gguf_path(), args.threads) as base:
                 llama_rows = run_levels("llama.cpp server (llama-cpp-python, same GGUF)", base, levels, args.requests, args.max_tokens, eos_id)
-    print_ratios(rows, llama_rows)
+    for dtype, dtype_rows in by_dtype.items():
+        print(f"serve.dtype {dtype}:")
+        print_ratios(dtype_rows, llama_rows)
+    if len(by_dtype) > 1:
+        first, *others = by_dtype
+        for other in others:
+            for clients in sorted(set(by_dtype[first]) & set(by_dtype[other])):
+                print(f"{other} / {first} throughput at {clients} client(s): "
+                      f"{by_dtype[other][clients]['tok_s'] / by_dtype[first][clients]['tok_s']:.2f}x")
 
 
 def print_ratios(rows: dict[int, dict[str, float]], llama_rows: dict[int, dict[str, float]] | None) -> None:

@@ -20,7 +20,7 @@ def test_each_level_decodes_clients_times_requests_times_max_tokens(capsys: pyte
     out = capsys.readouterr().out
     rows = {int(m[1]): int(m[2]) for line in out.splitlines() if (m := ROW.match(line))}
     assert rows == {1: 1 * 2 * 5, 3: 3 * 2 * 5}
-    assert "kaizen serve (HF engine, continuous batching)" in out and "llama.cpp" not in out
+    assert "kaizen serve (HF engine, continuous batching, serve.dtype auto)" in out and "llama.cpp" not in out
 
 
 def test_ratios_compare_levels_and_servers_measured_in_the_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,3 +47,12 @@ def test_llama_cpp_compares_only_on_the_smollm2_gguf(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--llama-cpp", sys.executable])
     assert "use it with --model smollm2" in capsys.readouterr().err
+
+
+def test_several_serve_dtypes_run_in_one_run_and_are_compared(capsys: pytest.CaptureFixture[str], one_torch_thread: None) -> None:
+    main(["--model", "tiny", "--levels", "1,2", "--requests", "1", "--max-tokens", "4", "--dtypes", "auto,bfloat16"])
+
+    out = capsys.readouterr().out
+    assert "serve.dtype auto)" in out and "serve.dtype bfloat16)" in out
+    assert re.search(r"bfloat16 / auto throughput at 1 client\(s\): [\d.]+x", out)
+    assert re.search(r"bfloat16 / auto throughput at 2 client\(s\): [\d.]+x", out)

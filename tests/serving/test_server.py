@@ -173,3 +173,19 @@ def test_sse_stream_ends_with_done(deployment) -> None:  # type: ignore[no-untyp
     lines = [line for line in _stream_lines(server) if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
+
+
+def test_serve_dtype_bfloat16_loads_the_champion_in_bfloat16_and_serves_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from daemon.bootstrap import initialise
+    from daemon.serving.champion import load_verified
+    from tests.serving.harness import serve_settings
+
+    settings = serve_settings(tmp_path, tiny_model_dir, dtype="bfloat16")
+    sessions = initialise(settings)
+    with sessions() as session:
+        champion_path = lineage.current_champion(session).path
+    assert load_verified(settings, champion_path).model.dtype == torch.bfloat16
+    assert load_verified(serve_settings(tmp_path, tiny_model_dir), champion_path).model.dtype == torch.float32
+    with Server(settings) as server:
+        reply = _chat(openai_client(server))
+    assert reply.choices[0].message.content and reply.usage.completion_tokens >= 1
