@@ -94,6 +94,12 @@ class PromptSettings(Section):
     # Where prompts come from when self-instruct falls short: "seed" (the rubric seed set) or
     # "tasks" (policies/data/verifiable_tasks.json, short everyday tasks disjoint from the suite).
     top_up_from: Literal["seed", "tasks"] = "seed"
+    # Clean the model's task lists before filtering (policies.self_instruct.clean_generated_tasks):
+    # "Explain 3) How to ..." loses its list number, answers ("A: ...") and the copied topic list go.
+    clean_generated_tasks: bool = False
+    # Draw training constraints whose length floor fits generation.max_new_tokens
+    # (policies.verifiable.attach_constraints): no "at least 120 words" in a 128-token answer.
+    fit_answer_budget: bool = False
 
     @field_validator("constraints_per_prompt")
     @classmethod
@@ -274,6 +280,9 @@ class TrainingSettings(LoraTrainingSettings):
     # Also train on the verified/anchored pairs of this many earlier iterations (rejected ones
     # included), so a rejected cycle still adds evidence; the dpo_update result lists the pair ids.
     replay_iterations: int = Field(0, ge=0)
+    # Train a rejected answer that was cut at generation.max_new_tokens without the end-of-turn
+    # marker TRL appends to every completion (with it, DPO lowers the probability of ending there).
+    cut_rejected_without_end: bool = False
 
 
 class GateSettings(Section):

@@ -16,6 +16,7 @@ so sampling is deterministic for a given `random.Random` state.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -38,6 +39,9 @@ class ConstraintKind:
     # True when the parameters come from the task itself (repeat_request): such a kind is
     # only sampled when the task is known.
     needs_task: bool = False
+    # The fewest answer tokens that can satisfy it (a rough floor, for drawing training
+    # constraints that fit the generation budget; see policies.verifiable.attach_constraints).
+    min_tokens: Callable[[Params], int] = lambda p: 0
 
 
 INCLUDE_WORDS = ("important", "example", "simple", "time", "people", "help", "first", "best",
@@ -313,10 +317,26 @@ _CONFLICTS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Answer-length floors in tokens. A word is about 1.3 tokens in the BPE vocabularies of small
+# chat models (SmolLM2's: 1.33 on kaizen's own training answers); a sentence, paragraph or
+# section takes at least a short sentence; a bullet a few words.
+TOKENS_PER_WORD = 1.3
+_MIN_TOKENS: dict[str, Callable[[Params], int]] = {
+    "min_words": lambda p: math.ceil(TOKENS_PER_WORD * p["n"]),
+    "min_sentences": lambda p: 8 * p["n"],
+    "paragraphs": lambda p: 15 * p["n"],
+    "numbered_sections": lambda p: 15 * p["n"],
+    "bullet_points": lambda p: 6 * p["n"],
+    "two_responses": lambda p: 20,
+    "keyword_frequency": lambda p: 4 * p["n"],
+    "repeat_request": lambda p: math.ceil(TOKENS_PER_WORD * len(p["request"].split())),
+}
+
+
 def _with_conflicts(kind: ConstraintKind) -> ConstraintKind:
     others = {b for a, b in _CONFLICTS if a == kind.name} | {a for a, b in _CONFLICTS if b == kind.name}
     return ConstraintKind(kind.name, kind.describe, kind.check, kind.sample, kind.param_names,
-                          frozenset(others), kind.needs_task)
+                          frozenset(others), kind.needs_task, _MIN_TOKENS.get(kind.name, kind.min_tokens))
 
 
 KINDS: dict[str, ConstraintKind] = {kind.name: _with_conflicts(kind) for kind in _DEFINITIONS}

@@ -108,6 +108,12 @@ def describe(constraint: Constraint) -> str:
     return kind_of(constraint.kind).describe(constraint.as_params())
 
 
+def min_answer_tokens(constraints: Iterable[Constraint]) -> int:
+    """The fewest answer tokens that could satisfy all of `constraints` (the sum of each kind's
+    rough floor, ``ConstraintKind.min_tokens``)."""
+    return sum(kind_of(c.kind).min_tokens(c.as_params()) for c in constraints)
+
+
 ECHO_SPAN = 4
 
 

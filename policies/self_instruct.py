@@ -108,6 +108,15 @@ def _distinct_by_normal_form(prompts: Sequence[str]) -> list[str]:
     return list(by_form.values())
 
 
+SELF_INSTRUCT_HEADER = (
+    "Come up with {n_new} new, diverse tasks for an AI assistant. Vary the topic "
+    "(for example coding, math, writing, science, history, advice, reasoning, "
+    "summarization, classification, brainstorming, everyday how-to) and the kind of "
+    "request. Each task is a single self-contained instruction on one line, written "
+    "the way a user would ask it. Do not answer the tasks."
+)
+
+
 def render_self_instruct_prompt(examples: Sequence[str], n_new: int) -> str:
     """A numbered task list that ends on an open "Task N:" line for the model to continue.
 
@@ -116,13 +125,7 @@ def render_self_instruct_prompt(examples: Sequence[str], n_new: int) -> str:
     """
     if n_new < 1:
         raise ValueError(f"n_new must be >= 1, got {n_new}")
-    header = (
-        f"Come up with {n_new} new, diverse tasks for an AI assistant. Vary the topic "
-        "(for example coding, math, writing, science, history, advice, reasoning, "
-        "summarization, classification, brainstorming, everyday how-to) and the kind of "
-        "request. Each task is a single self-contained instruction on one line, written "
-        "the way a user would ask it. Do not answer the tasks."
-    )
+    header = SELF_INSTRUCT_HEADER.format(n_new=n_new)
     listed = [f"Task {i}: {_one_line(example)}" for i, example in enumerate(examples, start=1)]
     return "\n".join([header, "", *listed, f"Task {len(examples) + 1}:"])
 
@@ -169,6 +172,13 @@ def parse_generated_prompts(text: str) -> list[str]:
     return tasks
 
 
+def clean_generated_tasks(tasks: Sequence[str]) -> list[str]:
+    """`tasks` (parsed) with the debris a small model leaves in them removed, and those that are
+    not tasks at all dropped (seen in SmolLM2-135M's lists: "Explain 3) How to celebrate
+    birthdays.", "A: I'm an AI that helps ...", the header's topic list copied as a task)."""
+    return [task for task in map(_cleaned_task, tasks) if task]
+
+
 _PREAMBLE = re.compile(r"^\W*(?:sure|certainly|of course|okay|ok|here (?:are|is))\b", re.IGNORECASE)
 
 
@@ -176,6 +186,33 @@ def _is_task_body(line: str) -> bool:
     # Chat-tuned models often open with "Sure! Here are five tasks:" before the list.
     stripped = line.strip()
     return not stripped.endswith(":") and _PREAMBLE.match(stripped) is None
+
+
+# "Explain 3) How to ...", "Explain 3. How to ...": a list number inside a task, before a
+# capitalised word ("N)" anywhere; "N." only after the first word, so "Python 3. It ..." stays).
+_INNER_ENUMERATOR = re.compile(r"(?:(?<=\w )\d{1,2}\)|^(?P<lead>\w+ )\d{1,2}\.)\s+(?P<initial>[A-Z])(?=[a-z]|\s)")
+_QUESTION_LABEL = re.compile(r"^(?:q|question|instruction|request)\s*:\s*", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"^(?:a|answer|response|output)\s*:", re.IGNORECASE)
+# The header's topic list copied as a task names several of them; a real task hardly ever does.
+HEADER_TOPICS = frozenset(
+    ("coding", "math", "writing", "science", "history", "advice", "reasoning", "summarization", "summary",
+     "classification", "brainstorming")
+)
+MAX_HEADER_TOPICS = 3
+
+
+def _cleaned_task(task: str) -> str | None:
+    if _ANSWER_LABEL.match(task):
+        return None
+    if len(HEADER_TOPICS & set(normalize_prompt(task).split())) > MAX_HEADER_TOPICS:
+        return None
+    task = _QUESTION_LABEL.sub("", task)
+    return _INNER_ENUMERATOR.sub(_without_enumerator, task)
+
+
+def _without_enumerator(match: re.Match[str]) -> str:
+    initial = match.group("initial")
+    return (match.group("lead") or "") + (initial if initial == "I" else initial.lower())
 
 
 # --- Normalisation, overlap and de-duplication ----------------------------------------

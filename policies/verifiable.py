@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from policies.constraints import Constraint, render_prompt, sample_constraints
+from policies.constraints import Constraint, min_answer_tokens, render_prompt, sample_constraints
 from policies.self_instruct import deduplicate, load_task_list
 from policies.suites import heldout_suite_tasks
 
@@ -48,13 +48,33 @@ def constraint_count(rng: random.Random, counts: int | Sequence[int]) -> int:
     return counts if isinstance(counts, int) else rng.choice(list(counts))
 
 
+# A draw fits the answer budget when its floor leaves a quarter of the budget spare: the floor
+# counts only what the checks demand, and an answer has a few words around that.
+BUDGET_SHARE = 0.75
+MAX_REDRAWS = 20
+
+
 def attach_constraints(
     task: str, rng: random.Random, k: int, kinds: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
+    answer_budget: int | None = None,
 ) -> VerifiablePrompt:
     """`task` with `k` compatible constraints (of `kinds`, default any; drawn by `weights`,
-    default uniform); the prompt is the task plus their sentences."""
+    default uniform); the prompt is the task plus their sentences.
+
+    With `answer_budget` (the tokens an answer may take), a draw whose length floor
+    (:func:`policies.constraints.min_answer_tokens`) exceeds ``BUDGET_SHARE`` of it is drawn
+    again, up to ``MAX_REDRAWS`` times, then the draw with the lowest floor is kept: "at least
+    120 words" in 128 tokens can only be failed or cut, which teaches nothing (measured on
+    SmolLM2: 88% of such samples cut)."""
     task = as_sentence(task)
     constraints = tuple(sample_constraints(rng, k, kinds=kinds, task=task, weights=weights))
+    if answer_budget is not None:
+        limit = BUDGET_SHARE * answer_budget
+        for _ in range(MAX_REDRAWS):
+            if min_answer_tokens(constraints) <= limit:
+                break
+            again = tuple(sample_constraints(rng, k, kinds=kinds, task=task, weights=weights))
+            constraints = min(constraints, again, key=min_answer_tokens)
     return VerifiablePrompt(task, constraints, render_prompt(task, constraints))
 
 

@@ -12,6 +12,9 @@ Data format
     so TRL renders them with the model's own chat template, exactly as the model is prompted at
     inference (``add_generation_prompt=True``); the completion tokens are the rendered assistant
     turn including its end marker (``</s>`` for the tiny model), so DPO also teaches where to stop.
+    A rejected answer that was cut at the token budget (``rejected_unfinished``) never ended, so it
+    is trained without that marker: with it, DPO would lower the probability of ending right where
+    the answer should have ended long before (:func:`without_end_marker`).
     A prompt rendered otherwise (a base model's URIAL or plain format, ``prompt_text``) is handed
     to TRL as that exact text (prompt text + answer + EOS), so DPO trains on the prompt the model
     was sampled with. :func:`preference_margin` tokenizes the same way.
@@ -60,7 +63,10 @@ __all__ = [
     "preference_margin",
     "prompt_completion_ids",
     "sequence_logprobs",
+    "trl_records",
+    "unfinished_aware_trainer",
     "uses_chat_template",
+    "without_end_marker",
 ]
 
 CHECKPOINT_KIND = "dpo_lora_merged"
@@ -78,6 +84,8 @@ class PreferenceExample(ChatPrompt):
     chosen: str
     rejected: str
     prompt_text: str | None = None
+    # The rejected answer was cut at max_new_tokens: it is trained as generated, with no end marker.
+    rejected_unfinished: bool = False
 
     def rendered_prompt(self) -> str:
         return self.prompt_text if self.prompt_text is not None else render_plain_prompt(self.prompt_messages())
@@ -97,20 +105,57 @@ def uses_chat_template(tokenizer, ex: PreferenceExample) -> bool:
     return ex.prompt_text == tokenizer.apply_chat_template(ex.prompt_messages(), tokenize=False, add_generation_prompt=True)
 
 
-def _to_trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[str, Any]]:
+def trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[str, Any]]:
     records = []
     for ex in examples:
         if uses_chat_template(tokenizer, ex):
-            records.append(
-                {
-                    "prompt": ex.prompt_messages(),
-                    "chosen": [{"role": "assistant", "content": ex.chosen}],
-                    "rejected": [{"role": "assistant", "content": ex.rejected}],
-                }
-            )
+            record: dict[str, Any] = {
+                "prompt": ex.prompt_messages(),
+                "chosen": [{"role": "assistant", "content": ex.chosen}],
+                "rejected": [{"role": "assistant", "content": ex.rejected}],
+            }
         else:
-            records.append({"prompt": ex.rendered_prompt(), "chosen": ex.chosen, "rejected": ex.rejected})
+            record = {"prompt": ex.rendered_prompt(), "chosen": ex.chosen, "rejected": ex.rejected}
+        records.append(record | {REJECTED_UNFINISHED: ex.rejected_unfinished})
     return records
+
+
+REJECTED_UNFINISHED = "rejected_unfinished"
+
+
+def without_end_marker(ids: Sequence[int], special_ids: set[int], is_blank: Callable[[int], bool]) -> list[int]:
+    """``ids`` (a tokenized completion) without its end marker: the last special token (``</s>``,
+    ``<|im_end|>``) and the blank tokens a chat template puts after it (``"\n"``); unchanged
+    when it does not end with one."""
+    end = len(ids)
+    while end > 0 and ids[end - 1] not in special_ids and is_blank(ids[end - 1]):
+        end -= 1
+    if end > 0 and ids[end - 1] in special_ids:
+        return list(ids[: end - 1])
+    return list(ids)
+
+
+def unfinished_aware_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (TRL's DPOTrainer) whose prepared dataset trains each cut rejected answer
+    without the end marker TRL adds to every completion."""
+
+    class UnfinishedAwareTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # type: ignore[no-untyped-def]
+            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if REJECTED_UNFINISHED not in (prepared.column_names or ()):
+                return prepared
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            special = set(tokenizer.all_special_ids)
+
+            def strip(example: dict[str, Any]) -> dict[str, Any]:
+                ids = example["rejected_ids"]
+                if example[REJECTED_UNFINISHED]:
+                    ids = without_end_marker(ids, special, lambda i: not tokenizer.decode([i]).strip())
+                return {"rejected_ids": ids}
+
+            return prepared.map(strip)
+
+    return UnfinishedAwareTrainer
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -269,10 +314,10 @@ def _dpo_update(
         out,
         settings,
         kind=CHECKPOINT_KIND,
-        trainer_cls=DPOTrainer,
+        trainer_cls=unfinished_aware_trainer(DPOTrainer),
         config_cls=DPOConfig,
         config_kwargs={"beta": settings.beta, **_loss_kwargs(settings)},
-        rows=lambda tokenizer: _to_trl_records(examples, tokenizer),
+        rows=lambda tokenizer: trl_records(examples, tokenizer),
         num_examples=len(examples),
         summarise=_summarise,
         seed=seed,

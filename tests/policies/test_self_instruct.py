@@ -3,6 +3,7 @@ import random
 import pytest
 
 from policies.self_instruct import (
+    clean_generated_tasks,
     deduplicate,
     filter_prompts,
     load_seed_prompts,
@@ -242,3 +243,36 @@ def test_filter_drops_prompts_with_template_markers(prompt):
 
 def test_filter_strips_surrounding_whitespace():
     assert filter_prompts(["  Explain how tides work.\n"]) == ["Explain how tides work."]
+
+
+@pytest.mark.parametrize(
+    ("written", "task"),
+    [
+        # SmolLM2-135M's list debris, seen in a demo cycle: a list number inside the task.
+        ("Task 7: Explain 3) How to celebrate birthdays.", "Explain how to celebrate birthdays."),
+        ("Task 7: Respond with 1) A guided meditation.", "Respond with a guided meditation."),
+        ("Task 7: Explain 3. How to stop bleeding.", "Explain how to stop bleeding."),
+        ("Task 7: Ask 2) I need help with my garden.", "Ask I need help with my garden."),
+        ("Task 7: Q: What makes bread rise?", "What makes bread rise?"),
+        # Numbers that belong to the task stay.
+        ("Task 7: Write a program in Python 3. It should sort a list.", "Write a program in Python 3. It should sort a list."),
+        ("Task 7: Solve 3x + 4 = 10 for x.", "Solve 3x + 4 = 10 for x."),
+        ("Task 7: Answer the question: why is the sky blue?", "Answer the question: why is the sky blue?"),
+    ],
+)
+def test_cleaning_removes_list_debris_from_a_task(written, task):
+    assert clean_generated_tasks(parse_generated_prompts(written)) == [task]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "Task 7: A: I'm an AI that helps explain various concepts using simple language.",
+        "Task 7: Answer: The sky is blue because of scattering.",
+        "Task 7: Coding, math, writing, science, history, advice, reasoning, summary, storytelling",
+    ],
+)
+def test_cleaning_drops_answers_and_the_copied_topic_list(written):
+    parsed = parse_generated_prompts(written + "\nTask 8: Name three rivers in Africa.")
+    assert len(parsed) == 2  # parsing alone keeps it
+    assert clean_generated_tasks(parsed) == ["Name three rivers in Africa."]

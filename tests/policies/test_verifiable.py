@@ -1,5 +1,7 @@
 import random
 
+from policies import verifiable
+from policies.constraints import Constraint, min_answer_tokens
 from policies.self_instruct import load_seed_prompts, ngram_overlap, normalize_prompt
 from policies.suites import PACKAGED_SUITES, heldout_suite_tasks, load_packaged
 from policies.verifiable import (
@@ -82,3 +84,33 @@ def test_a_fixed_constraint_count_draws_nothing_so_its_prompts_stay_as_they_were
     rng, untouched = random.Random(5), random.Random(5)
     assert constraint_count(rng, 1) == 1
     assert rng.random() == untouched.random()
+
+
+def test_an_answer_budget_keeps_training_constraints_that_fit_it():
+    limit = verifiable.BUDGET_SHARE * 128
+    unbounded = [verifiable.attach_constraints("Tell me about tea.", random.Random(seed), 1, ["min_words"]) for seed in range(40)]
+    bounded = [verifiable.attach_constraints("Tell me about tea.", random.Random(seed), 1, ["min_words"], answer_budget=128) for seed in range(40)]
+    assert {vp.constraints[0].param("n") for vp in unbounded} == {30, 50, 80, 120}
+    # 80 words (104 tokens) and 120 words (156) do not fit 96 of 128 tokens; 30 and 50 do.
+    assert {vp.constraints[0].param("n") for vp in bounded} == {30, 50}
+    assert all(min_answer_tokens(vp.constraints) <= limit for vp in bounded)
+    # A draw that fits is kept as it is: the budget changes nothing for a prompt that never needed it.
+    fitting = [(a, b) for a, b in zip(unbounded, bounded, strict=True) if min_answer_tokens(a.constraints) <= limit]
+    assert fitting and all(a == b for a, b in fitting)
+
+
+def test_a_budget_nothing_fits_keeps_the_draw_with_the_lowest_floor():
+    for seed in range(10):
+        first = verifiable.attach_constraints("Tell me about tea.", random.Random(seed), 2, ["min_words", "numbered_sections", "bullet_points"])
+        tight = verifiable.attach_constraints(
+            "Tell me about tea.", random.Random(seed), 2, ["min_words", "numbered_sections", "bullet_points"], answer_budget=8
+        )
+        assert min_answer_tokens(tight.constraints) <= min_answer_tokens(first.constraints)
+        assert len(tight.constraints) == 2
+
+
+def test_length_floors_of_constraint_kinds():
+    assert min_answer_tokens([Constraint.of("min_words", n=100)]) == 130
+    assert min_answer_tokens([Constraint.of("numbered_sections", n=3), Constraint.of("lowercase")]) == 45
+    assert min_answer_tokens([Constraint.of("repeat_request", request="Tell me about tea.")]) == 6
+    assert min_answer_tokens([]) == 0

@@ -63,3 +63,12 @@ def test_a_list_of_counts_gives_prompts_with_one_or_two_compatible_constraints(t
     # Two constraints on one prompt never conflict: lowercase and uppercase are never drawn together.
     assert all({c["kind"] for c in cs} != {"lowercase", "uppercase"} for cs in constraints if len(cs) == 2)
     assert any(len({c["kind"] for c in cs}) == 2 for cs in constraints)
+
+
+def test_with_fit_answer_budget_training_constraints_fit_generation_max_new_tokens(tmp_path, tiny_model_dir):
+    # generation.max_new_tokens is 48 by default: "at least 80 / 120 words" (104 / 156 tokens) cannot fit.
+    _, unbounded = _next_cycle_prompts(tmp_path / "plain", tiny_model_dir, constraint_kinds=["min_words"])
+    _, bounded = _next_cycle_prompts(tmp_path / "fit", tiny_model_dir, constraint_kinds=["min_words"], fit_answer_budget=True)
+    assert {c["n"] for cs in unbounded for c in cs} == {30, 50, 80, 120}
+    sizes = Counter(c["n"] for cs in bounded for c in cs)
+    assert set(sizes) <= {30, 50} and sizes[30] > sizes[50], sizes

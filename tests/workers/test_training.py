@@ -13,7 +13,7 @@ from workers import lora_training
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint
 from workers.tiny_model import build_tiny_model
 from daemon.config import TrainingSettings
-from workers.training import PreferenceExample, dpo_update, preference_margin
+from workers.training import PreferenceExample, dpo_update, preference_margin, trl_records, unfinished_aware_trainer, without_end_marker
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -286,3 +286,51 @@ def test_a_save_in_a_remote_artifact_store_is_resumed_by_a_worker_on_another_mac
     result = dpo_update(str(base_dir), EXAMPLES, second_machine, settings, state_store=store)
     assert read_manifest(result.checkpoint_path).metadata["resumed_from_step"] == 4
     assert not fs.exists(root)  # committed: the saved state is removed from the store too
+
+
+def test_a_cut_rejected_answer_trains_without_the_end_marker_and_others_keep_it(base_dir):
+    """TRL appends the end of turn to every completion; a rejected answer cut at the budget never
+    ended, and with the marker DPO would push down ending there."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    examples = [
+        PreferenceExample(prompt="Name a fruit.", chosen="An apple.", rejected="A long list of fruits that", rejected_unfinished=True),
+        PreferenceExample(prompt="Name a fruit.", chosen="An apple.", rejected="A long list of fruits that"),
+    ]
+    trainer_cls = unfinished_aware_trainer(DPOTrainer)
+    trainer = object.__new__(trainer_cls)
+    config = DPOConfig(output_dir="unused", max_length=128, report_to="none", use_cpu=True)
+    prepared = trainer_cls._prepare_dataset(trainer, Dataset.from_list(trl_records(examples, tokenizer)), tokenizer, config, "train")
+    cut, finished = prepared[0], prepared[1]
+    # The tiny model's template ends a turn with "</s>\n".
+    assert tokenizer.decode(finished["rejected_ids"][-2:]) == "</s>\n"
+    assert cut["rejected_ids"] == finished["rejected_ids"][:-2]
+    assert tokenizer.decode(cut["rejected_ids"]).endswith("fruits that")
+    assert cut["chosen_ids"] == finished["chosen_ids"] and tokenizer.decode(cut["chosen_ids"][-2:]) == "</s>\n"
+
+
+def test_without_end_marker_drops_the_last_special_token_and_the_blank_tokens_after_it():
+    blank = {9}.__contains__  # token 9 decodes to "\n"
+    assert without_end_marker([5, 6, 2, 9], {2}, blank) == [5, 6]
+    assert without_end_marker([5, 6, 2], {2}, blank) == [5, 6]
+    assert without_end_marker([5, 6, 9], {2}, blank) == [5, 6, 9]  # no end marker: unchanged
+    assert without_end_marker([], {2}, blank) == []
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_the_dpo_stage_marks_cut_rejected_answers_only_with_training_cut_rejected_without_end(tmp_path, tiny_model_dir, strip):
+    from tests.factories import lineage_with_responses
+    from workers.stages.dpo_update import preference_examples
+
+    ctx, _ = lineage_with_responses(
+        tmp_path / "data", tiny_model_dir, [("Name a fruit.", ["An apple."])],
+        generation={"max_new_tokens": 16}, training={"cut_rejected_without_end": strip},
+    )
+    rows = [(1, "Name a fruit.", "An apple.", "A long list of", 16), (2, "Name a fruit.", "An apple.", "A pear, no.", 5)]
+    examples, kept = preference_examples(ctx, rows, max_length=512)
+    assert kept == {1, 2}
+    assert [ex.rejected_unfinished for ex in examples] == [strip, False]

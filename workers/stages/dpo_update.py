@@ -86,13 +86,13 @@ def dpo_update(ctx: StageContext) -> StageOutput:
     return StageOutput(result, write)
 
 
-def _pair_rows(session: Session, *conditions) -> list[tuple[int, str, str, str]]:
-    """(pair id, prompt text, chosen text, rejected text) of the pairs matching `conditions`, by id."""
+def _pair_rows(session: Session, *conditions) -> list[tuple[int, str, str, str, int]]:
+    """(pair id, prompt text, chosen text, rejected text, rejected tokens) of the pairs matching `conditions`, by id."""
     chosen, rejected = aliased(Response), aliased(Response)
     return [
         tuple(row)
         for row in session.execute(
-            select(Pair.id, Prompt.text, chosen.text, rejected.text)
+            select(Pair.id, Prompt.text, chosen.text, rejected.text, rejected.num_tokens)
             .join(Prompt, Prompt.id == Pair.prompt_id)
             .join(chosen, chosen.id == Pair.chosen_response_id)
             .join(rejected, rejected.id == Pair.rejected_response_id)
@@ -102,10 +102,12 @@ def _pair_rows(session: Session, *conditions) -> list[tuple[int, str, str, str]]
     ]
 
 
-def preference_examples(ctx: StageContext, rows: list[tuple[int, str, str, str]], max_length: int):  # type: ignore[no-untyped-def]
+def preference_examples(ctx: StageContext, rows: list[tuple[int, str, str, str, int]], max_length: int):  # type: ignore[no-untyped-def]
     """The pairs as training examples, each prompt rendered exactly as respond sampled it (the
     parent's runtime, the same budget), and the ids of the pairs kept: a pair whose prompt alone
-    fills ``max_length`` or the model's context is left out (nothing of its answers would train)."""
+    fills ``max_length`` or the model's context is left out (nothing of its answers would train).
+    With ``training.cut_rejected_without_end``, a rejected answer as long as the budget (cut there)
+    trains without an end marker."""
     from workers.training import PreferenceExample
 
     with ctx.sessions() as session:
@@ -113,10 +115,13 @@ def preference_examples(ctx: StageContext, rows: list[tuple[int, str, str, str]]
     runtime = runtime_for(ctx, parent_path)
     limit = min(max_length, runtime.profile.context_length)
     budget = ctx.settings.generation.max_new_tokens
+    strip_cut_ends = ctx.settings.training.cut_rejected_without_end
     examples, kept = [], set()
-    for pair_id, prompt, chosen, rejected in rows:
+    for pair_id, prompt, chosen, rejected, rejected_tokens in rows:
         text = user_prompt(runtime, prompt, budget)
         if runtime.prompt_tokens(text) < limit:
-            examples.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, prompt_text=text))
+            examples.append(PreferenceExample(
+                prompt=prompt, chosen=chosen, rejected=rejected, prompt_text=text, rejected_unfinished=strip_cut_ends and rejected_tokens >= budget,
+            ))
             kept.add(pair_id)
     return examples, kept

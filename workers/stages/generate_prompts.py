@@ -54,6 +54,8 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
         outputs = sample(ctx, runtime, [request], n=SAMPLES_PER_ROUND, seed=stage_seed(ctx, "generate_prompts") + round_index)[0]
         for output in outputs:
             parsed = self_instruct.parse_generated_prompts(output.text)
+            if cfg.clean_generated_tasks:
+                parsed = self_instruct.clean_generated_tasks(parsed)
             kept = self_instruct.filter_prompts(parsed, min_words=cfg.min_words, max_words=cfg.max_words)
             fresh = self_instruct.deduplicate(kept, pool + seeds + heldout + earlier + accepted, max_overlap=cfg.max_overlap)
             # A task the model happens to write that is (nearly) a held-out suite task never trains.
@@ -74,7 +76,8 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
 
     def constrained(task: str) -> verifiable.VerifiablePrompt:
         k = verifiable.constraint_count(constraint_rng, cfg.constraints_per_prompt)
-        return verifiable.attach_constraints(task, constraint_rng, k, cfg.constraint_kinds, weights)
+        budget = ctx.settings.generation.max_new_tokens if cfg.fit_answer_budget else None
+        return verifiable.attach_constraints(task, constraint_rng, k, cfg.constraint_kinds, weights, answer_budget=budget)
 
     train = [(constrained(t), "generated") for t in accepted] + [(constrained(t), cfg.top_up_from) for t in topped_up]
 
