@@ -27,7 +27,14 @@ HISTORY = [
 
 
 def _next_cycle_prompts(tmp_path, tiny_model_dir, **prompt_settings):
-    """generate_prompts run for the iteration after HISTORY's; its output and stored training prompts."""
+    """generate_prompts run for the iteration after HISTORY's; its output and stored training prompts' constraints."""
+    output, stored = _next_cycle(tmp_path, tiny_model_dir, **prompt_settings)
+    return output, [constraints for _, _, constraints in stored]
+
+
+def _next_cycle(tmp_path, tiny_model_dir, **prompt_settings):
+    """generate_prompts run for the iteration after HISTORY's; its output and stored training
+    prompts as (text, source, constraints)."""
     overrides = {"prompts": {"per_cycle": 60, "max_rounds": 1, "constraint_kinds": KINDS, "top_up_from": "tasks", **prompt_settings}}
     ctx, _ = lineage_with_responses(tmp_path / "data", tiny_model_dir, HISTORY, **overrides)
     with transaction(ctx.sessions) as session:
@@ -42,7 +49,7 @@ def _next_cycle_prompts(tmp_path, tiny_model_dir, **prompt_settings):
         output.write(session)
     with ctx.sessions() as session:
         stored = session.scalars(select(Prompt).where(Prompt.iteration_id == next_ctx.iteration_id, Prompt.role == "train")).all()
-        return output, [p.constraints for p in stored]
+        return output, [(p.text, p.source, p.constraints) for p in stored]
 
 
 def test_kinds_whose_samples_disagreed_are_drawn_most(tmp_path, tiny_model_dir):
@@ -72,3 +79,23 @@ def test_with_fit_answer_budget_training_constraints_fit_generation_max_new_toke
     assert {c["n"] for cs in unbounded for c in cs} == {30, 50, 80, 120}
     sizes = Counter(c["n"] for cs in bounded for c in cs)
     assert set(sizes) <= {30, 50} and sizes[30] > sizes[50], sizes
+
+
+def test_with_clean_generated_tasks_the_stage_trains_on_cleaned_self_written_tasks(tmp_path, tiny_model_dir, monkeypatch):
+    """The model's continuation is fixed here (the tiny model writes no tasks): what the stage
+    keeps of it, without and with the option."""
+    from workers.generation import Generation
+    from workers.stages import generate_prompts as stage
+
+    written = "Explain 3) How to polish old brass doorknobs.\nTask 8: A: I'm an AI that helps explain things.\nTask 9: Name three rivers in Africa."
+    monkeypatch.setattr(stage, "sample", lambda ctx, runtime, texts, n, seed: [[Generation(written, 20, True)] * n])
+
+    def tasks(name, **options):
+        output, stored = _next_cycle(tmp_path / name, tiny_model_dir, per_cycle=3, constraint_kinds=["lowercase"], **options)
+        suffix = " Write your whole answer in lowercase letters, with no capital letters."
+        texts = [text.removesuffix(suffix) for text, source, _ in stored if source == "generated"]
+        assert output.result["generated"] == len(texts)
+        return texts
+
+    assert tasks("plain") == ["Explain 3) How to polish old brass doorknobs.", "A: I'm an AI that helps explain things.", "Name three rivers in Africa."]
+    assert tasks("clean", clean_generated_tasks=True) == ["Explain how to polish old brass doorknobs.", "Name three rivers in Africa."]
