@@ -333,10 +333,11 @@ _MIN_TOKENS: dict[str, Callable[[Params], int]] = {
 }
 
 
-def _with_conflicts(kind: ConstraintKind) -> ConstraintKind:
+def _with_tables(kind: ConstraintKind) -> ConstraintKind:
+    """`kind` with its conflicts and length floor from the tables above."""
     others = {b for a, b in _CONFLICTS if a == kind.name} | {a for a, b in _CONFLICTS if b == kind.name}
     return ConstraintKind(kind.name, kind.describe, kind.check, kind.sample, kind.param_names,
                           frozenset(others), kind.needs_task, _MIN_TOKENS.get(kind.name, kind.min_tokens))
 
 
-KINDS: dict[str, ConstraintKind] = {kind.name: _with_conflicts(kind) for kind in _DEFINITIONS}
+KINDS: dict[str, ConstraintKind] = {kind.name: _with_tables(kind) for kind in _DEFINITIONS}

@@ -108,12 +108,9 @@ def _distinct_by_normal_form(prompts: Sequence[str]) -> list[str]:
     return list(by_form.values())
 
 
-SELF_INSTRUCT_HEADER = (
-    "Come up with {n_new} new, diverse tasks for an AI assistant. Vary the topic "
-    "(for example coding, math, writing, science, history, advice, reasoning, "
-    "summarization, classification, brainstorming, everyday how-to) and the kind of "
-    "request. Each task is a single self-contained instruction on one line, written "
-    "the way a user would ask it. Do not answer the tasks."
+SELF_INSTRUCT_TOPICS = (
+    "coding", "math", "writing", "science", "history", "advice", "reasoning", "summarization", "classification",
+    "brainstorming", "everyday how-to",
 )
 
 
@@ -125,7 +122,12 @@ def render_self_instruct_prompt(examples: Sequence[str], n_new: int) -> str:
     """
     if n_new < 1:
         raise ValueError(f"n_new must be >= 1, got {n_new}")
-    header = SELF_INSTRUCT_HEADER.format(n_new=n_new)
+    header = (
+        f"Come up with {n_new} new, diverse tasks for an AI assistant. Vary the topic "
+        f"(for example {', '.join(SELF_INSTRUCT_TOPICS)}) and the kind of "
+        "request. Each task is a single self-contained instruction on one line, written "
+        "the way a user would ask it. Do not answer the tasks."
+    )
     listed = [f"Task {i}: {_one_line(example)}" for i, example in enumerate(examples, start=1)]
     return "\n".join([header, "", *listed, f"Task {len(examples) + 1}:"])
 
@@ -193,11 +195,9 @@ def _is_task_body(line: str) -> bool:
 _INNER_ENUMERATOR = re.compile(r"(?:(?<=\w )\d{1,2}\)|^(?P<lead>\w+ )\d{1,2}\.)\s+(?P<initial>[A-Z])(?=[a-z]|\s)")
 _QUESTION_LABEL = re.compile(r"^(?:q|question|instruction|request)\s*:\s*", re.IGNORECASE)
 _ANSWER_LABEL = re.compile(r"^(?:a|answer|response|output)\s*:", re.IGNORECASE)
-# The header's topic list copied as a task names several of them; a real task hardly ever does.
-HEADER_TOPICS = frozenset(
-    ("coding", "math", "writing", "science", "history", "advice", "reasoning", "summarization", "summary",
-     "classification", "brainstorming")
-)
+# The request's topic list copied as a task names several of them; a real task hardly ever does.
+# One-word topics only ("everyday how-to" would count "how" and "to"), plus the variant SmolLM2 writes.
+HEADER_TOPICS = frozenset(topic for topic in SELF_INSTRUCT_TOPICS if " " not in topic) | {"summary"}
 MAX_HEADER_TOPICS = 3
 
 

@@ -106,6 +106,10 @@ def uses_chat_template(tokenizer, ex: PreferenceExample) -> bool:
 
 
 def trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[str, Any]]:
+    """The examples in TRL's preference format; with a ``rejected_unfinished`` column only where
+    some example is flagged, so otherwise no dataset pass is added (:func:`unfinished_aware_trainer`)."""
+    examples = list(examples)
+    flagged = any(ex.rejected_unfinished for ex in examples)
     records = []
     for ex in examples:
         if uses_chat_template(tokenizer, ex):
@@ -116,7 +120,7 @@ def trl_records(examples: Iterable[PreferenceExample], tokenizer) -> list[dict[s
             }
         else:
             record = {"prompt": ex.rendered_prompt(), "chosen": ex.chosen, "rejected": ex.rejected}
-        records.append(record | {REJECTED_UNFINISHED: ex.rejected_unfinished})
+        records.append(record | {REJECTED_UNFINISHED: ex.rejected_unfinished} if flagged else record)
     return records
 
 

@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
             with ServerThread(settings) as server:
                 name = f"kaizen serve (HF engine, continuous batching, serve.dtype {dtype})"
                 by_dtype[dtype] = run_levels(name, server.base, levels, args.requests, args.max_tokens, eos_id)
-        rows = by_dtype[args.dtypes.split(",")[0]]
         llama_rows = None
         if args.llama_cpp:
             from workers.model_files import smollm2_gguf_path
