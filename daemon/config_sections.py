@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from policies import rubric
+from policies.end_ramp import EndRamp
 from policies.prompt_format import FORMAT_AUTO, PROMPT_FORMATS
 from policies.pairs import parse_strategy
 
@@ -121,6 +122,16 @@ class PromptSettings(Section):
 
 class RespondSettings(Section):
     num_samples: int = Field(4, ge=2)
+    # Training answers (policy, RLCD, anchor samples) get a rising end-of-turn bonus over the last
+    # part of generation.max_new_tokens (policies/end_ramp.py): they end at a sentence instead of
+    # being cut. Logits at the budget's last token; 0 switches it off. Gate and suite answers never
+    # get it, so they measure whether the model itself learned to finish. HF engine only.
+    end_bonus: float = Field(0.0, ge=0.0, le=50.0)
+    # Share of the budget generated before the bonus starts to rise.
+    end_bonus_start: float = Field(0.5, ge=0.0, lt=1.0)
+
+    def end_ramp(self) -> EndRamp | None:
+        return EndRamp(self.end_bonus, self.end_bonus_start) if self.end_bonus > 0 else None
 
 
 class JudgeWarningSettings(Section):

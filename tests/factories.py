@@ -64,9 +64,9 @@ def lineage_with_responses(data_dir: Path, model_dir: Path, rows, **overrides):
     return StageContext(settings=settings, sessions=sessions, iteration_id=iteration_id), response_ids
 
 
-def run_respond(data_dir: Path, model_dir: Path, prompts: list[str], num_samples: int, **overrides):  # type: ignore[no-untyped-def]
+def run_respond(data_dir: Path, model_dir: Path, prompts: list[str], num_samples: int, respond_settings: dict | None = None, **overrides):  # type: ignore[no-untyped-def]
     """The respond stage (policy samples and RLCD answers) on a fresh lineage of ``prompts``:
-    its Response rows, in id order, and its result."""
+    its Response rows, in id order, and its result. ``respond_settings`` add to respond.num_samples."""
     from sqlalchemy import select
 
     from daemon.db.engine import transaction
@@ -74,7 +74,8 @@ def run_respond(data_dir: Path, model_dir: Path, prompts: list[str], num_samples
     from workers.stages.respond import respond
 
     ctx, _ = lineage_with_responses(
-        data_dir, model_dir, [(p, []) for p in prompts], respond={"num_samples": num_samples}, pairs={"strategy": "self_reward+rlcd"}, **overrides,
+        data_dir, model_dir, [(p, []) for p in prompts], respond={"num_samples": num_samples, **(respond_settings or {})},
+        pairs={"strategy": "self_reward+rlcd"}, **overrides,
     )
     output = respond(ctx)
     with transaction(ctx.sessions) as session:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import DynamicCache
 
+from policies.end_ramp import EndRamp
 from workers import sampling
 from workers.detokenize import TextAssembler
 from workers.engine_thread import EngineThread
@@ -55,6 +56,8 @@ class SamplingSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     stops: tuple[str, ...] = ()
+    # Training samples only (respond.end_bonus): a rising end-of-turn bonus over max_tokens' last part.
+    end_ramp: EndRamp | None = None
 
 
 class SequenceListener(Protocol):
@@ -87,8 +90,9 @@ class SequenceRequest:
 class _Row:
     """One sequence in the batch: its tokens, random stream, text state and counts."""
 
-    def __init__(self, request: SequenceRequest, tokenizer: Any, vocab: int, device: torch.device) -> None:
+    def __init__(self, request: SequenceRequest, tokenizer: Any, vocab: int, device: torch.device, eos_ids: Sequence[int] = ()) -> None:
         self.request = request
+        self.eos_ids = eos_ids
         self.spec = request.spec
         self.generated: list[int] = request.generated
         self.position = len(request.prompt_ids)
@@ -99,7 +103,9 @@ class _Row:
         self.finish_reason: str | None = None
 
     def adjust(self, scores: torch.Tensor) -> torch.Tensor:
-        """Penalties, logit bias and the sequence's processors, applied to its [1, V] scores."""
+        """Penalties, logit bias, the end ramp and the sequence's processors, applied to its [1, V] scores."""
+        if self.spec.end_ramp is not None:
+            sampling.add_end_bonus(scores, self.eos_ids, self.spec.end_ramp.bonus_at(len(self.generated), self.spec.max_tokens))
         if self.counts is not None:
             scores = sampling.apply_penalties(scores, self.counts, self.spec.presence_penalty, self.spec.frequency_penalty)
         for token, bias in self.spec.logit_bias:
@@ -113,7 +119,7 @@ class _Row:
 
     @property
     def needs_adjusting(self) -> bool:
-        return self.counts is not None or bool(self.spec.logit_bias) or bool(self.request.processors)
+        return self.counts is not None or bool(self.spec.logit_bias) or bool(self.request.processors) or self.spec.end_ramp is not None
 
 
 class SequenceEngine(EngineThread[SequenceRequest]):
@@ -221,7 +227,7 @@ class BatchEngine(SequenceEngine):
             logits, cache = self._forward(input_ids, mask, positions, None)
             if self.prefixes is not None:
                 self.prefixes.remember(prompts[0], cache, row=0)
-        rows = [_Row(r, self.tokenizer, logits.shape[-1], self.device) for r in requests]
+        rows = [_Row(r, self.tokenizer, logits.shape[-1], self.device, sorted(self.eos)) for r in requests]
         self._merge(rows, cache, mask)
         self.stats["admitted"] += len(rows)
         self._sample(rows, logits)

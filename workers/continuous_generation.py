@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from policies.end_ramp import EndRamp
 from workers.batch_engine import BatchEngine, SamplingSpec, SequenceRequest, TokenInfo
 from workers.batching import ProgressCallback
 
@@ -92,12 +93,13 @@ def decode_continuously(
     batch_size: int,
     progress: ProgressCallback | None = None,
     share_prefix: bool = True,
+    end_ramp: EndRamp | None = None,
 ) -> list[list[DecodedSequence]]:
     """``decoded[i]`` sequences for each prompt context, in order (prompt i's samples 0..n-1).
 
     ``progress(done, total)`` is called from the calling thread each time all of a prompt's
     sequences have finished (prompts may complete out of order; ``done`` counts them).
-    ``share_prefix`` goes to the engine (:class:`BatchEngine`)."""
+    ``share_prefix`` goes to the engine (:class:`BatchEngine`); ``end_ramp`` to every sequence."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)))  # advances the global RNG: fresh samples per call
     events: queue.Queue[tuple[tuple[int, int], BaseException | None]] = queue.Queue()
@@ -113,7 +115,7 @@ def decode_continuously(
             for j, collector in enumerate(collectors[i]):
                 spec = SamplingSpec(
                     max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    seed=sequence_seed(seed, i, j), stops=tuple(stops),
+                    seed=sequence_seed(seed, i, j), stops=tuple(stops), end_ramp=end_ramp,
                 )
                 request = SequenceRequest(list(context), spec, collector)
                 requests.append(request)

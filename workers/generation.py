@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from policies.end_ramp import EndRamp
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback, chunks_by_weight
 from workers.continuous_generation import decode_continuously
 from workers.prefix_cache import SharedPrefix, encode_shared_prefix
-from workers.sampling import TemperatureTopPWarper
+from workers.sampling import EndRampProcessor, TemperatureTopPWarper
 
 if TYPE_CHECKING:
     import threading
@@ -102,6 +103,7 @@ class GenerationMixin:
         logits_processors: ChunkLogitsProcessors | None = None,
         scheduler: Scheduler = "static",
         share_prefix: bool = True,
+        end_ramp: EndRamp | None = None,
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
         """Sample completions for each already-rendered prompt: ``num_samples`` each, or
@@ -129,6 +131,9 @@ class GenerationMixin:
         (:mod:`workers.prefix_cache`; the continuous engine remembers openings across calls too).
         Not with ``logits_processors``, which see each chunk's rows whole. False prefills every
         prompt whole: the reference the reuse is tested against.
+
+        ``end_ramp`` raises the end-of-turn logits over the last part of ``max_new_tokens``
+        (:mod:`policies.end_ramp`; training samples), on either scheduler.
         """
         counts = sample_counts(num_samples, len(prompts))
         if scheduler not in SCHEDULERS:
@@ -146,6 +151,7 @@ class GenerationMixin:
                 rows = decode_continuously(
                     self, contexts, decoded, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                     top_p=top_p, seed=seed, stops=stops, batch_size=batch_size, progress=progress, share_prefix=share_prefix,
+                    end_ramp=end_ramp,
                 )
             return [
                 samples if do_sample else samples * counts[i]
@@ -164,7 +170,7 @@ class GenerationMixin:
                 # One row per decoded sequence, a prompt's rows together: what transformers'
                 # num_return_sequences would build, but with a count per prompt.
                 rows = [contexts[i] for i in chunk for _ in range(decoded[i])]
-                new_tokens = self._decode_rows(rows, config, stops, warper, logits_processors, passthrough, prefix)
+                new_tokens = self._decode_rows(rows, config, stops, warper, logits_processors, passthrough, prefix, end_ramp)
                 start = 0
                 for i in chunk:
                     samples = [self._to_generation(row, stops) for row in new_tokens[start : start + decoded[i]]]
@@ -205,6 +211,7 @@ class GenerationMixin:
         logits_processors: ChunkLogitsProcessors | None,
         passthrough: dict[str, Any],
         prefix: SharedPrefix | None = None,
+        end_ramp: EndRamp | None = None,
     ) -> list[list[int]]:
         """The new token ids of each row after one ``model.generate`` call on the left-padded rows
         (with a ``prefix``: ``[prefix][pad...][suffix]`` rows on a copy of its cache, whose tokens
@@ -218,6 +225,8 @@ class GenerationMixin:
             attention_mask = torch.cat([torch.ones_like(opening), suffix_mask], dim=-1)
             passthrough = {**passthrough, prefix.argument: prefix.cache_for(len(rows))}
         processors = list(logits_processors(input_ids, attention_mask)) if logits_processors else []
+        if end_ramp is not None:
+            processors.append(EndRampProcessor(end_ramp, self.eos_token_ids, input_ids.shape[1], config.max_new_tokens))
         if warper is not None:
             processors.append(warper)
         out = self.model.generate(

@@ -1,5 +1,6 @@
 """Next-token sampling maths shared by loop generation and the server: temperature, nucleus (top-p)
-with a top-k prefilter, OpenAI presence/frequency penalties, and per-request random generators.
+with a top-k prefilter, OpenAI presence/frequency penalties, the end-of-turn ramp of training
+samples (:mod:`policies.end_ramp`), and per-request random generators.
 
 Nucleus sampling keeps the smallest set of most probable tokens whose mass reaches ``top_p``: a
 token is kept when the mass of the tokens strictly more probable than it is below ``top_p`` (the
@@ -14,9 +15,12 @@ way, so the distribution is unchanged (tests/workers/test_sampling.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from transformers import LogitsProcessor
+
+from policies.end_ramp import EndRamp
 
 PREFILTER_K = 256
 """Candidates taken per row before the nucleus is searched (a flat row falls back to a full sort)."""
@@ -110,3 +114,22 @@ class TemperatureTopPWarper(LogitsProcessor):
         temperatures = torch.full((rows,), self.temperature, device=scores.device)
         top_p = torch.full((rows,), self.top_p, device=scores.device)
         return warp(scores, temperatures, top_p, self.prefilter_k)
+
+
+def add_end_bonus(scores: torch.Tensor, eos_ids: Sequence[int], bonus: float) -> torch.Tensor:
+    """``scores`` with ``bonus`` added to every end-of-turn token's logit (in place)."""
+    if bonus:
+        scores[..., list(eos_ids)] += bonus
+    return scores
+
+
+class EndRampProcessor(LogitsProcessor):
+    """:class:`policies.end_ramp.EndRamp` for ``model.generate``: every row of a chunk has
+    generated as many tokens as the chunk (rows are left-padded to one prompt width)."""
+
+    def __init__(self, ramp: EndRamp, eos_ids: Sequence[int], prompt_width: int, budget: int) -> None:
+        self.ramp, self.eos_ids, self.prompt_width, self.budget = ramp, list(eos_ids), prompt_width, budget
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bonus = self.ramp.bonus_at(input_ids.shape[1] - self.prompt_width, self.budget)
+        return add_end_bonus(scores.clone(), self.eos_ids, bonus) if bonus else scores

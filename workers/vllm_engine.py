@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
+from policies.end_ramp import EndRamp
 from policies.model_profile import check_context
 from workers.batching import ProgressCallback
 from workers.generation import ChunkLogitsProcessors, Generation, sample_counts
@@ -338,12 +339,15 @@ class VllmRuntime(ModelRuntime):
         progress: ProgressCallback | None = None,
         logits_processors: ChunkLogitsProcessors | None = None,
         scheduler: str = "static",
+        end_ramp: EndRamp | None = None,
         **generate_kwargs: Any,
     ) -> list[list[Generation]]:
         """:meth:`ModelRuntime.generate` on vLLM. vLLM batches continuously by itself, so
         ``batch_size`` and ``scheduler`` (generation.scheduler) do not apply; ``progress`` is told
         once, at the end. ``logits_processors`` may only be a :class:`workers.genarm.RewardGuidance`:
         GenARM guidance for every prompt (a ``ValueError`` for anything else)."""
+        if end_ramp is not None:
+            raise ValueError("model.engine vllm does not run the end-of-turn ramp (respond.end_bonus); set it to 0 or use model.engine hf")
         extra_args = None
         if logits_processors is not None:
             from workers.genarm.vllm_processor import guidance_extra_args

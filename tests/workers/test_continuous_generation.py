@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from daemon.config import load_settings
+from policies.end_ramp import EndRamp
 from policies.self_instruct import load_seed_prompts
 from workers import continuous_generation, generation
 from workers.evaluation import greedy_answers
@@ -198,3 +199,25 @@ def test_the_config_routes_stage_sampling_and_suite_answers(
     assert used == [3, 3], "continuous: one engine run for the stage's sampling, one for the suite answers"
     assert results["continuous"] == results["static"]
     assert [len(s) for s in results["continuous"][0]] == [2, 1, 2]
+
+
+def test_end_ramp_is_the_same_on_both_schedulers_and_leaves_the_answer_before_its_start(runtime: ModelRuntime, prompts: list[str]) -> None:
+    plain = runtime.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, batch_size=3)
+    static, continuous = _both(runtime, prompts, max_new_tokens=MAX_NEW, temperature=0.0, batch_size=3, end_ramp=EndRamp(50.0, start=0.5))
+    assert continuous == static
+    begin = MAX_NEW // 2
+    for [before], [after] in zip(plain, continuous, strict=True):
+        ids_before = runtime.tokenizer(before.text, add_special_tokens=False)["input_ids"]
+        ids_after = runtime.tokenizer(after.text, add_special_tokens=False)["input_ids"]
+        assert ids_after[:begin] == ids_before[: len(ids_after[:begin])], "no bonus before the ramp starts"
+    cut_before = sum(not g.finished for [g] in plain)
+    assert cut_before > 0, "without the ramp some answers run to the token cap"
+    assert all(g.finished for [g] in continuous), "a 50-logit end bonus ends every answer"
+
+
+def test_a_small_end_ramp_lowers_the_sampled_truncation_rate(runtime: ModelRuntime, prompts: list[str]) -> None:
+    kwargs = dict(num_samples=6, max_new_tokens=MAX_NEW, temperature=1.0, seed=5, batch_size=16, scheduler="continuous")
+    plain = [g for samples in runtime.generate(prompts, **kwargs) for g in samples]
+    ramped = [g for samples in runtime.generate(prompts, end_ramp=EndRamp(4.0, start=0.5), **kwargs) for g in samples]
+    cut = sum(not g.finished for g in plain)
+    assert sum(not g.finished for g in ramped) < cut

@@ -80,3 +80,11 @@ def test_the_stage_seed_gives_the_same_answers_again(tmp_path: Path, model_dir: 
     assert texts == [(r.kind, r.sample_index, r.principle, r.text) for r in again]
     policy = _by_prompt([r for r in first if r.kind == "policy"])
     assert any(len({r.text for r in group}) > 1 for group in policy.values())  # sampled, not one draw repeated
+
+
+def test_end_bonus_lowers_the_truncation_rate_the_stage_reports(tmp_path: Path, model_dir: Path) -> None:
+    generation = {"max_new_tokens": 8, "batch_size": 4, "temperature": 1.0}
+    _, plain = run_respond(tmp_path / "plain", model_dir, PROMPTS, N, generation=generation)
+    _, ramped = run_respond(tmp_path / "ramped", model_dir, PROMPTS, N, respond_settings={"end_bonus": 30.0}, generation=generation)
+    assert plain["truncation_rate"] > 0.3, "the test model runs most answers to the token cap"
+    assert ramped["truncation_rate"] < plain["truncation_rate"] / 2

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from daemon.db import lineage
 from daemon.db.models import Checkpoint, Event, Prompt, StageRun, StageStatus
 from daemon.stage_specs import stage_index
+from policies.end_ramp import EndRamp
 from policies import judge_metrics
 from workers.judges import Judge, JudgePrompt, build_judge
 from workers.judges.base import Role
@@ -61,7 +62,10 @@ def prompts_of_role(session: Session, iteration_id: int, role: str) -> list[Prom
     )
 
 
-def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int | Sequence[int], seed: int, **overrides: Any) -> list[list[Generation]]:
+def sample(
+    ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int | Sequence[int], seed: int, end_ramp: EndRamp | None = None,
+    **overrides: Any,
+) -> list[list[Generation]]:
     """``runtime.generate`` on the texts that fit the model's context with room for the new tokens:
     ``n`` samples per text, or ``n[i]`` for text i.
 
@@ -83,6 +87,7 @@ def sample(ctx: StageContext, runtime: ModelRuntime, texts: list[str], *, n: int
         seed=seed,
         batch_size=g.batch_size,
         scheduler=g.scheduler,
+        **({"end_ramp": end_ramp} if end_ramp is not None else {}),
     ) if kept else []
     results: list[list[Generation]] = [[] for _ in texts]
     for index, samples in zip(kept, outputs, strict=True):

@@ -2,7 +2,7 @@
 anchored strategy N answers of the lineage's initial model.
 
 The result reports the truncation rate (answers that hit generation.max_new_tokens before
-ending) and, for constrained prompts, how often a sample satisfies all its constraints."""
+ending; respond.end_bonus lowers it, policies/end_ramp.py) and, for constrained prompts, how often a sample satisfies all its constraints."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def respond(ctx: StageContext) -> StageOutput:
     # is the initial model, its own samples serve (build_pairs reads them as the anchor).
     if KIND_ANCHORED in strategies and initial.id != champion.id:
         anchor_runtime = sampler_for(ctx, initial.path)
-        anchor_out = sample(ctx, anchor_runtime, _policy_texts(anchor_runtime, prompts, ctx), n=n, seed=seed + 2)
+        anchor_out = sample(
+            ctx, anchor_runtime, _policy_texts(anchor_runtime, prompts, ctx), n=n, seed=seed + 2, end_ramp=ctx.settings.respond.end_ramp(),
+        )
         rows += _sample_rows(ctx, prompts, anchor_out, "anchor")
         skipped += over_context(anchor_out)
     rows += rlcd_rows
@@ -74,7 +76,7 @@ def _policy_and_rlcd(
     policy = _policy_texts(runtime, prompts, ctx) if strategies & POLICY_STRATEGIES else []
     rlcd, meta = _rlcd_texts(runtime, prompts, ctx.settings.generation.max_new_tokens) if KIND_RLCD in strategies else ([], [])
     n = ctx.settings.respond.num_samples
-    outputs = sample(ctx, runtime, policy + rlcd, n=[n] * len(policy) + [1] * len(rlcd), seed=seed)
+    outputs = sample(ctx, runtime, policy + rlcd, n=[n] * len(policy) + [1] * len(rlcd), seed=seed, end_ramp=ctx.settings.respond.end_ramp())
     policy_out, rlcd_out = outputs[: len(policy)], outputs[len(policy) :]
     policy_rows = _sample_rows(ctx, prompts, policy_out, "policy") if policy else []
     finished = [o.finished for samples in policy_out for o in samples]
