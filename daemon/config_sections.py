@@ -49,6 +49,13 @@ class ModelSettings(Section):
     # vllm only: the engine's KV cache in GiB. null: vLLM's own sizing on a GPU
     # (gpu_memory_utilization), 4 GiB on a CPU (where vLLM would otherwise claim most of the RAM).
     vllm_kv_cache_gib: float | None = Field(None, gt=0)
+    # How many LoRA adapters in a row a lineage adapter stacks (workers/lora_training.py): the
+    # trainers write a candidate of a candidate an adapter relative to the lineage's root, and a
+    # vllm server starts its engine with max_lora_rank for this many of the trainers' lora_r, so
+    # it hot-loads that many promotions in a row; the next one restarts on merged weights and
+    # starts a new lineage. 1: no lineage adapters (only a candidate of the served model hot-loads).
+    # Recorded with the iteration, unlike vllm_kv_cache_gib: it shapes what checkpoints carry.
+    vllm_max_stacked_adapters: int = Field(4, ge=1, le=64)
 
     def runtime_options(self) -> dict[str, Any]:
         """The keyword arguments every model load takes from this section."""

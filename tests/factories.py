@@ -106,10 +106,11 @@ def give_checkpoints_stand_in_files(sessions, root: Path) -> None:  # type: igno
             checkpoint.path = stand_in_checkpoint(root / checkpoint.id)
 
 
-def lora_candidate(base_dir: str | Path, out_dir: Path, *, seed: int, rank: int = 8) -> Path:
+def lora_candidate(base_dir: str | Path, out_dir: Path, *, seed: int, rank: int = 8, max_stacked_adapters: int = 1) -> Path:
     """A LoRA candidate of ``base_dir`` as the trainers commit one (merged weights, the adapter
     beside them, workers.lora_training.commit_merged) without training: the adapter's weights are
-    random (``seed``), so each candidate answers differently from the base and from the others."""
+    random (``seed``), so each candidate answers differently from the base and from the others.
+    ``max_stacked_adapters`` above 1: a candidate of a candidate also gets its lineage adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,4 +121,7 @@ def lora_candidate(base_dir: str | Path, out_dir: Path, *, seed: int, rank: int 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config).eval()
-    return commit_merged(out_dir, peft_model, AutoTokenizer.from_pretrained(str(base_dir)), {"kind": "test_lora", "parent": str(base_dir)})
+    return commit_merged(
+        out_dir, peft_model, AutoTokenizer.from_pretrained(str(base_dir)), {"kind": "test_lora", "parent": str(base_dir)},
+        max_stacked_adapters=max_stacked_adapters,
+    )

@@ -6,6 +6,15 @@ only as autocast on a GPU), then merge the adapter and write the merged model at
 reloaded from disk and its logits on a probe input must match the in-memory merged model
 (``PROBE_ATOL``), otherwise ``CheckpointError``. A checkpoint already at the output directory with
 the same kind and parent is reused instead of training again.
+
+Lineage adapters: a checkpoint trained on a checkpoint that itself carries an adapter also keeps,
+beside its own adapter, one relative to the lineage's root (the model the first adapter of the
+chain was trained on): the chain's adapters stacked into one (workers/lora_stacking.py, exact).
+A vLLM engine running the root then serves the checkpoint by loading that adapter instead of
+restarting on the merged weights (daemon/serving/champion.py). A chain stacks at most
+``max_stacked_adapters`` adapters (``model.vllm_max_stacked_adapters``): the checkpoint that would
+stack one more records ``lineage_start`` instead, since a server promoting it restarts on its
+merged weights, and its descendants' lineage adapters are relative to it.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 
 from workers.checkpoints import CheckpointError, read_manifest, verify_checkpoint, write_checkpoint
 from workers.graceful_stop import stop_requested
+from workers.lora_stacking import read_adapter_config, stack_adapters, stacking_refusal
 from workers.trainer_state import (
     RemoteTrainerState, forget_saved_state, hand_over_if_stopped, resumable_output_dir, saved_step, trainer_state_dir,
 )
@@ -34,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_SUBDIR",
+    "LINEAGE_ADAPTER_SUBDIR",
     "PROBE_ATOL",
     "AdapterRecord",
     "ChatPrompt",
@@ -46,12 +57,14 @@ __all__ = [
     "token_ids",
     "train_lora_checkpoint",
     "checkpoint_adapter",
+    "checkpoint_lineage_adapter",
     "commit_merged",
     "trainer_state_dir",
     "training_arguments",
 ]
 
 ADAPTER_SUBDIR = "adapter"
+LINEAGE_ADAPTER_SUBDIR = "lineage_adapter"
 PROBE_ATOL = 1e-4
 _PROBE_MESSAGES = [{"role": "user", "content": "Describe the water cycle in one sentence."}]
 
@@ -64,11 +77,15 @@ class AdapterRecord:
     the manifest like every other file, so verifying the checkpoint verifies the adapter. A vLLM
     engine running ``base`` serves the checkpoint by loading the adapter instead of the merged
     weights (workers/vllm_engine.py).
+
+    A lineage adapter (:func:`checkpoint_lineage_adapter`) is recorded the same way: merged =
+    ``base`` (the lineage's root) + the ``depth`` adapters of the chain stacked into this one.
     """
 
     path: Path  # the adapter's directory (PEFT save_pretrained: adapter_config.json + safetensors)
-    base: str  # the model path the adapter was trained on (the manifest's ``parent``)
+    base: str  # the model path the adapter applies to (the manifest's ``parent``; a lineage's root)
     rank: int
+    depth: int = 1  # how many trained adapters it stacks
 
 
 def checkpoint_adapter(checkpoint_dir: str | Path) -> AdapterRecord | None:
@@ -79,6 +96,45 @@ def checkpoint_adapter(checkpoint_dir: str | Path) -> AdapterRecord | None:
     if not isinstance(entry, dict):
         return None
     return AdapterRecord(root / str(entry["path"]), str(meta.get("parent", "")), int(entry["rank"]))
+
+
+def checkpoint_lineage_adapter(checkpoint_dir: str | Path) -> AdapterRecord | None:
+    """The lineage adapter a verified local checkpoint records (``base``: the lineage's root), or
+    None (a first candidate, a checkpoint that starts a lineage, one that could not stack)."""
+    root = Path(checkpoint_dir)
+    entry = read_manifest(root).metadata.get("lineage_adapter")
+    if not isinstance(entry, dict):
+        return None
+    return AdapterRecord(root / str(entry["path"]), str(entry["root"]), int(entry["rank"]), int(entry["depth"]))
+
+
+def _lineage_to_extend(parent: str) -> AdapterRecord | None:
+    """The adapter that takes the lineage's root to ``parent``: its lineage adapter, else its own
+    adapter. None when a child of ``parent`` needs no lineage adapter: the parent has no adapter
+    (or no manifest: an initial model, a hub id), or it starts a lineage (its child's own adapter
+    is already relative to the lineage's root)."""
+    try:
+        meta = read_manifest(parent).metadata
+    except CheckpointError:
+        return None
+    if meta.get("lineage_start"):
+        return None
+    return checkpoint_lineage_adapter(parent) or checkpoint_adapter(parent)
+
+
+def _lineage_metadata(parent: str, adapter_config: Mapping[str, Any], rank: int, max_stacked_adapters: int) -> tuple[dict[str, Any], AdapterRecord | None]:
+    """The manifest entries of a new checkpoint's lineage and the parent's adapter to stack its own
+    onto (None: no lineage adapter to write)."""
+    extended = _lineage_to_extend(parent)
+    if extended is None:
+        return {}, None
+    depth = extended.depth + 1
+    refusal = stacking_refusal(adapter_config) or stacking_refusal(read_adapter_config(extended.path))
+    if depth > max_stacked_adapters or refusal is not None:
+        log.info("lora.lineage_started", parent=parent, depth=depth, max_stacked_adapters=max_stacked_adapters, not_stackable=refusal)
+        return {"lineage_start": True}, None
+    entry = {"path": LINEAGE_ADAPTER_SUBDIR, "root": extended.base, "rank": extended.rank + rank, "depth": depth}
+    return {"lineage_adapter": entry}, extended
 
 
 class ChatPrompt:
@@ -219,6 +275,7 @@ def train_lora_checkpoint(
     extra_metadata: Mapping[str, Any] | None = None,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> tuple[Path, dict[str, Any]]:
     """Train a LoRA adapter on ``base_model_path`` with a TRL trainer; merge it and commit the checkpoint at ``out``.
 
@@ -228,6 +285,7 @@ def train_lora_checkpoint(
     trains. Returns the checkpoint path and its manifest metadata (``extra_metadata`` wins over
     the common entries). ``reporting``: TRL's ``report_to``/``run_name`` (workers.tracking).
     ``state_store``: a remote artifact store's copy of the saved trainer state (workers.trainer_state).
+    ``max_stacked_adapters``: see :func:`commit_merged`.
     """
     from datasets import Dataset
     from peft import LoraConfig
@@ -308,7 +366,7 @@ def train_lora_checkpoint(
     }
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     peft_model.eval()
-    committed = commit_merged(out, peft_model, tokenizer, metadata)
+    committed = commit_merged(out, peft_model, tokenizer, metadata, max_stacked_adapters=max_stacked_adapters)
     forget_saved_state(out, state_store)  # the checkpoint exists: its trainer state is not needed
     return committed, metadata
 
@@ -348,20 +406,31 @@ def probe_logits(model, tokenizer) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
 
 
-def commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any]) -> Path:
+def commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any], *, max_stacked_adapters: int = 1) -> Path:
     """Merge the trained adapter, write merged model + tokenizer + adapter to ``out`` atomically, return its path.
 
     ``metadata`` is the manifest's (its ``parent``: the model the adapter was trained on); the
     adapter is recorded in it (``adapter``, see :class:`AdapterRecord`). The reloaded merged
     model must reproduce the in-memory one on a probe input, or nothing is committed.
+
+    When the parent carries an adapter, the lineage adapter (the module docstring) is written
+    too, as ``lineage_adapter/`` recorded under ``lineage_adapter`` (``path``, ``root``, ``rank``,
+    ``depth``), as long as the chain stacks at most ``max_stacked_adapters`` adapters and all of
+    them are plain LoRA; otherwise the metadata says ``lineage_start``. Both adapters' files are
+    listed in the manifest like every other file.
     """
     from transformers import AutoModelForCausalLM
 
-    metadata = {**metadata, "adapter": {"path": ADAPTER_SUBDIR, "rank": int(peft_model.peft_config[peft_model.active_adapter].r)}}
+    adapter_config = peft_model.peft_config[peft_model.active_adapter]
+    rank = int(adapter_config.r)
+    lineage, extended = _lineage_metadata(str(metadata.get("parent", "")), adapter_config.to_dict(), rank, max_stacked_adapters)
+    metadata = {**metadata, "adapter": {"path": ADAPTER_SUBDIR, "rank": rank}, **lineage}
 
     def write_fn(tmp: Path) -> None:
         # The adapter is saved before merging: merge_and_unload removes the LoRA layers.
         peft_model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)
+        if extended is not None:
+            _write_lineage_adapter(extended, tmp / ADAPTER_SUBDIR, tmp / LINEAGE_ADAPTER_SUBDIR, metadata["lineage_adapter"])
         merged = peft_model.merge_and_unload()
         merged.eval()
         merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -379,3 +448,11 @@ def commit_merged(out: Path, peft_model, tokenizer, metadata: dict[str, Any]) ->
             )
 
     return write_checkpoint(out, write_fn, metadata)
+
+
+def _write_lineage_adapter(extended: AdapterRecord, own: Path, out: Path, entry: Mapping[str, Any]) -> None:
+    """Stack the checkpoint's own adapter ``own`` onto the parent's ``extended`` into ``out``."""
+    rank = stack_adapters(extended.path, own, out)
+    if rank != entry["rank"]:  # the configs were checked before: a mismatch is a bug, not a refusal
+        raise CheckpointError(f"the lineage adapter stacked onto {extended.path} has rank {rank}, expected {entry['rank']}")
+    log.info("lora.lineage_adapter_written", root=entry["root"], depth=entry["depth"], rank=rank)

@@ -117,6 +117,7 @@ def sft_attribute_conditioned(
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> SteerTrainResult:
     """SFT ``base_model_path`` on attribute-conditioned examples; write the merged model to ``out_dir``.
 
@@ -147,6 +148,7 @@ def sft_attribute_conditioned(
         progress=progress,
         reporting=reporting,
         state_store=state_store,
+        max_stacked_adapters=max_stacked_adapters,
     )
 
 
@@ -163,12 +165,14 @@ def sft_lora_update(
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> SteerTrainResult:
     """Generic SFT + LoRA on TRL conversational prompt-completion records; merged, checked, written atomically.
 
     ``records``: ``{"prompt": [messages], "completion": [{"role": "assistant", ...}]}``. If
     ``out_dir`` already holds a checkpoint of the same ``kind`` and parent, it is returned
     unchanged (``reused=True``); another checkpoint there raises ``CheckpointError``.
+    ``max_stacked_adapters``: the lineage adapter's limit (workers.lora_training.commit_merged).
     """
     out = Path(out_dir)
     if not records:
@@ -180,7 +184,8 @@ def sft_lora_update(
         )
     with lora.progress_bars(progress):
         return _train(
-            base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress, reporting, state_store
+            base_model_path, list(records), out, settings, kind, seed, dict(extra_metadata or {}), log_callback, progress, reporting, state_store,
+            max_stacked_adapters,
         )
 
 
@@ -208,6 +213,7 @@ def _train(
     progress: bool,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> SteerTrainResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -232,6 +238,7 @@ def _train(
         extra_metadata=extra_metadata,
         reporting=reporting,
         state_store=state_store,
+        max_stacked_adapters=max_stacked_adapters,
     )
     metrics = metadata["metrics"]
     seconds = round(metadata["train_seconds"], 3)

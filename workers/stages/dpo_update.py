@@ -57,6 +57,8 @@ def dpo_update(ctx: StageContext) -> StageOutput:
             base_path, examples, out_dir, t, seed=stage_seed(ctx, "dpo_update"), reference_model_path=reference_path, reporting=reporting,
             # Under a remote artifacts_url the saved trainer state is kept there too, for a takeover elsewhere.
             state_store=remote_trainer_state(ctx.settings, checkpoint_id),
+            # A candidate of a candidate also keeps its lineage adapter, for a vLLM server to hot-load.
+            max_stacked_adapters=ctx.settings.model.vllm_max_stacked_adapters,
         )
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()

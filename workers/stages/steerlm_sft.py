@@ -77,6 +77,7 @@ def steerlm_sft(ctx: StageContext, *, response_kinds: tuple[str, ...] | None = N
         trained = sft_attribute_conditioned(
             base_path, [ex for _, ex in examples], out_dir, config, seed=seed, reporting=reporting,
             state_store=remote_trainer_state(ctx.settings, checkpoint_id),  # saves reach a remote store too
+            max_stacked_adapters=ctx.settings.model.vllm_max_stacked_adapters,
         )
     # Profiled before publishing: under a remote artifacts_url the staged files go away.
     profile = checkpoint_profile(trained.checkpoint_path, **ctx.settings.model.runtime_options()).as_dict()
