@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (model.engine: vllm; install with ops/install_vllm.sh, README 'vLLM engine')")
 
 from daemon.db.models import Response  # noqa: E402
+from policies.end_ramp import EndRamp  # noqa: E402
 from policies.self_instruct import load_seed_prompts  # noqa: E402
 from tests.factories import lineage_with_responses, lora_candidate, run_respond  # noqa: E402
 from workers.lora_training import checkpoint_adapter  # noqa: E402
@@ -152,6 +153,12 @@ def test_a_stop_string_cuts_the_vllm_answer_where_it_cuts_the_hf_one(runtimes: t
         assert expected.finished and len(expected.text) < len(answer.text)
         assert (found.text, found.num_tokens, found.finished) == (expected.text, expected.num_tokens, expected.finished)
     assert vllm.generate(prompts, temperature=0, max_new_tokens=16) == free
+
+
+def test_the_end_ramp_of_training_answers_is_refused_with_the_setting_to_change(runtimes: tuple[ModelRuntime, VllmRuntime]) -> None:
+    hf, vllm = runtimes
+    with pytest.raises(ValueError, match="respond.end_bonus"):
+        vllm.generate([user_prompt(hf, PROMPTS[0])], max_new_tokens=8, end_ramp=EndRamp(6.0))
 
 
 # ---------------------------------------------------------------------- LoRA adapters (last: they start an engine of their own)
