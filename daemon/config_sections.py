@@ -237,6 +237,12 @@ class PairSettings(Section):
     # demo's first-cycle prompts): 40-43% of samples cut at 128 tokens at temperature 0.5, 0.7 or
     # 0.9, and 19% never end within 384 at 0.9: no budget or temperature alone fixes that.
     reject_unfinished: bool = False
+    # The share of generation.max_new_tokens from which an answer counts as unfinished (for
+    # chosen_must_finish and reject_unfinished); 1.0: only an answer cut at the budget. With
+    # respond.end_bonus the ramp ends long answers at a sentence, so they are no longer cut: below
+    # 1 they still count as too long, and the chosen answers keep a margin under the budget that
+    # the gate and suites decode with (and with no ramp).
+    finish_within: float = Field(1.0, gt=0.0, le=1.0)
     # Verified pairs per prompt: each further pair uses answers not yet paired (more correctly
     # labelled pairs from the same samples).
     max_per_prompt: int = Field(1, ge=1)

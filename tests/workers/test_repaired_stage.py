@@ -123,3 +123,26 @@ def test_with_reject_unfinished_a_cut_answer_is_rejected_though_its_checks_pass(
     ctx, _ = lineage_with_responses(tmp_path / "off", tiny_model_dir, rows, pairs={"strategy": "verified"}, **settings)
     output = build_pairs(ctx)
     assert output.result["pairs"] == 0 and output.result["unfinished_rejected"] == 0
+
+
+def test_finish_within_counts_an_answer_past_that_share_of_the_budget_as_unfinished(tmp_path: Path, tiny_model_dir: Path):
+    # Words are tokens here (lineage_with_responses): with max_new_tokens 10 neither answer was
+    # cut, but at finish_within 0.5 the six-word one ran past 5 tokens and counts as unfinished.
+    rows = [("Why walk? Write in lowercase.", ["walking helps a lot, really. yes.", "walking helps."], LOWERCASE)]
+    settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 10}}
+
+    def pairs_made(name: str, **pair_settings: object) -> tuple[list[tuple[str, str, str]], dict]:
+        ctx, ids = lineage_with_responses(tmp_path / name, tiny_model_dir, rows, pairs={"strategy": "verified", "reject_unfinished": True, **pair_settings}, **settings)
+        output = build_pairs(ctx)
+        with transaction(ctx.sessions) as session:
+            output.write(session)
+        with ctx.sessions() as session:
+            made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+        by_text = {v: k for k, v in ids.items()}
+        return [(kind, by_text[chosen], by_text[rejected]) for kind, chosen, rejected in made], output.result
+
+    made, result = pairs_made("within", finish_within=0.5)
+    assert made == [("verified", "walking helps.", "walking helps a lot, really. yes.")]
+    assert result["unfinished_rejected"] == 1
+    made, result = pairs_made("whole")
+    assert made == [] and result["unfinished_rejected"] == 0, "both answers pass and ended within the budget: no pair"

@@ -4,6 +4,7 @@ self-reward (judge scores) and RLCD, as pairs.strategy names."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -29,7 +30,8 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             for p in session.scalars(select(Prompt).where(Prompt.iteration_id == ctx.iteration_id))
         }
     by_id = {str(r.id): r for r in responses}
-    max_tokens = ctx.settings.generation.max_new_tokens
+    # Answers at least this long count as unfinished (cut at the budget, or past pairs.finish_within of it).
+    unfinished_at = math.ceil(cfg.finish_within * ctx.settings.generation.max_new_tokens)
     scores_by_response: dict[int, list[float | None]] = defaultdict(list)
     for j in judgments:
         scores_by_response[j.response_id].append(j.score)
@@ -43,7 +45,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             prompt_constraints = constraints.get(r.prompt_id, [])
             checks = tuple(check_all(prompt_constraints, r.text))
             echoes = cfg.reject_echoes and echoes_instructions(prompt_constraints, r.text)
-            cut = r.num_tokens >= max_tokens
+            cut = r.num_tokens >= unfinished_at
             answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut)
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         elif r.kind.startswith("rlcd_"):
@@ -93,7 +95,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
         "echoing_answers": sum(r.echoes for answers in scored.values() for r in answers),
-        "unfinished_rejected": sum(by_id[p.rejected_id].num_tokens >= max_tokens for p in selected if p.rejected_id in by_id),
+        "unfinished_rejected": sum(by_id[p.rejected_id].num_tokens >= unfinished_at for p in selected if p.rejected_id in by_id),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
         "warnings": warnings,
