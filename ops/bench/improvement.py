@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from daemon.config import load_settings
     from daemon.db.engine import open_lineage
+    from policies.suites import cut_answers_failing, paired_difference
     from workers.evaluation import compare_checkpoints
 
     settings = load_settings(args.config, data_dir=data_dir)
@@ -86,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"difference {paired.difference:+.3f}, paired-bootstrap 95% CI [{paired.low:+.3f}, {paired.high:+.3f}], "
         f"minimum detectable difference {paired.minimum_detectable:.3f}"
+    )
+    strict = paired_difference(
+        cut_answers_failing(champion.items["items"]), cut_answers_failing(initial.items["items"]), settings.eval.bootstrap_resamples, seed=settings.seed,
+    )
+    print(
+        f"{SUITE} with a cut answer failing: champion {strict.a_score:.3f}, initial {strict.b_score:.3f}, "
+        f"difference {strict.difference:+.3f}, 95% CI [{strict.low:+.3f}, {strict.high:+.3f}]"
     )
     truncation = [r["truncation_rate"] for r in rows if r["truncation_rate"] is not None]
     share = [r["self_generated_share"] for r in rows if r["self_generated_share"] is not None]

@@ -7,6 +7,7 @@ from policies.self_instruct import ngram_overlap
 from policies.constraints import KINDS, Constraint, check
 from policies.stats import minimum_detectable_difference
 from policies.suites import (
+    cut_answers_failing,
     SUITES,
     ItemResult,
     config_hash,
@@ -152,3 +153,15 @@ def test_paired_difference_matches_items_by_id_and_reports_power():
     assert paired.minimum_detectable == pytest.approx(minimum_detectable_difference(30, 2 / 3))
     with pytest.raises(ValueError, match="share no scored items"):
         paired_difference(a[:1], [{"id": "other", "score": 1.0}], n_resamples=100)
+
+
+def test_cut_answers_failing_scores_only_the_cut_answers_zero() -> None:
+    items = [
+        {"id": "a", "score": 1.0, "finished": False},  # passed its checks but was cut: a loop can do that
+        {"id": "b", "score": 1.0, "finished": True},
+        {"id": "c", "score": 0.0, "finished": False},
+        {"id": "d", "score": None, "finished": False},  # unscored stays unscored
+        {"id": "e", "score": 1.0},  # a result without the flag (a reference item) is left alone
+    ]
+    assert [item["score"] for item in cut_answers_failing(items)] == [0.0, 1.0, 0.0, None, 1.0]
+    assert items[0]["score"] == 1.0, "the input is not modified"
