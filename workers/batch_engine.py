@@ -155,6 +155,7 @@ class BatchEngine(SequenceEngine):
         self.model, self.tokenizer = runtime.model, runtime.tokenizer
         self.device = runtime.device
         self.eos = set(runtime.eos_token_ids)
+        self.eos_ids = sorted(self.eos)  # for indexing logits (the end ramp): built once, not per admission
         self.step_log: deque[int] = deque(maxlen=100_000)  # batch size of each decode step, newest last
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -227,7 +228,7 @@ class BatchEngine(SequenceEngine):
             logits, cache = self._forward(input_ids, mask, positions, None)
             if self.prefixes is not None:
                 self.prefixes.remember(prompts[0], cache, row=0)
-        rows = [_Row(r, self.tokenizer, logits.shape[-1], self.device, sorted(self.eos)) for r in requests]
+        rows = [_Row(r, self.tokenizer, logits.shape[-1], self.device, self.eos_ids) for r in requests]
         self._merge(rows, cache, mask)
         self.stats["admitted"] += len(rows)
         self._sample(rows, logits)

