@@ -237,6 +237,10 @@ class PairSettings(Section):
     # demo's first-cycle prompts): 40-43% of samples cut at 128 tokens at temperature 0.5, 0.7 or
     # 0.9, and 19% never end within 384 at 0.9: no budget or temperature alone fixes that.
     reject_unfinished: bool = False
+    # An answer that repeats a line or an eight-word phrase 3+ times (policies/repetition.py)
+    # counts as failing: never chosen nor repaired, rejected right after echoes. A loop can pass
+    # format checks ("[name]" lines for placeholders), and choosing it teaches looping.
+    reject_loops: bool = False
     # The share of generation.max_new_tokens from which an answer counts as unfinished (for
     # chosen_must_finish and reject_unfinished); 1.0: only an answer cut at the budget. With
     # respond.end_bonus the ramp ends long answers at a sentence, so they are no longer cut: below
@@ -347,6 +351,12 @@ class EvalSettings(Section):
     pairwise_prompts: int = Field(16, ge=1, description="tasks the pairwise-vs-initial suite compares on")
     # Evaluate only the first N items of a suite (quick checks, tests); part of the config hash.
     max_items: int | None = Field(None, ge=1)
+    # Answers a checks suite (instruct-checks, gate-checks, jsonl) scores 0 whatever their checks
+    # say: "cut" (hit eval.max_new_tokens), "loops" (repeats a line or an eight-word phrase 3+
+    # times, policies/repetition.py). A loop until the budget can pass format checks; measured on
+    # the demo, counting cut answers as failing halved the champion's gain. The gate scores its
+    # suites the same way. Part of the config hash when set.
+    count_as_failing: list[Literal["cut", "loops"]] = Field(default_factory=list)
 
     @field_validator("suites")
     @classmethod

@@ -67,11 +67,14 @@ class ScoredResponse:
     # label form of TRL's missing_eos_penalty): never chosen nor repaired, and rejected right after
     # echoes whatever its checks say, so a finished passing answer is preferred to one that never ends.
     unfinished_fails: bool = False
+    # It repeats a line or phrase (policies.repetition.loops) while the loop rejects that
+    # (pairs.reject_loops): never chosen nor repaired, and rejected right after echoes.
+    loops: bool = False
 
     @property
     def fails(self) -> bool:
-        """Whether a verified pair may reject it: a check fails, or it echoes, or it never ended and that counts."""
-        return bool(self.checks) and (self.echoes or self.unfinished_fails or not self.satisfies_all)
+        """Whether a verified pair may reject it: a check fails, or it echoes, loops, or never ended and that counts."""
+        return bool(self.checks) and (self.echoes or self.loops or self.unfinished_fails or not self.satisfies_all)
 
     @property
     def satisfies_all(self) -> bool:
@@ -223,13 +226,13 @@ def length_controlled_best(responses: Sequence[ScoredResponse], epsilon: float) 
 
 
 def _worst(responses: Sequence[ScoredResponse], near_length: int) -> ScoredResponse:
-    """The clearest failure: an answer that echoes the instructions, then one that never ended
-    (when that counts as failing), then fewest satisfied constraints, then lowest score, then the
+    """The clearest failure: an answer that echoes the instructions, then one that loops, then one
+    that never ended (each when that counts as failing), then fewest satisfied constraints, then lowest score, then the
     length closest to the chosen answer's (so the pair contrasts the checks, not mainly the length)."""
     return min(
         responses,
         key=lambda r: (
-            not r.echoes, not r.unfinished_fails, r.satisfied_count, r.mean_score if r.mean_score is not None else 0.0, abs(r.length - near_length), r.response_id,
+            not r.echoes, not r.loops, not r.unfinished_fails, r.satisfied_count, r.mean_score if r.mean_score is not None else 0.0, abs(r.length - near_length), r.response_id,
         ),
     )
 
@@ -249,7 +252,7 @@ def verified_pair(
     chosen_must_finish: bool = True,
 ) -> PreferencePair | None:
     """A pair the constraint checks separate: the chosen answer satisfies every constraint, the
-    rejected one does not, or echoes the instructions, or never ended where that counts
+    rejected one does not, or echoes the instructions, loops, or never ended where that counts
     (:class:`ScoredResponse`). Among passing answers the judge breaks the tie (length-controlled, see
     :func:`length_controlled_best`); a truncated answer is never chosen. The rejected answer comes
     from `rejected_pool` (default: the same answers). None when the checks separate nothing.
@@ -301,7 +304,7 @@ def build_repaired_pairs(
 ) -> tuple[list[PreferencePair], dict[str, str]]:
     """Verifier-guided repair pairs (:mod:`policies.repair`): up to `max_per_prompt` failing
     answers per prompt, in sample order, each paired as rejected with its repaired text as chosen.
-    An answer that echoes the instructions is not repaired (its repair would echo them too). A
+    An answer that echoes the instructions or loops is not repaired (its repair would too). A
     cut answer is not repaired while `chosen_must_finish` or `unfinished_fails` (its repair would
     still end mid-way).
     Returns the pairs (each chosen id is a :func:`repaired_response_id`) and the repaired text
@@ -316,7 +319,8 @@ def build_repaired_pairs(
         for response in responses:
             if made == max_per_prompt:
                 break
-            if response.satisfies_all or not response.checks or response.echoes or response.unfinished_fails or (chosen_must_finish and response.truncated):
+            if response.satisfies_all or not response.checks or response.echoes or response.loops or response.unfinished_fails \
+                    or (chosen_must_finish and response.truncated):
                 continue
             fixed = repair(constraints, response.text)
             if fixed is None or fixed.strip() == response.text.strip():

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from policies.constraints import Constraint, check_all
+from policies.repetition import loops
 from policies.self_instruct import normalize_prompt
 from policies.stats import minimum_detectable_difference, paired_bootstrap, proportion_ci
 
@@ -38,6 +39,8 @@ SUITE_PAIRWISE_VS_INITIAL = "pairwise-vs-initial"
 INSTRUCT_CHECKS_RESOURCE = "data/instruct_checks.jsonl"
 # Suites whose items ship with kaizen: name -> resource under policies/.
 PACKAGED_SUITES = {SUITE_INSTRUCT_CHECKS: INSTRUCT_CHECKS_RESOURCE, SUITE_GATE_CHECKS: "data/gate_checks.jsonl"}
+# Answers a checks suite can score 0 whatever their checks say (eval.count_as_failing).
+COUNTABLE_AS_FAILING = ("cut", "loops")
 
 
 @dataclass(frozen=True)
@@ -220,14 +223,23 @@ class PairedDifference:
         return {key: getattr(self, key) for key in self.__dataclass_fields__}
 
 
-def cut_answers_failing(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The items with every answer cut at the token budget (``finished`` False) scored 0.
+def counted_as_failing(item: Mapping[str, Any], failing: Collection[str]) -> bool:
+    """Whether a recorded item's answer is one `failing` names: "cut" (``finished`` False: it hit
+    the token budget) or "loops" (it repeats a line or phrase, :func:`policies.repetition.loops`)."""
+    unknown = set(failing) - set(COUNTABLE_AS_FAILING)
+    if unknown:
+        raise ValueError(f"cannot count {sorted(unknown)} as failing; allowed: {', '.join(COUNTABLE_AS_FAILING)}")
+    return ("cut" in failing and item.get("finished") is False) or ("loops" in failing and loops(str(item.get("answer") or "")))
+
+
+def scored_failing(items: Sequence[Mapping[str, Any]], failing: Collection[str]) -> list[dict[str, Any]]:
+    """The items with every answer :func:`counted_as_failing` scored 0 (unscored items stay unscored).
 
     A cut answer can pass its checks by looping on a format: "[name]" lines for placeholders,
-    "Section X" for numbered sections (measured: a demo champion repeated a line 3+ times in 90
-    of 240 instruct-checks answers, the initial model in 23). Scored this way, only answers that
-    ended count, which no loop does."""
-    return [{**item, "score": 0.0} if item.get("finished") is False and item.get("score") is not None else dict(item) for item in items]
+    "Section X" for numbered sections. Scored this way, only answers that ended, or that do not
+    loop, count (eval.count_as_failing scores suites so; the improvement bench prints both)."""
+    return [{**item, "score": 0.0} if item.get("score") is not None and counted_as_failing(item, failing) else dict(item)
+            for item in items]
 
 
 def paired_difference(

@@ -3,7 +3,7 @@ fixed max tokens), score the answers (policies/suites.py) and record a `suite_re
 
 A row is keyed by (checkpoint, suite, config hash); the hash covers what changes results:
 the suite's name and item text, the decoding settings (greedy, eval.max_new_tokens,
-eval.max_items) and, for pairwise-vs-initial, the judge configuration, the prompt count and
+eval.max_items), eval.count_as_failing for checks suites and, for pairwise-vs-initial, the judge configuration, the prompt count and
 the initial checkpoint. A cached row is returned as it is unless `force`. eval.batch_size is
 not in the hash: batching pads on the left under an attention mask, which leaves greedy
 answers unchanged up to float rounding.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from daemon.db import lineage, suite_results
 from daemon.db.engine import transaction
 from daemon.db.models import Checkpoint, SuiteResult
 from policies import suites
+from policies.repetition import loops
 from policies.stats import proportion_ci
 from workers import artifacts
 from workers.judges import build_judge
@@ -68,6 +69,8 @@ def prepare_suite(settings: Settings, suite_name: str, *, file: str | Path | Non
     if spec.kind == "pairwise":
         items = _pairwise_items(e.pairwise_prompts)
         config.update(pairwise_prompts=e.pairwise_prompts, initial=initial_id, judge=_judge_config(settings))
+    elif e.count_as_failing:  # only when set, so results recorded before the setting keep their hash
+        config["count_as_failing"] = sorted(e.count_as_failing)
     if e.max_items is not None:
         items = items[: e.max_items]
     return PreparedSuite(suite_name, items, config, suites.config_hash(suite_name, config, content))
@@ -176,10 +179,15 @@ def _truncation(answers: list[Generation]) -> dict[str, Any]:
 def _checks(settings: Settings, path: str, prepared: PreparedSuite, progress: Progress | None):
     answers = greedy_answers(settings, path, [item.prompt for item in prepared.items], progress)
     results = [suites.score_item(item, answer.text) for item, answer in zip(prepared.items, answers, strict=True)]
-    summary = suites.summarize(results)
-    items = [{**result.to_json(), "tokens": answer.num_tokens, "finished": answer.finished}
-             for result, answer in zip(results, answers, strict=True)]
-    return {"items": items, "per_kind": summary.per_kind, **_truncation(answers)}, summary
+    items = suites.scored_failing(
+        [{**result.to_json(), "tokens": answer.num_tokens, "finished": answer.finished, "loops": loops(answer.text)}
+         for result, answer in zip(results, answers, strict=True)],
+        settings.eval.count_as_failing,
+    )
+    # The per-kind rates stay what the checks said; the score counts eval.count_as_failing's answers as failing.
+    summary = suites.summarize([replace(result, score=item["score"]) for result, item in zip(results, items, strict=True)])
+    looping = sum(item["loops"] for item in items)
+    return {"items": items, "per_kind": summary.per_kind, "looping": looping, **_truncation(answers)}, summary
 
 
 def _pairwise(settings: Settings, path: str, initial_path: str, prepared: PreparedSuite, progress: Progress | None):

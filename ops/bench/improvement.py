@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from daemon.config import load_settings
     from daemon.db.engine import open_lineage
-    from policies.suites import cut_answers_failing, paired_difference
+    from policies.repetition import loops
+    from policies.suites import paired_difference, scored_failing
     from workers.evaluation import compare_checkpoints
 
     settings = load_settings(args.config, data_dir=data_dir)
@@ -83,23 +84,28 @@ def main(argv: list[str] | None = None) -> None:
         )
     promotions = sum(row["decision"] == "promoted" for row in rows)
     print(f"promotions: {promotions} of {len(rows)}; champion {champion.checkpoint_id}")
-    print(f"{SUITE} (n={paired.n}): champion {paired.a_score:.3f}, initial {paired.b_score:.3f}")
+    scoring = f", scored with {' and '.join(settings.eval.count_as_failing)} answers failing" if settings.eval.count_as_failing else ""
+    print(f"{SUITE} (n={paired.n}{scoring}): champion {paired.a_score:.3f}, initial {paired.b_score:.3f}")
     print(
         f"difference {paired.difference:+.3f}, paired-bootstrap 95% CI [{paired.low:+.3f}, {paired.high:+.3f}], "
         f"minimum detectable difference {paired.minimum_detectable:.3f}"
     )
-    strict = paired_difference(
-        cut_answers_failing(champion.items["items"]), cut_answers_failing(initial.items["items"]), settings.eval.bootstrap_resamples, seed=settings.seed,
-    )
-    print(
-        f"{SUITE} with a cut answer failing: champion {strict.a_score:.3f}, initial {strict.b_score:.3f}, "
-        f"difference {strict.difference:+.3f}, 95% CI [{strict.low:+.3f}, {strict.high:+.3f}]"
-    )
+    for failing in (["cut"], ["loops"], ["cut", "loops"]):
+        strict = paired_difference(
+            scored_failing(champion.items["items"], failing), scored_failing(initial.items["items"], failing),
+            settings.eval.bootstrap_resamples, seed=settings.seed,
+        )
+        print(
+            f"{SUITE} with a {' or '.join(failing)} answer failing: champion {strict.a_score:.3f}, initial {strict.b_score:.3f}, "
+            f"difference {strict.difference:+.3f}, 95% CI [{strict.low:+.3f}, {strict.high:+.3f}]"
+        )
     truncation = [r["truncation_rate"] for r in rows if r["truncation_rate"] is not None]
     share = [r["self_generated_share"] for r in rows if r["self_generated_share"] is not None]
     if truncation and share:
         print(f"mean truncation rate {sum(truncation) / len(truncation):.3f}; mean self-generated share {sum(share) / len(share):.3f}")
     print(f"champion answers cut at max tokens: {champion.items.get('truncation_rate', 0):.3f}; initial: {initial.items.get('truncation_rate', 0):.3f}")
+    looping = [sum(loops(item["answer"]) for item in row.items["items"]) for row in (champion, initial)]
+    print(f"answers that loop (a line or phrase 3+ times): champion {looping[0]}, initial {looping[1]} of {paired.n}")
     print("lower bound > 0: " + ("yes, the champion is better" if paired.low > 0 else "NO, not shown to be better"))
     print("wall seconds: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
 

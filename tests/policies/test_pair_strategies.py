@@ -95,6 +95,23 @@ def test_with_reject_unfinished_a_cut_answer_is_rejected_before_finished_failure
     assert build_verified_pairs(responses, max_per_prompt=2) == [PreferencePair("p", "done", "long", "verified", None)]
 
 
+def looping(rid: str, checks: tuple[bool, ...]) -> ScoredResponse:
+    """An answer that repeats a line while pairs.reject_loops counts that as failing."""
+    return ScoredResponse(rid, "[name]\n[name]\n[name]", None, 20, checks, loops=True)
+
+
+def test_with_reject_loops_a_looping_answer_that_passes_is_rejected_before_other_failures_and_never_chosen():
+    responses = {"p": [answer("wrong", (False, False)), looping("loop", (True, True)), answer("done", (True, True))]}
+
+    assert build_verified_pairs(responses, max_per_prompt=2) == [PreferencePair("p", "done", "loop", "verified", None)]
+    # An echo is still the first one rejected, and a loop comes before a cut answer.
+    echo = ScoredResponse("echo", "do not use commas", None, 20, (True, True), echoes=True)
+    assert build_verified_pairs({"p": [echo, *responses["p"]]})[0].rejected_id == "echo"
+    assert build_verified_pairs({"p": [cut("long", (True, True)), *responses["p"]]})[0].rejected_id == "loop"
+    # A looping answer alone with passing checks is never chosen.
+    assert build_verified_pairs({"p": [looping("loop", (True, True)), answer("wrong", (False, False))]}) == []
+
+
 def test_rejected_answer_is_the_clearest_failure():
     responses = {"p": [answer("ok", (True, True), length=20), answer("one", (True, False), length=20), answer("none", (False, False), length=20)]}
 

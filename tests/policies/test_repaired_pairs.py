@@ -31,6 +31,10 @@ def test_repaired_pairs_respect_max_per_prompt_and_skip_cut_answers():
     unfinished = {"p": [ScoredResponse("a", "Cut Off Mid", None, 3, (False,), truncated=True, unfinished_fails=True), *responses["p"][1:]]}
     pairs, _ = build_repaired_pairs(unfinished, {"p": LOWER}, max_per_prompt=3, chosen_must_finish=False)
     assert [p.rejected_id for p in pairs] == ["b", "c"]
+    # Nor is an answer that loops where that counts (pairs.reject_loops): its repair would loop too.
+    looping = {"p": [ScoredResponse("a", "Tea\nTea\nTea", None, 3, (False,), loops=True), *responses["p"][1:]]}
+    pairs, _ = build_repaired_pairs(looping, {"p": LOWER}, max_per_prompt=3)
+    assert [p.rejected_id for p in pairs] == ["b", "c"]
     with pytest.raises(ValueError, match="max_per_prompt"):
         build_repaired_pairs(responses, {"p": LOWER}, max_per_prompt=0)
 

@@ -7,7 +7,7 @@ from policies.self_instruct import ngram_overlap
 from policies.constraints import KINDS, Constraint, check
 from policies.stats import minimum_detectable_difference
 from policies.suites import (
-    cut_answers_failing,
+    scored_failing,
     SUITES,
     ItemResult,
     config_hash,
@@ -155,13 +155,19 @@ def test_paired_difference_matches_items_by_id_and_reports_power():
         paired_difference(a[:1], [{"id": "other", "score": 1.0}], n_resamples=100)
 
 
-def test_cut_answers_failing_scores_only_the_cut_answers_zero() -> None:
+def test_scored_failing_scores_only_the_answers_it_names_zero() -> None:
+    loop = "[name]\n[name]\n[name]"
     items = [
-        {"id": "a", "score": 1.0, "finished": False},  # passed its checks but was cut: a loop can do that
-        {"id": "b", "score": 1.0, "finished": True},
-        {"id": "c", "score": 0.0, "finished": False},
-        {"id": "d", "score": None, "finished": False},  # unscored stays unscored
-        {"id": "e", "score": 1.0},  # a result without the flag (a reference item) is left alone
+        {"id": "a", "score": 1.0, "finished": False, "answer": "cut short"},  # passed its checks but was cut
+        {"id": "b", "score": 1.0, "finished": True, "answer": loop},  # passed by looping on a format
+        {"id": "c", "score": 0.0, "finished": False, "answer": loop},
+        {"id": "d", "score": None, "finished": False, "answer": loop},  # unscored stays unscored
+        {"id": "e", "score": 1.0, "answer": "Paris."},  # no flag (a reference item) and no loop: left alone
     ]
-    assert [item["score"] for item in cut_answers_failing(items)] == [0.0, 1.0, 0.0, None, 1.0]
+    assert [item["score"] for item in scored_failing(items, ["cut"])] == [0.0, 1.0, 0.0, None, 1.0]
+    assert [item["score"] for item in scored_failing(items, ["loops"])] == [1.0, 0.0, 0.0, None, 1.0]
+    assert [item["score"] for item in scored_failing(items, ["cut", "loops"])] == [0.0, 0.0, 0.0, None, 1.0]
+    assert [item["score"] for item in scored_failing(items, [])] == [1.0, 1.0, 0.0, None, 1.0]
     assert items[0]["score"] == 1.0, "the input is not modified"
+    with pytest.raises(ValueError, match="allowed: cut, loops"):
+        scored_failing(items, ["short"])

@@ -303,3 +303,42 @@ def test_pairwise_vs_initial_with_the_configured_gate_judge(env: Env, tmp_path: 
     assert all(0.0 <= p <= 1.0 for p in readable)
     assert row.score == pytest.approx(sum(readable) / len(readable) if readable else 0.0)
     assert all(i["comparison"]["judge"] for i in items)
+
+
+def test_count_as_failing_scores_cut_and_looping_answers_zero(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = tmp_path / "mine.jsonl"
+    items.write_text("\n".join(json.dumps({"id": name, "prompt": f"Say {name}.", "constraints": [{"kind": "lowercase"}]})
+                               for name in ("ended", "cut", "looping")) + "\n")
+    answers = {
+        "Say ended.": Generation("hello there, friend.", 5, True),
+        "Say cut.": Generation("hello there, and then", 6, False),
+        # Passes "lowercase" by repeating one line: a loop the checks alone reward.
+        "Say looping.": Generation("[name]\n[name]\n[name]\n[name]", 6, True),
+    }
+    monkeypatch.setattr(evaluation, "greedy_answers", lambda settings, path, prompts, progress=None: [answers[p] for p in prompts])
+
+    def scores(failing: list[str]) -> tuple[dict[str, float], SuiteResult]:
+        config = yaml.safe_load(env.config.read_text())
+        config["eval"]["count_as_failing"] = failing
+        env.config.write_text(yaml.safe_dump(config))
+        result = env.kaizen("eval", "initial", "--suite", "jsonl", "--file", str(items), "--json")
+        assert result.exit_code == 0, result.output
+        row = env.rows()[-1]
+        return {item["id"]: item["score"] for item in row.items["items"]}, row
+
+    as_checked, plain = scores([])
+    assert as_checked == {"ended": 1.0, "cut": 1.0, "looping": 1.0}
+    assert plain.items["looping"] == 1 and [i["loops"] for i in plain.items["items"]] == [False, False, True]
+    assert scores(["loops"])[0] == {"ended": 1.0, "cut": 1.0, "looping": 0.0}
+    strict, row = scores(["cut", "loops"])
+    assert strict == {"ended": 1.0, "cut": 0.0, "looping": 0.0}
+    assert row.score == pytest.approx(1 / 3) and row.items["per_kind"] == {"lowercase": 1.0}, "per-kind rates stay the checks' verdicts"
+    assert len({r.config_hash for r in env.rows()}) == 3, "each setting is its own cached result"
+
+
+def test_count_as_failing_rejects_an_unknown_kind(env: Env) -> None:
+    config = yaml.safe_load(env.config.read_text())
+    config["eval"]["count_as_failing"] = ["short"]
+    env.config.write_text(yaml.safe_dump(config))
+    result = env.kaizen("eval", "initial", "--suite", "instruct-checks")
+    assert result.exit_code != 0 and "count_as_failing" in result.output

@@ -146,3 +146,22 @@ def test_finish_within_counts_an_answer_past_that_share_of_the_budget_as_unfinis
     assert result["unfinished_rejected"] == 1
     made, result = pairs_made("whole")
     assert made == [] and result["unfinished_rejected"] == 0, "both answers pass and ended within the budget: no pair"
+
+
+def test_with_reject_loops_a_looping_answer_is_rejected_though_its_checks_pass(tmp_path: Path, tiny_model_dir: Path):
+    # Both answers are lower-case and ended; only the one repeating a line can be rejected.
+    looping = "walking helps.\nwalk more.\nwalk more.\nwalk more."
+    rows = [("Why walk? Write in lowercase.", [looping, "walking helps."], LOWERCASE)]
+    settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 32}}
+    ctx, ids = lineage_with_responses(tmp_path / "on", tiny_model_dir, rows, pairs={"strategy": "verified", "reject_loops": True}, **settings)
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    assert made == [("verified", ids["walking helps."], ids[looping])]
+    assert output.result["looping_answers"] == 1
+
+    ctx, _ = lineage_with_responses(tmp_path / "off", tiny_model_dir, rows, pairs={"strategy": "verified"}, **settings)
+    output = build_pairs(ctx)
+    assert output.result["pairs"] == 0 and output.result["looping_answers"] == 1, "counted either way, rejected only with the option"

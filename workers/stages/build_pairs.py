@@ -15,6 +15,7 @@ from daemon.db.models import Judgment, Pair, Prompt, Response, StageRun, StageSt
 from policies import judge_metrics, pairs, rubric
 from daemon.stage_runs import StageContext, StageOutput
 from policies.constraints import Constraint, check_all, echoes_instructions
+from policies.repetition import loops
 from workers.stages.common import parent_checkpoint, record_warnings, warning_thresholds
 
 
@@ -46,7 +47,9 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             checks = tuple(check_all(prompt_constraints, r.text))
             echoes = cfg.reject_echoes and echoes_instructions(prompt_constraints, r.text)
             cut = r.num_tokens >= unfinished_at
-            answer = pairs.ScoredResponse(str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut)
+            answer = pairs.ScoredResponse(
+                str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut, cfg.reject_loops and loops(r.text),
+            )
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         elif r.kind.startswith("rlcd_"):
             rlcd[r.prompt_id][r.kind] = r
@@ -95,6 +98,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
         "echoing_answers": sum(r.echoes for answers in scored.values() for r in answers),
+        "looping_answers": sum(loops(r.text) for r in responses if r.kind == "policy"),
         "unfinished_rejected": sum(by_id[p.rejected_id].num_tokens >= unfinished_at for p in selected if p.rejected_id in by_id),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),
