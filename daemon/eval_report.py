@@ -14,6 +14,8 @@ def result_line(report: dict[str, Any], cached: bool) -> str:
     ]
     if truncation is not None:
         parts.append(f"truncated {truncation:.0%}")
+    if report.get("looping"):
+        parts.append(f"{report['looping']} looping")
     if report.get("unreadable"):
         parts.append(f"{report['unreadable']} unreadable verdicts")
     return "; ".join(parts)

@@ -281,7 +281,7 @@ def status_view(session: Session) -> dict[str, Any]:
 
 
 def iteration_signals(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Whether the cycle could learn: who judged, how many answers were cut at max_new_tokens,
+    """Whether the cycle could learn: who judged, how many answers were cut at max_new_tokens or loop,
     how many training prompts the model wrote itself, how often its samples met their
     constraints, which pairs trained the candidate, and the gate's suite comparisons."""
     prompts, respond, judge = results.get("generate_prompts", {}), results.get("respond", {}), results.get("judge", {})
@@ -290,6 +290,7 @@ def iteration_signals(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "judge": judge.get("judge"),
         "gate_judge": gate_result.get("judge"),
         "truncation_rate": respond.get("truncation_rate"),
+        "looping_rate": respond.get("looping_rate"),
         "self_generated_share": prompts.get("self_generated_share"),
         "satisfaction_rate": respond.get("satisfaction_rate"),
         "trained_pairs": dpo.get("pairs"),

@@ -176,7 +176,7 @@ def _print_signals(signals: dict[str, Any]) -> None:
         return
     console.print(
         f"signals: judge {_fmt(signals.get('judge'))}, gate judge {_fmt(signals.get('gate_judge'))}; "
-        f"truncation rate {_fmt(signals.get('truncation_rate'))}; self-generated share {_fmt(signals.get('self_generated_share'))}; "
+        f"truncation rate {_fmt(signals.get('truncation_rate'))}; looping rate {_fmt(signals.get('looping_rate'))}; self-generated share {_fmt(signals.get('self_generated_share'))}; "
         f"constraint satisfaction {_fmt(signals.get('satisfaction_rate'))}; trained pairs {_fmt(signals.get('trained_pairs'))} "
         f"(+{_fmt(signals.get('replayed_pairs'))} replayed); gate route {_fmt(signals.get('gate_route'))}",
         markup=False,

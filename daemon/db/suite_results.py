@@ -79,7 +79,7 @@ def summary_of(row: SuiteResult) -> dict[str, Any]:
 def report_of(row: SuiteResult) -> dict[str, Any]:
     """The summary plus what the per-item payload adds up to (per-kind rates, truncation)."""
     payload = row.items or {}
-    extra = {key: payload[key] for key in ("per_kind", "truncation_rate", "unreadable") if key in payload}
+    extra = {key: payload[key] for key in ("per_kind", "truncation_rate", "looping", "unreadable") if key in payload}
     return {"checkpoint": row.checkpoint_id, **summary_of(row), **extra}
 
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         gate = "; ".join(f"{s['suite']} {s['difference']:+.3f} [{s['lower']:+.3f}, {s['upper']:+.3f}]" for s in row["gate_suites"]) or "-"
         print(
-            f"  iteration {row['iteration']}: {row['decision']}; truncation {row['truncation_rate']}, "
+            f"  iteration {row['iteration']}: {row['decision']}; truncation {row['truncation_rate']}, looping {row['looping_rate']}, "
             f"self-generated share {row['self_generated_share']}, satisfaction {row['satisfaction_rate']}, "
             f"pairs {row['trained_pairs']} (+{row['replayed_pairs']} replayed); gate {gate}"
         )

@@ -88,9 +88,10 @@ def test_kaizen_show_prints_the_cycle_signals_and_the_gate_suites(tmp_path, tiny
     with initialise_sessions(tmp_path) as session:
         results = {r.stage: r.result for r in session.scalars(select(StageRun))}
     assert signals["truncation_rate"] == results["respond"]["truncation_rate"] is not None
+    assert signals["looping_rate"] == results["respond"]["looping_rate"] is not None
     assert signals["self_generated_share"] == results["generate_prompts"]["self_generated_share"] is not None
     assert signals["judge"] == results["judge"]["judge"] and signals["gate_route"] == "suite"
-    assert "self-generated share" in out and "truncation rate" in out and "debiased position bias" in out
+    assert "self-generated share" in out and "truncation rate" in out and "looping rate" in out and "debiased position bias" in out
     assert "gate suite instruct-checks: candidate 0.400 vs champion 0.200 (n=120), difference +0.200" in " ".join(out.split())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.db.models import Response
+from policies.repetition import loops
 from policies import principles
 from tests.factories import run_respond
 from workers.runtime import ModelRuntime
@@ -84,7 +85,9 @@ def test_the_stage_seed_gives_the_same_answers_again(tmp_path: Path, model_dir: 
 
 def test_end_bonus_lowers_the_truncation_rate_the_stage_reports(tmp_path: Path, model_dir: Path) -> None:
     generation = {"max_new_tokens": 8, "batch_size": 4, "temperature": 1.0}
-    _, plain = run_respond(tmp_path / "plain", model_dir, PROMPTS, N, generation=generation)
+    rows, plain = run_respond(tmp_path / "plain", model_dir, PROMPTS, N, generation=generation)
+    policy = [r.text for r in rows if r.kind == "policy"]
+    assert plain["looping_rate"] == round(sum(map(loops, policy)) / len(policy), 4)
     _, ramped = run_respond(tmp_path / "ramped", model_dir, PROMPTS, N, respond_settings={"end_bonus": 30.0}, generation=generation)
     assert plain["truncation_rate"] > 0.3, "the test model runs most answers to the token cap"
     assert ramped["truncation_rate"] < plain["truncation_rate"] / 2

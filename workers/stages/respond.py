@@ -16,6 +16,7 @@ from daemon.db.models import Prompt, Response
 from policies import principles
 from policies.constraints import Constraint, check_all
 from policies.pairs import KIND_ANCHORED, KIND_REPAIRED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERIFIED
+from policies.repetition import loops
 from workers.generation import Generation
 from workers.runtime import ModelRuntime
 from daemon.db.lineage import lineage_root
@@ -58,6 +59,8 @@ def respond(ctx: StageContext) -> StageOutput:
     result = {
         "responses": len(rows), **by_kind, "mean_tokens": round(mean_tokens, 2),
         "truncation_rate": round(1 - sum(finished) / len(finished), 4) if finished else None,
+        # Policy samples repeating a line or phrase 3+ times (policies.repetition.loops).
+        "looping_rate": round(sum(loops(r.text) for r in policy_rows) / len(policy_rows), 4) if policy_rows else None,
         # Prompts (times strategies) that did not fit the context with room for the answer: skipped, not clipped.
         "skipped_over_context": skipped,
         **_satisfaction(prompts, [r for r in rows if r.kind == "policy"]),
