@@ -91,3 +91,23 @@ def test_end_bonus_lowers_the_truncation_rate_the_stage_reports(tmp_path: Path, 
     _, ramped = run_respond(tmp_path / "ramped", model_dir, PROMPTS, N, respond_settings={"end_bonus": 30.0}, generation=generation)
     assert plain["truncation_rate"] > 0.3, "the test model runs most answers to the token cap"
     assert ramped["truncation_rate"] < plain["truncation_rate"] / 2
+
+
+def test_greedy_sample_adds_each_prompts_greedy_answer_without_the_end_ramp(tmp_path: Path, model_dir: Path) -> None:
+    generation = {"max_new_tokens": 8, "batch_size": 4, "temperature": 1.0}
+    rows, result = run_respond(
+        tmp_path / "data", model_dir, PROMPTS, N, respond_settings={"end_bonus": 30.0, "greedy_sample": True}, generation=generation,
+    )
+    runtime = ModelRuntime.load(str(model_dir), device="cpu")
+    greedy_cut = 0
+    for prompt_text, prompt_rows in zip(PROMPTS, _by_prompt(rows).values(), strict=True):
+        policy = [r for r in prompt_rows if r.kind == "policy"]
+        assert [r.sample_index for r in policy] == list(range(N + 1))
+        # The last sample is the prompt's greedy answer as the gate decodes it: no ramp ends it.
+        alone = runtime.generate([user_prompt(runtime, prompt_text, 8)], temperature=0, max_new_tokens=8)[0][0]
+        assert (policy[-1].text, policy[-1].num_tokens) == (alone.text, alone.num_tokens)
+        greedy_cut += alone.num_tokens == 8
+    assert result["policy"] == (N + 1) * len(PROMPTS)
+    assert greedy_cut > 0, "the test model runs greedy answers to the cap, which the ramp would have ended"
+    # Every sampled answer ended under the big ramp; only greedy answers can be cut.
+    assert result["truncation_rate"] == pytest.approx(greedy_cut / ((N + 1) * len(PROMPTS)), abs=1e-4)

@@ -76,12 +76,18 @@ def _policy_and_rlcd(
     Both come from the champion with the same budget, so one batched call serves them (measured:
     17% less CPU than two calls, issue 14). Returns the policy rows, the RLCD rows, whether each
     policy sample ended before max_new_tokens, and how many requests did not fit the context.
+    With respond.greedy_sample each prompt's last policy sample (index num_samples) is its greedy answer.
     """
     policy = _policy_texts(runtime, prompts, ctx) if strategies & POLICY_STRATEGIES else []
     rlcd, meta = _rlcd_texts(runtime, prompts, ctx.settings.generation.max_new_tokens) if KIND_RLCD in strategies else ([], [])
     n = ctx.settings.respond.num_samples
     outputs = sample(ctx, runtime, policy + rlcd, n=[n] * len(policy) + [1] * len(rlcd), seed=seed, end_ramp=ctx.settings.respond.end_ramp())
     policy_out, rlcd_out = outputs[: len(policy)], outputs[len(policy) :]
+    if policy and ctx.settings.respond.greedy_sample:
+        # Greedy is one temperature for the whole call, so it is a call of its own; no end ramp,
+        # so the sample is what the gate and the suites will see from this model.
+        greedy = sample(ctx, runtime, policy, n=1, seed=seed + 3, temperature=0.0)
+        policy_out = [sampled + extra for sampled, extra in zip(policy_out, greedy, strict=True)]
     policy_rows = _sample_rows(ctx, prompts, policy_out, "policy") if policy else []
     finished = [o.finished for samples in policy_out for o in samples]
     return policy_rows, _rlcd_rows(ctx, meta, rlcd_out), finished, over_context(outputs)
