@@ -108,6 +108,10 @@ class PromptSettings(Section):
     # Draw training constraints whose length floor fits generation.max_new_tokens
     # (policies.verifiable.attach_constraints): no "at least 120 words" in a 128-token answer.
     fit_answer_budget: bool = False
+    # Each self-instruct round asks for tasks about two subjects drawn from
+    # policies.self_instruct.ROTATING_TOPICS instead of naming the same general kinds every time:
+    # a 135M model asked the same way writes last cycle's tasks again (dropped as duplicates).
+    topic_rotation: bool = False
 
     @field_validator("constraints_per_prompt")
     @classmethod

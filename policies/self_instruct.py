@@ -114,17 +114,38 @@ SELF_INSTRUCT_TOPICS = (
 )
 
 
-def render_self_instruct_prompt(examples: Sequence[str], n_new: int) -> str:
+# Everyday subjects a request can be steered to (prompts.topic_rotation): a small model writes
+# the same few tasks again when asked the same way, and each round naming other subjects moves it.
+ROTATING_TOPICS = (
+    "cooking", "gardening", "personal budgeting", "travel planning", "exercise", "pets", "home repair",
+    "writing emails", "job interviews", "studying", "music", "team sports", "the weather", "space",
+    "wild animals", "healthy sleep", "inventions", "geography", "arithmetic", "Python programming",
+    "spreadsheets", "photography", "friendship", "raising children", "recycling", "cars", "shopping",
+    "holidays", "board games", "novels", "films", "painting", "poetry", "time management",
+    "public speaking", "social media", "city life", "the ocean", "houseplants", "chemistry", "physics",
+    "learning a language", "good manners", "volunteering", "camping", "birthdays", "coffee and tea",
+    "first aid", "moving house", "small businesses",
+)
+
+
+def rotating_topics(rng: random.Random, k: int = 2) -> list[str]:
+    """`k` distinct subjects for one self-instruct request, drawn from :data:`ROTATING_TOPICS`."""
+    return rng.sample(ROTATING_TOPICS, k)
+
+
+def render_self_instruct_prompt(examples: Sequence[str], n_new: int, topics: Sequence[str] = ()) -> str:
     """A numbered task list that ends on an open "Task N:" line for the model to continue.
 
     The continuation therefore usually starts with the body of task N and no marker;
-    `parse_generated_prompts` accounts for that.
+    `parse_generated_prompts` accounts for that. With `topics` the header asks for tasks about
+    those subjects instead of naming the general kinds.
     """
     if n_new < 1:
         raise ValueError(f"n_new must be >= 1, got {n_new}")
+    subjects = f"about {' or '.join(topics)}" if topics else f"(for example {', '.join(SELF_INSTRUCT_TOPICS)})"
     header = (
         f"Come up with {n_new} new, diverse tasks for an AI assistant. Vary the topic "
-        f"(for example {', '.join(SELF_INSTRUCT_TOPICS)}) and the kind of "
+        f"{subjects} and the kind of "
         "request. Each task is a single self-contained instruction on one line, written "
         "the way a user would ask it. Do not answer the tasks."
     )

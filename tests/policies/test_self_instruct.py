@@ -276,3 +276,16 @@ def test_cleaning_drops_answers_and_the_copied_topic_list(written):
     parsed = parse_generated_prompts(written + "\nTask 8: Name three rivers in Africa.")
     assert len(parsed) == 2  # parsing alone keeps it
     assert clean_generated_tasks(parsed) == ["Name three rivers in Africa."]
+
+
+def test_self_instruct_prompt_with_topics_asks_about_them_instead_of_the_general_kinds():
+    import random
+
+    from policies.self_instruct import ROTATING_TOPICS, SELF_INSTRUCT_TOPICS, rotating_topics
+
+    prompt = render_self_instruct_prompt(["Explain gravity."], n_new=5, topics=["gardening", "first aid"])
+    assert "about gardening or first aid" in prompt and SELF_INSTRUCT_TOPICS[0] not in prompt.split("\n")[0]
+    assert prompt.endswith("Task 2:")
+    drawn = rotating_topics(random.Random(3))
+    assert len(set(drawn)) == 2 and set(drawn) <= set(ROTATING_TOPICS)
+    assert drawn == rotating_topics(random.Random(3)) and len({tuple(rotating_topics(random.Random(s))) for s in range(20)}) > 10

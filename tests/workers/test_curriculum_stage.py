@@ -99,3 +99,31 @@ def test_with_clean_generated_tasks_the_stage_trains_on_cleaned_self_written_tas
 
     assert tasks("plain") == ["Explain 3) How to polish old brass doorknobs.", "A: I'm an AI that helps explain things.", "Name three rivers in Africa."]
     assert tasks("clean", clean_generated_tasks=True) == ["Explain how to polish old brass doorknobs.", "Name three rivers in Africa."]
+
+
+def test_with_topic_rotation_each_round_asks_for_two_other_subjects(tmp_path, tiny_model_dir, monkeypatch):
+    import re
+
+    from policies.self_instruct import ROTATING_TOPICS
+    from workers.generation import Generation
+    from workers.stages import generate_prompts as stage
+
+    requests: list[str] = []
+
+    def recording(ctx, runtime, texts, n, seed):  # type: ignore[no-untyped-def]
+        requests.extend(texts)
+        return [[Generation("", 1, True)] * n for _ in texts]  # no task written: every round runs
+
+    def subjects() -> list[str | None]:
+        found = [re.search(r"Vary the topic about (.+?) or (.+?) and the kind", request) for request in requests]
+        return [match and (match[1], match[2]) for match in found]
+
+    monkeypatch.setattr(stage, "sample", recording)
+    _next_cycle(tmp_path / "plain", tiny_model_dir, per_cycle=3, max_rounds=3)
+    assert len(requests) == 3 and subjects() == [None, None, None], "the general kinds, every round, without the option"
+
+    requests.clear()
+    _next_cycle(tmp_path / "rotated", tiny_model_dir, per_cycle=3, max_rounds=3, topic_rotation=True)
+    named = subjects()
+    assert len(named) == 3 and all(pair and set(pair) <= set(ROTATING_TOPICS) for pair in named)
+    assert len(set(named)) == 3, "each round names other subjects"

@@ -47,7 +47,8 @@ def generate_prompts(ctx: StageContext) -> StageOutput:
         if len(accepted) >= cfg.per_cycle:
             break
         examples = self_instruct.select_few_shot(pool, earlier + accepted, cfg.few_shot, rng)
-        request = _fitting_request(runtime, examples, cfg.per_cycle, ctx.settings.generation.max_new_tokens)
+        topics = self_instruct.rotating_topics(rng) if cfg.topic_rotation else ()
+        request = _fitting_request(runtime, examples, cfg.per_cycle, ctx.settings.generation.max_new_tokens, topics)
         if request is None:
             counts["over_context"] += 1
             continue
@@ -128,11 +129,11 @@ def _kind_weights(ctx: StageContext, session: Session) -> dict[str, float] | Non
     return curriculum.learnability_weights(kinds, curriculum.tally(observations), repairable=repairable)
 
 
-def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int) -> str | None:
+def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int, topics: tuple[str, ...] | list[str] = ()) -> str | None:
     """The self-instruct request with as many of ``examples`` as fit the context (the first ones
     dropped first), or None when not even one does: that round is skipped and counted."""
     for start in range(len(examples)):
-        request = user_prompt(runtime, self_instruct.render_self_instruct_prompt(examples[start:], per_cycle), max_new_tokens)
+        request = user_prompt(runtime, self_instruct.render_self_instruct_prompt(examples[start:], per_cycle, topics), max_new_tokens)
         if runtime.fits(request, max_new_tokens):
             return request
     return None
