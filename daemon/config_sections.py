@@ -228,7 +228,7 @@ class JudgeSettings(Section):
 
 
 class PairSettings(Section):
-    # One of verified, repaired, anchored, self_reward, rlcd, both (= self_reward+rlcd), or several joined
+    # One of verified, repaired, anchored, ended, self_reward, rlcd, both (= self_reward+rlcd), or several joined
     # by "+": earlier strategies pair a prompt first (policies.pairs.select_pairs).
     strategy: str = "verified+self_reward+rlcd"
     # Meta-Rewarding length control: the chosen answer is the shortest of those within this many

@@ -20,11 +20,16 @@ KIND_RLCD = "rlcd"
 KIND_VERIFIED = "verified"
 KIND_ANCHORED = "anchored"
 KIND_REPAIRED = "repaired"
+KIND_ENDED = "ended"
 # The strategies a cycle can combine ("verified+self_reward"); "both" is the historical name of
 # "self_reward+rlcd".
-BASE_STRATEGIES: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED, KIND_SELF_REWARD, KIND_RLCD)
-# Pairs labelled by the constraint checks: their label holds in any later cycle (replayable).
-CHECKED_KINDS: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED)
+BASE_STRATEGIES: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED, KIND_ENDED, KIND_SELF_REWARD, KIND_RLCD)
+# Pairs labelled by code (the checks, whether an answer ended or loops): their label holds in
+# any later cycle (replayable).
+CHECKED_KINDS: tuple[str, ...] = (KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED, KIND_ENDED)
+# Strategies that pair a prompt even where an earlier strategy already did: their contrast is
+# another one (RLCD: other samples; ended: ending, not the checks).
+_ALSO_PAIRED: frozenset[str] = frozenset({KIND_RLCD, KIND_ENDED})
 PAIR_STRATEGIES: tuple[str, ...] = (*BASE_STRATEGIES, "both")
 _ALIASES = {"both": (KIND_SELF_REWARD, KIND_RLCD)}
 
@@ -184,22 +189,27 @@ def select_pairs(
     verified_pairs: Sequence[PreferencePair] = (),
     anchored_pairs: Sequence[PreferencePair] = (),
     repaired_pairs: Sequence[PreferencePair] = (),
+    ended_pairs: Sequence[PreferencePair] = (),
 ) -> list[PreferencePair]:
     """The pairs a cycle trains on under `strategy` (see :func:`parse_strategy`), strategy by
     strategy in the order named. A later strategy adds no second pair for a prompt that an
-    earlier one already paired, except RLCD (its answers are a different sample)."""
+    earlier one already paired, except RLCD (its answers are a different sample) and ended
+    (it contrasts ending, not the checks), which add no pair already chosen."""
     by_kind = {
         KIND_SELF_REWARD: self_reward_pairs,
         KIND_RLCD: rlcd_pairs,
         KIND_VERIFIED: verified_pairs,
         KIND_ANCHORED: anchored_pairs,
         KIND_REPAIRED: repaired_pairs,
+        KIND_ENDED: ended_pairs,
     }
     chosen: list[PreferencePair] = []
     paired_prompts: set[str] = set()
     for name in parse_strategy(strategy):
         for pair in by_kind[name]:
-            if name != KIND_RLCD and pair.prompt_id in paired_prompts:
+            if name not in _ALSO_PAIRED and pair.prompt_id in paired_prompts:
+                continue
+            if any((c.chosen_id, c.rejected_id) == (pair.chosen_id, pair.rejected_id) for c in chosen):
                 continue
             chosen.append(pair)
         paired_prompts |= {p.prompt_id for p in by_kind[name]}
@@ -289,6 +299,32 @@ def build_verified_pairs(
             pairs.append(pair)
             left = [r for r in left if r.response_id not in (pair.chosen_id, pair.rejected_id)]
     return pairs
+
+
+def ended_pair(prompt_id: str, responses: Sequence[ScoredResponse]) -> PreferencePair | None:
+    """An answer that ended against one that did not: the rejected answer loops or ran past the
+    budget (``truncated``; a loop first, then the fewest checks passed), the chosen one ended
+    without looping or echoing and passes at least as many checks (the most, then the shortest).
+
+    The gate and the suites read answers greedily, and a small model's greedy answers loop or run
+    on where its samples end; with ``respond.greedy_sample`` such an answer is among the
+    responses, and this pair pushes that path down even where no answer passes its checks.
+    None when no answer runs on or none ended."""
+    running_on = [r for r in responses if r.loops or r.truncated]
+    ended = [r for r in responses if not (r.loops or r.truncated or r.echoes)]
+    if not running_on or not ended:
+        return None
+    rejected = min(running_on, key=lambda r: (not r.loops, r.satisfied_count, r.response_id))
+    allowed = [r for r in ended if r.satisfied_count >= rejected.satisfied_count]
+    if not allowed:
+        return None
+    chosen = min(allowed, key=lambda r: (-r.satisfied_count, r.length, r.response_id))
+    return PreferencePair(prompt_id, chosen.response_id, rejected.response_id, KIND_ENDED, _gap(chosen, rejected))
+
+
+def build_ended_pairs(responses_by_prompt: Mapping[str, Sequence[ScoredResponse]]) -> list[PreferencePair]:
+    """One :func:`ended_pair` per prompt that has one, in prompt order."""
+    return [pair for prompt_id, responses in responses_by_prompt.items() if (pair := ended_pair(prompt_id, responses)) is not None]
 
 
 def repaired_response_id(source_id: str) -> str:

@@ -32,7 +32,7 @@ def test_file_and_environment_are_merged_env_wins(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
-        ("pairs:\n  strategy: best\n", "pairs.strategy: unknown pair strategy 'best'; allowed: 'verified', 'repaired', 'anchored', 'self_reward', 'rlcd', 'both', or several joined by '+'"),
+        ("pairs:\n  strategy: best\n", "pairs.strategy: unknown pair strategy 'best'; allowed: 'verified', 'repaired', 'anchored', 'ended', 'self_reward', 'rlcd', 'both', or several joined by '+'"),
         ("respond:\n  num_sample: 4\n", "respond.num_sample: unknown key"),
         ("judge:\n  num_samples: 0\n", "judge.num_samples: Input should be greater than or equal to 1"),
         ("schedule:\n  cron: 'every day'\n", "schedule: invalid crontab"),

@@ -6,6 +6,7 @@ from policies.pairs import (
     PreferencePair,
     ScoredResponse,
     build_anchored_pairs,
+    build_ended_pairs,
     build_self_reward_pairs,
     build_verified_pairs,
     length_controlled_best,
@@ -151,3 +152,37 @@ def test_several_verified_pairs_per_prompt_use_each_answer_once():
 
     assert [p.chosen_id for p in pairs] == ["a", "b"]
     assert len({p.rejected_id for p in pairs}) == 2
+
+
+def test_ended_pairs_put_a_looping_or_cut_answer_under_one_that_ended_and_passes_as_much():
+    responses = {
+        "p": [
+            answer("long-pass", (True, False), length=30),
+            answer("short-fail", (False, False), length=5),
+            answer("cut", (True, False), length=128, truncated=True),
+            looping("loop", (False, False)),
+        ],
+        # Nothing ran on: no pair. Everything ran on: no pair.
+        "q": [answer("a", (True,)), answer("b", (False,))],
+        "r": [answer("c", (True,), length=128, truncated=True), looping("d", (True,))],
+    }
+
+    # The loop is rejected first; the chosen answer ended and passes the most checks, then is the shortest.
+    assert build_ended_pairs(responses) == [PreferencePair("p", "long-pass", "loop", "ended", None)]
+
+
+def test_an_ended_pair_never_chooses_an_echo_or_an_answer_passing_fewer_checks():
+    echo = ScoredResponse("echo", "do not use commas", None, 10, (True,), echoes=True)
+    assert build_ended_pairs({"p": [echo, answer("cut", (True,), length=128, truncated=True)]}) == []
+    assert build_ended_pairs({"p": [answer("ended", (False,)), answer("cut", (True,), length=128, truncated=True)]}) == []
+
+
+def test_ended_pairs_join_prompts_other_strategies_paired_but_repeat_no_pair():
+    verified = [PreferencePair("p", "a", "b", "verified", None)]
+    ended = [PreferencePair("p", "a", "c", "ended", None), PreferencePair("q", "d", "e", "ended", None), PreferencePair("p", "a", "b", "ended", None)]
+
+    pairs = select_pairs("verified+ended", [], [], verified_pairs=verified, ended_pairs=ended)
+
+    assert [(p.prompt_id, p.chosen_id, p.rejected_id, p.kind) for p in pairs] == [
+        ("p", "a", "b", "verified"), ("p", "a", "c", "ended"), ("q", "d", "e", "ended"),
+    ]

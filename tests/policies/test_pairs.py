@@ -107,7 +107,7 @@ RLCD = [PreferencePair("p2", "c", "d", "rlcd", None)]
 
 
 def test_strategies_select_their_pairs():
-    assert PAIR_STRATEGIES == ("verified", "repaired", "anchored", "self_reward", "rlcd", "both")
+    assert PAIR_STRATEGIES == ("verified", "repaired", "anchored", "ended", "self_reward", "rlcd", "both")
     assert select_pairs("self_reward", SELF_REWARD, RLCD) == SELF_REWARD
     assert select_pairs("rlcd", SELF_REWARD, RLCD) == RLCD
     assert select_pairs("both", SELF_REWARD, RLCD) == SELF_REWARD + RLCD

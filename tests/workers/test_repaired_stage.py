@@ -165,3 +165,18 @@ def test_with_reject_loops_a_looping_answer_is_rejected_though_its_checks_pass(t
     ctx, _ = lineage_with_responses(tmp_path / "off", tiny_model_dir, rows, pairs={"strategy": "verified"}, **settings)
     output = build_pairs(ctx)
     assert output.result["pairs"] == 0 and output.result["looping_answers"] == 1, "counted either way, rejected only with the option"
+
+
+def test_ended_pairs_reject_a_looping_answer_even_where_no_answer_passes(tmp_path: Path, tiny_model_dir: Path):
+    # No answer is lower-case, so verified pairs are impossible; the ended pair still teaches to end.
+    looping = "Walking helps.\nWalk more.\nWalk more.\nWalk more."
+    rows = [("Why walk? Write in lowercase.", [looping, "Walking Helps."], LOWERCASE)]
+    settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 32}}
+    ctx, ids = lineage_with_responses(tmp_path / "data", tiny_model_dir, rows, pairs={"strategy": "verified+ended"}, **settings)
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    assert made == [("ended", ids["Walking Helps."], ids[looping])]
+    assert output.result["ended_pairs"] == 1 and output.result["verified_pairs"] == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -73,7 +74,9 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         ]
     )
     selected = pairs.select_pairs(
-        cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored, repaired_pairs=repaired
+        cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored, repaired_pairs=repaired,
+        # Whether an answer loops decides an ended pair whatever pairs.reject_loops says.
+        ended_pairs=pairs.build_ended_pairs({pid: [replace(r, loops=loops(r.text)) for r in answers] for pid, answers in scored.items()}),
     )
     dropped: list[pairs.PreferencePair] = []
     if cfg.max_length_ratio is not None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Prompt, Response
 from policies import principles
 from policies.constraints import Constraint, check_all
-from policies.pairs import KIND_ANCHORED, KIND_REPAIRED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERIFIED
+from policies.pairs import KIND_ANCHORED, KIND_ENDED, KIND_REPAIRED, KIND_RLCD, KIND_SELF_REWARD, KIND_VERIFIED
 from policies.repetition import loops
 from workers.generation import Generation
 from workers.runtime import ModelRuntime
@@ -23,7 +23,7 @@ from daemon.db.lineage import lineage_root
 from daemon.stage_runs import StageContext, StageOutput
 from workers.stages.common import over_context, parent_checkpoint, prompts_of_role, sample, sampler_for, stage_seed, user_prompt
 
-POLICY_STRATEGIES = {KIND_SELF_REWARD, KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED}
+POLICY_STRATEGIES = {KIND_SELF_REWARD, KIND_VERIFIED, KIND_REPAIRED, KIND_ANCHORED, KIND_ENDED}
 
 
 def respond(ctx: StageContext) -> StageOutput:
