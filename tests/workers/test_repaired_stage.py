@@ -19,6 +19,15 @@ from workers.stages.build_pairs import build_pairs
 LOWERCASE = [{"kind": "lowercase"}]
 
 
+
+def stored_pairs(ctx):  # type: ignore[no-untyped-def]
+    """build_pairs run and written: the stored (kind, chosen id, rejected id) pairs, and its output."""
+    output = build_pairs(ctx)
+    with transaction(ctx.sessions) as session:
+        output.write(session)
+    with ctx.sessions() as session:
+        return [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair).order_by(Pair.id))], output
+
 def test_build_pairs_stores_repairs_for_prompts_the_checks_cannot_separate(tmp_path: Path, tiny_model_dir: Path):
     rows = [
         ("Why walk? Write in lowercase.", ["Walking Helps.", "walking helps a lot."], LOWERCASE),
@@ -112,11 +121,7 @@ def test_with_reject_unfinished_a_cut_answer_is_rejected_though_its_checks_pass(
     rows = [("Why walk? Write in lowercase.", ["walking helps a lot really", "walking helps."], LOWERCASE)]
     settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 4}}
     ctx, ids = lineage_with_responses(tmp_path / "on", tiny_model_dir, rows, pairs={"strategy": "verified", "reject_unfinished": True}, **settings)
-    output = build_pairs(ctx)
-    with transaction(ctx.sessions) as session:
-        output.write(session)
-    with ctx.sessions() as session:
-        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    made, output = stored_pairs(ctx)
     assert made == [("verified", ids["walking helps."], ids["walking helps a lot really"])]
     assert output.result["unfinished_rejected"] == 1
 
@@ -133,11 +138,7 @@ def test_finish_within_counts_an_answer_past_that_share_of_the_budget_as_unfinis
 
     def pairs_made(name: str, **pair_settings: object) -> tuple[list[tuple[str, str, str]], dict]:
         ctx, ids = lineage_with_responses(tmp_path / name, tiny_model_dir, rows, pairs={"strategy": "verified", "reject_unfinished": True, **pair_settings}, **settings)
-        output = build_pairs(ctx)
-        with transaction(ctx.sessions) as session:
-            output.write(session)
-        with ctx.sessions() as session:
-            made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+        made, output = stored_pairs(ctx)
         by_text = {v: k for k, v in ids.items()}
         return [(kind, by_text[chosen], by_text[rejected]) for kind, chosen, rejected in made], output.result
 
@@ -154,11 +155,7 @@ def test_with_reject_loops_a_looping_answer_is_rejected_though_its_checks_pass(t
     rows = [("Why walk? Write in lowercase.", [looping, "walking helps."], LOWERCASE)]
     settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 32}}
     ctx, ids = lineage_with_responses(tmp_path / "on", tiny_model_dir, rows, pairs={"strategy": "verified", "reject_loops": True}, **settings)
-    output = build_pairs(ctx)
-    with transaction(ctx.sessions) as session:
-        output.write(session)
-    with ctx.sessions() as session:
-        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    made, output = stored_pairs(ctx)
     assert made == [("verified", ids["walking helps."], ids[looping])]
     assert output.result["looping_answers"] == 1
 
@@ -173,10 +170,6 @@ def test_ended_pairs_reject_a_looping_answer_even_where_no_answer_passes(tmp_pat
     rows = [("Why walk? Write in lowercase.", [looping, "Walking Helps."], LOWERCASE)]
     settings = {"judge": {"backend": "verifier"}, "generation": {"max_new_tokens": 32}}
     ctx, ids = lineage_with_responses(tmp_path / "data", tiny_model_dir, rows, pairs={"strategy": "verified+ended"}, **settings)
-    output = build_pairs(ctx)
-    with transaction(ctx.sessions) as session:
-        output.write(session)
-    with ctx.sessions() as session:
-        made = [(p.kind, p.chosen_response_id, p.rejected_response_id) for p in session.scalars(select(Pair))]
+    made, output = stored_pairs(ctx)
     assert made == [("ended", ids["Walking Helps."], ids[looping])]
     assert output.result["ended_pairs"] == 1 and output.result["verified_pairs"] == 0
