@@ -111,3 +111,5 @@ def test_greedy_sample_adds_each_prompts_greedy_answer_without_the_end_ramp(tmp_
     assert greedy_cut > 0, "the test model runs greedy answers to the cap, which the ramp would have ended"
     # Every sampled answer ended under the big ramp; only greedy answers can be cut.
     assert result["truncation_rate"] == pytest.approx(greedy_cut / ((N + 1) * len(PROMPTS)), abs=1e-4)
+    assert result["sampled_truncation_rate"] == 0.0
+    assert result["greedy_truncation_rate"] == pytest.approx(greedy_cut / len(PROMPTS), abs=1e-4)

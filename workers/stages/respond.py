@@ -58,7 +58,10 @@ def respond(ctx: StageContext) -> StageOutput:
     mean_tokens = sum(r.num_tokens for r in rows) / len(rows) if rows else 0.0
     result = {
         "responses": len(rows), **by_kind, "mean_tokens": round(mean_tokens, 2),
-        "truncation_rate": round(1 - sum(finished) / len(finished), 4) if finished else None,
+        "truncation_rate": _cut_share([ended for ended, _ in finished]),
+        **({"sampled_truncation_rate": _cut_share([ended for ended, greedy in finished if not greedy]),
+            "greedy_truncation_rate": _cut_share([ended for ended, greedy in finished if greedy])}
+           if ctx.settings.respond.greedy_sample else {}),
         # Policy samples repeating a line or phrase 3+ times (policies.repetition.loops).
         "looping_rate": round(sum(loops(r.text) for r in policy_rows) / len(policy_rows), 4) if policy_rows else None,
         # Prompts (times strategies) that did not fit the context with room for the answer: skipped, not clipped.
@@ -68,14 +71,18 @@ def respond(ctx: StageContext) -> StageOutput:
     return StageOutput(result, write)
 
 
+def _cut_share(ended: list[bool]) -> float | None:
+    return round(1 - sum(ended) / len(ended), 4) if ended else None
+
+
 def _policy_and_rlcd(
     ctx: StageContext, runtime: ModelRuntime, prompts: list[Prompt], strategies: set[str], seed: int
-) -> tuple[list[Response], list[Response], list[bool], int]:
+) -> tuple[list[Response], list[Response], list[tuple[bool, bool]], int]:
     """Policy samples (N per prompt) and RLCD answers (one per steered request) in one decode call.
 
     Both come from the champion with the same budget, so one batched call serves them (measured:
     17% less CPU than two calls, issue 14). Returns the policy rows, the RLCD rows, whether each
-    policy sample ended before max_new_tokens, and how many requests did not fit the context.
+    policy sample ended before max_new_tokens (and is the greedy one), and how many requests did not fit the context.
     With respond.greedy_sample each prompt's last policy sample (index num_samples) is its greedy answer.
     """
     policy = _policy_texts(runtime, prompts, ctx) if strategies & POLICY_STRATEGIES else []
@@ -89,7 +96,8 @@ def _policy_and_rlcd(
         greedy = sample(ctx, runtime, policy, n=1, seed=seed + 3, temperature=0.0)
         policy_out = [sampled + extra for sampled, extra in zip(policy_out, greedy, strict=True)]
     policy_rows = _sample_rows(ctx, prompts, policy_out, "policy") if policy else []
-    finished = [o.finished for samples in policy_out for o in samples]
+    # Per policy sample, whether it ended, and whether it is a prompt's greedy sample (index n).
+    finished = [(o.finished, index == n) for samples in policy_out for index, o in enumerate(samples)]
     return policy_rows, _rlcd_rows(ctx, meta, rlcd_out), finished, over_context(outputs)
 
 
