@@ -214,8 +214,10 @@ def _is_task_body(line: str) -> bool:
 # "Explain 3) How to ...", "Explain 3. How to ...": a list number inside a task, before a
 # capitalised word ("N)" anywhere; "N." only after the first word, so "Python 3. It ..." stays).
 _INNER_ENUMERATOR = re.compile(r"(?:(?<=\w )\d{1,2}\)|^(?P<lead>\w+ )\d{1,2}\.)\s+(?P<initial>[A-Z])(?=[a-z]|\s)")
-_QUESTION_LABEL = re.compile(r"^(?:q|question|instruction|request)\s*:\s*", re.IGNORECASE)
-_ANSWER_LABEL = re.compile(r"^(?:a|answer|response|output)\s*:", re.IGNORECASE)
+_QUESTION_LABEL = re.compile(r"^(?:q|question|instruction|request|text \d{1,2})\s*:\s*", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"^(?:(?:a|answer|another answer|response|output)\s*:|p\.\s?s\.)", re.IGNORECASE)
+# A task that points into the list ("a masterclass on [TASK 9]") is not self-contained.
+_LIST_REFERENCE = re.compile(r"\btask\s*\d", re.IGNORECASE)
 # The request's topic list copied as a task names several of them; a real task hardly ever does.
 # One-word topics only ("everyday how-to" would count "how" and "to"), plus the variant SmolLM2 writes.
 HEADER_TOPICS = frozenset(topic for topic in SELF_INSTRUCT_TOPICS if " " not in topic) | {"summary"}
@@ -223,7 +225,7 @@ MAX_HEADER_TOPICS = 3
 
 
 def _cleaned_task(task: str) -> str | None:
-    if _ANSWER_LABEL.match(task):
+    if _ANSWER_LABEL.match(task) or _LIST_REFERENCE.search(task):
         return None
     if len(HEADER_TOPICS & set(normalize_prompt(task).split())) > MAX_HEADER_TOPICS:
         return None

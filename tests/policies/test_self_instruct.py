@@ -254,6 +254,7 @@ def test_filter_strips_surrounding_whitespace():
         ("Task 7: Explain 3. How to stop bleeding.", "Explain how to stop bleeding."),
         ("Task 7: Ask 2) I need help with my garden.", "Ask I need help with my garden."),
         ("Task 7: Q: What makes bread rise?", "What makes bread rise?"),
+        ("Task 7: Text 1: Summarise a post about plastic.", "Summarise a post about plastic."),
         # Numbers that belong to the task stay.
         ("Task 7: Write a program in Python 3. It should sort a list.", "Write a program in Python 3. It should sort a list."),
         ("Task 7: Solve 3x + 4 = 10 for x.", "Solve 3x + 4 = 10 for x."),
@@ -270,6 +271,11 @@ def test_cleaning_removes_list_debris_from_a_task(written, task):
         "Task 7: A: I'm an AI that helps explain various concepts using simple language.",
         "Task 7: Answer: The sky is blue because of scattering.",
         "Task 7: Coding, math, writing, science, history, advice, reasoning, summary, storytelling",
+        # Seen in a demo cycle with topic rotation: answers, a postscript, a pointer into the list.
+        "Task 7: Another answer: A boat trip on a lake.",
+        "Task 7: P.S. One, another, another.",
+        "Task 7: How to make a masterclass on [TASK 9]",
+        "Task 7: For the \"Task 4\" you can replace a word.",
     ],
 )
 def test_cleaning_drops_answers_and_the_copied_topic_list(written):
