@@ -27,6 +27,8 @@ from ops.bench._common import print_load_average
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "improve.yaml"
 SUITE = "instruct-checks"
+# eval.count_as_failing's names as the report words them.
+ANSWER_WORDS = {"cut": "cut", "loops": "looping"}
 
 
 def kaizen(*args: str) -> float:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     promotions = sum(row["decision"] == "promoted" for row in rows)
     print(f"promotions: {promotions} of {len(rows)}; champion {champion.checkpoint_id}")
-    scoring = f", scored with {' and '.join(settings.eval.count_as_failing)} answers failing" if settings.eval.count_as_failing else ""
+    scoring = f", a {' or '.join(ANSWER_WORDS[name] for name in settings.eval.count_as_failing)} answer failing" if settings.eval.count_as_failing else ""
     print(f"{SUITE} (n={paired.n}{scoring}): champion {paired.a_score:.3f}, initial {paired.b_score:.3f}")
     print(
         f"difference {paired.difference:+.3f}, paired-bootstrap 95% CI [{paired.low:+.3f}, {paired.high:+.3f}], "
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             settings.eval.bootstrap_resamples, seed=settings.seed,
         )
         print(
-            f"{SUITE} with a {' or '.join(failing)} answer failing: champion {strict.a_score:.3f}, initial {strict.b_score:.3f}, "
+            f"{SUITE} with a {' or '.join(ANSWER_WORDS[name] for name in failing)} answer failing: champion {strict.a_score:.3f}, initial {strict.b_score:.3f}, "
             f"difference {strict.difference:+.3f}, 95% CI [{strict.low:+.3f}, {strict.high:+.3f}]"
         )
     truncation = [r["truncation_rate"] for r in rows if r["truncation_rate"] is not None]
