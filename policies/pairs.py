@@ -205,13 +205,15 @@ def select_pairs(
     }
     chosen: list[PreferencePair] = []
     paired_prompts: set[str] = set()
+    paired_answers: set[tuple[str, str]] = set()
     for name in parse_strategy(strategy):
         for pair in by_kind[name]:
             if name not in _ALSO_PAIRED and pair.prompt_id in paired_prompts:
                 continue
-            if any((c.chosen_id, c.rejected_id) == (pair.chosen_id, pair.rejected_id) for c in chosen):
+            if (pair.chosen_id, pair.rejected_id) in paired_answers:
                 continue
             chosen.append(pair)
+            paired_answers.add((pair.chosen_id, pair.rejected_id))
         paired_prompts |= {p.prompt_id for p in by_kind[name]}
     return chosen
 

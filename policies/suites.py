@@ -225,11 +225,14 @@ class PairedDifference:
 
 def counted_as_failing(item: Mapping[str, Any], failing: Collection[str]) -> bool:
     """Whether a recorded item's answer is one `failing` names: "cut" (``finished`` False: it hit
-    the token budget) or "loops" (it repeats a line or phrase, :func:`policies.repetition.loops`)."""
+    the token budget) or "loops" (it repeats a line or phrase: its recorded ``loops`` flag, else
+    :func:`policies.repetition.loops` of its answer, for rows recorded before the flag)."""
     unknown = set(failing) - set(COUNTABLE_AS_FAILING)
     if unknown:
         raise ValueError(f"cannot count {sorted(unknown)} as failing; allowed: {', '.join(COUNTABLE_AS_FAILING)}")
-    return ("cut" in failing and item.get("finished") is False) or ("loops" in failing and loops(str(item.get("answer") or "")))
+    if "cut" in failing and item.get("finished") is False:
+        return True
+    return "loops" in failing and bool(item["loops"] if "loops" in item else loops(str(item.get("answer") or "")))
 
 
 def scored_failing(items: Sequence[Mapping[str, Any]], failing: Collection[str]) -> list[dict[str, Any]]:

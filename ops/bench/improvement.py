@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from daemon.config import load_settings
     from daemon.db.engine import open_lineage
-    from policies.repetition import loops
-    from policies.suites import paired_difference, scored_failing
+    from policies.suites import counted_as_failing, paired_difference, scored_failing
     from workers.evaluation import compare_checkpoints
 
     settings = load_settings(args.config, data_dir=data_dir)
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if truncation and share:
         print(f"mean truncation rate {sum(truncation) / len(truncation):.3f}; mean self-generated share {sum(share) / len(share):.3f}")
     print(f"champion answers cut at max tokens: {champion.items.get('truncation_rate', 0):.3f}; initial: {initial.items.get('truncation_rate', 0):.3f}")
-    looping = [sum(loops(item["answer"]) for item in row.items["items"]) for row in (champion, initial)]
+    looping = [sum(counted_as_failing(item, ["loops"]) for item in row.items["items"]) for row in (champion, initial)]
     print(f"answers that loop (a line or phrase 3+ times): champion {looping[0]}, initial {looping[1]} of {paired.n}")
     print("lower bound > 0: " + ("yes, the champion is better" if paired.low > 0 else "NO, not shown to be better"))
     print("wall seconds: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))

@@ -38,6 +38,9 @@ def build_pairs(ctx: StageContext) -> StageOutput:
     for j in judgments:
         scores_by_response[j.response_id].append(j.score)
     lengths = {str(r.id): r.num_tokens for r in responses}
+    # Whether each policy or anchor answer loops, worked out once: pairs.reject_loops, ended pairs
+    # (whatever that setting says) and the looping count all read it.
+    looping = {str(r.id): loops(r.text) for r in responses if r.kind in ("policy", "anchor")}
     scored: dict[str, list[pairs.ScoredResponse]] = defaultdict(list)
     anchor: dict[str, list[pairs.ScoredResponse]] = defaultdict(list)
     rlcd: dict[int, dict[str, Response]] = defaultdict(dict)
@@ -49,7 +52,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
             echoes = cfg.reject_echoes and echoes_instructions(prompt_constraints, r.text)
             cut = r.num_tokens >= unfinished_at
             answer = pairs.ScoredResponse(
-                str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut, cfg.reject_loops and loops(r.text),
+                str(r.id), r.text, mean, r.num_tokens, checks, cut, echoes, cfg.reject_unfinished and cut, cfg.reject_loops and looping[str(r.id)],
             )
             (scored if r.kind == "policy" else anchor)[str(r.prompt_id)].append(answer)
         elif r.kind.startswith("rlcd_"):
@@ -75,8 +78,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
     )
     selected = pairs.select_pairs(
         cfg.strategy, self_reward, rlcd_pairs, verified_pairs=verified, anchored_pairs=anchored, repaired_pairs=repaired,
-        # Whether an answer loops decides an ended pair whatever pairs.reject_loops says.
-        ended_pairs=pairs.build_ended_pairs({pid: [replace(r, loops=loops(r.text)) for r in answers] for pid, answers in scored.items()}),
+        ended_pairs=pairs.build_ended_pairs({pid: [replace(r, loops=looping[r.response_id]) for r in answers] for pid, answers in scored.items()}),
     )
     dropped: list[pairs.PreferencePair] = []
     if cfg.max_length_ratio is not None:
@@ -101,7 +103,7 @@ def build_pairs(ctx: StageContext) -> StageOutput:
         **{f"{kind}_pairs": sum(p.kind == kind for p in selected) for kind in pairs.BASE_STRATEGIES},
         "dropped_by_length_cap": len(dropped),
         "echoing_answers": sum(r.echoes for answers in scored.values() for r in answers),
-        "looping_answers": sum(loops(r.text) for r in responses if r.kind == "policy"),
+        "looping_answers": sum(looping[str(r.id)] for r in responses if r.kind == "policy"),
         "unfinished_rejected": sum(by_id[p.rejected_id].num_tokens >= unfinished_at for p in selected if p.rejected_id in by_id),
         "length_normalised": cfg.length_normalise,
         judge_metrics.JUDGE_METRICS_KEY: judge_metrics.rounded(metrics),

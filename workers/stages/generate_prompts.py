@@ -4,6 +4,7 @@ every training task gets verifiable constraints attached (policies.verifiable)."
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -129,7 +130,7 @@ def _kind_weights(ctx: StageContext, session: Session) -> dict[str, float] | Non
     return curriculum.learnability_weights(kinds, curriculum.tally(observations), repairable=repairable)
 
 
-def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int, topics: tuple[str, ...] | list[str] = ()) -> str | None:
+def _fitting_request(runtime: ModelRuntime, examples: list[str], per_cycle: int, max_new_tokens: int, topics: Sequence[str] = ()) -> str | None:
     """The self-instruct request with as many of ``examples`` as fit the context (the first ones
     dropped first), or None when not even one does: that round is skipped and counted."""
     for start in range(len(examples)):
